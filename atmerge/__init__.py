@@ -1,0 +1,34 @@
+"""atmerge: training-free Adaptive Token Merging (ATM) and baselines for timm Vision Transformers.
+
+    import timm, atmerge
+    model = timm.create_model("deit_small_patch16_224", pretrained=True).eval()
+    atmerge.patch(model, atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.88))
+    logits = model(images)
+    print(atmerge.last_stats(model).gflops)
+"""
+
+from atmerge.api import gflops, is_patched, last_stats, merge_source, patch, unpatch
+from atmerge.core.merging import merging_error, merging_error_bounds
+from atmerge.methods.atm import ATM
+from atmerge.methods.base import BlockContext, Decision, Method
+from atmerge.models.timm_vit import UnsupportedModelError
+from atmerge.stats import MergeStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATM",
+    "BlockContext",
+    "Decision",
+    "MergeStats",
+    "Method",
+    "UnsupportedModelError",
+    "gflops",
+    "is_patched",
+    "last_stats",
+    "merge_source",
+    "merging_error",
+    "merging_error_bounds",
+    "patch",
+    "unpatch",
+]

@@ -1,0 +1,79 @@
+"""Bipartite matching of tokens: how tokens are split into sets A and B, and which B token each
+A token would merge into.
+
+Pure tensor functions, no model code.  Shapes: B = batch, N = tokens (protected prefix tokens such
+as CLS first), C = channels.  Index tensors hold positions into the N tokens; they are either
+shared by the batch ([Na]) or per image ([B, Na]).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Similarity = Literal["raw", "centered"]
+SIMILARITIES: tuple[str, ...] = ("raw", "centered")
+
+
+def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]] for every image: x [B, N, C], index [K] or [B, K] → [B, K, C]."""
+    if index.dim() == 1:
+        return x.index_select(1, index)
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def alternate_split(
+    num_tokens: int, num_protected: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's alternate split over token positions: A = even positions, B = odd positions.
+
+    Protected positions (< ``num_protected``) belong to neither set.  Returns (a_idx [Na],
+    b_idx [Nb]) shared by the whole batch, with Na = ⌊n/2⌋ (n = unprotected tokens) when
+    ``num_protected`` is odd, ⌈n/2⌉ when it is even.
+    """
+    positions = torch.arange(num_protected, num_tokens, device=device)
+    return positions[positions % 2 == 0], positions[positions % 2 == 1]
+
+
+def size_distinctive_split(size: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-distinctive split (Section 3.3): sort unprotected tokens by merge size; the smaller
+    half (⌊n/2⌋ tokens) is set A, the larger half set B.  Ties keep token order (stable sort).
+
+    size: [B, N] merge sizes.  Returns (a_idx [B, Na], b_idx [B, Nb]) positions into N.
+    """
+    n = size.shape[1] - num_protected
+    order = torch.sort(size[:, num_protected:], dim=1, stable=True).indices + num_protected
+    return order[:, : n // 2], order[:, n // 2 :]
+
+
+def center_keys(metric: torch.Tensor, size: torch.Tensor, num_protected: int) -> torch.Tensor:
+    """Subtract each image's mean patch key (size-weighted over unprotected tokens, i.e. the
+    mean over the original patches) from every key.  metric [B, N, C], size [B, N] → [B, N, C].
+
+    Removes a direction shared by all keys of an image, which otherwise makes raw cosines sit
+    near 1 for every pair (seen in DINOv2-S blocks 0–3 and 11).
+    """
+    w = size[:, num_protected:, None].to(metric.dtype)
+    mean = (metric[:, num_protected:] * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-12)
+    return metric - mean
+
+
+def best_match(
+    metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity of every A token to its most similar B token.
+
+    metric: [B, N, C] (e.g. attention keys averaged over heads).  Returns (scores [B, Na] clamped
+    to [−1, 1], match [B, Na] = position of the best token within set B).  Ties go to the first
+    B token.  With an empty set B every score is −inf (nothing to merge into).
+    """
+    metric = F.normalize(metric, dim=-1)
+    a = take_tokens(metric, a_idx)
+    b = take_tokens(metric, b_idx)
+    if b.shape[1] == 0:
+        scores = a.new_full(a.shape[:2], float("-inf"))
+        return scores, torch.zeros(a.shape[:2], dtype=torch.long, device=a.device)
+    scores, match = (a @ b.transpose(-1, -2)).max(dim=-1)
+    return scores.clamp(-1.0, 1.0), match

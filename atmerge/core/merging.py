@@ -1,0 +1,151 @@
+"""Merging tokens once pairs are chosen: the merge itself, its inverse for dense outputs,
+size-weighted averages (Definition 1), source tracking and the merging error (Definition 2).
+
+Pure tensor functions, no model code.  Token layout after a merge:
+``[protected tokens, unmerged A tokens (in their order), B tokens (with merged A folded in)]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from atmerge.core.matching import take_tokens
+
+Reduce = Literal["sum", "mean", "amax"]
+
+
+def _expand_index(index: torch.Tensor, batch: int) -> torch.Tensor:
+    return index.unsqueeze(0).expand(batch, -1) if index.dim() == 1 else index
+
+
+def _scatter_tokens(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    out.scatter_(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]), values)
+
+
+@dataclass(frozen=True)
+class Merge:
+    """r pairs per image chosen by bipartite matching; call it on any per-token tensor.
+
+    a_idx / b_idx: positions of sets A and B ([Na] shared or [B, Na] per image).
+    src [B, r]: positions within A of the merged A tokens; dst [B, r]: their B partners (within B).
+    keep [B, Na − r]: positions within A of the A tokens that stay, ascending.
+    """
+
+    num_protected: int
+    a_idx: torch.Tensor
+    b_idx: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    keep: torch.Tensor
+
+    @property
+    def r(self) -> int:
+        return self.src.shape[1]
+
+    def __call__(self, x: torch.Tensor, reduce: Reduce = "sum") -> torch.Tensor:
+        """Merge x [B, N, C] → [B, N − r, C]; merged values are reduced with ``reduce``.
+
+        With r = 0 the tokens are returned unchanged (no reordering).
+        """
+        if self.r == 0:
+            return x
+        p = self.num_protected
+        a = take_tokens(x, self.a_idx)
+        b = take_tokens(x, self.b_idx)
+        unmerged = take_tokens(a, self.keep)
+        moved = take_tokens(a, self.src)
+        index = self.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        b = b.scatter_reduce(1, index, moved, reduce=reduce, include_self=True)
+        return torch.cat([x[:, :p], unmerged, b], dim=1)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse for dense outputs: y [B, N − r, C] → [B, N, C]; every token of a merged group
+        receives the group's value."""
+        if self.r == 0:
+            return y
+        batch, _, channels = y.shape
+        p, num_keep = self.num_protected, self.keep.shape[1]
+        a_idx = _expand_index(self.a_idx, batch)
+        b_idx = _expand_index(self.b_idx, batch)
+        num_tokens = p + a_idx.shape[1] + b_idx.shape[1]
+        unmerged, b = y[:, p : p + num_keep], y[:, p + num_keep :]
+        out = y.new_empty(batch, num_tokens, channels)
+        out[:, :p] = y[:, :p]
+        _scatter_tokens(out, b_idx, b)
+        _scatter_tokens(out, a_idx.gather(1, self.keep), unmerged)
+        _scatter_tokens(out, a_idx.gather(1, self.src), take_tokens(b, self.dst))
+        return out
+
+
+def bipartite_merge(
+    scores: torch.Tensor,
+    match: torch.Tensor,
+    a_idx: torch.Tensor,
+    b_idx: torch.Tensor,
+    r: int,
+    num_protected: int,
+) -> Merge:
+    """Merge the r highest-scoring A tokens of every image into their best B tokens.
+
+    scores, match: [B, Na] from :func:`atmerge.core.matching.best_match`.  r is clipped to
+    [0, Na] (and to 0 when B is empty).  Ties in score go to the earlier A token.
+    """
+    num_a = scores.shape[1]
+    r = max(0, min(int(r), num_a if b_idx.shape[-1] > 0 else 0))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    src = order[:, :r]
+    keep = order[:, r:].sort(dim=-1).values
+    return Merge(num_protected, a_idx, b_idx, src, match.gather(1, src), keep)
+
+
+def merge_weighted_average(
+    merge: Merge, x: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average of each merged group; sizes add up (Definition 1).
+
+    x [B, N, C], size [B, N] → (x [B, N − r, C], size [B, N − r]).
+    """
+    if merge.r == 0:
+        return x, size
+    weight = size.unsqueeze(-1).to(x.dtype)
+    total = merge(weight, "sum")
+    return merge(x * weight, "sum") / total, total.squeeze(-1).to(size.dtype)
+
+
+def merge_source(merge: Merge, source: torch.Tensor) -> torch.Tensor:
+    """Track which original patches each token holds: source [B, N, N0] (0/1) → [B, N − r, N0]."""
+    return merge(source, "amax")
+
+
+def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """δ(x, y) = 1 − cos(x, y) over the last dim."""
+    return 1.0 - F.cosine_similarity(x, y, dim=-1)
+
+
+def merging_error(
+    x_i: torch.Tensor, x_j: torch.Tensor, n_i: torch.Tensor | float, n_j: torch.Tensor | float
+) -> torch.Tensor:
+    """Merging error E_m (Definition 2) of merging tokens x_i, x_j with sizes n_i, n_j.
+
+    The tokens are normalised first, as the definition assumes; x_* [..., C], n_* broadcastable
+    to [...].  E_m = n_i δ(x_i, x_ij) + n_j δ(x_j, x_ij) with x_ij = (n_i x_i + n_j x_j)/(n_i + n_j).
+    """
+    x_i, x_j = F.normalize(x_i, dim=-1), F.normalize(x_j, dim=-1)
+    n_i = torch.as_tensor(n_i, dtype=x_i.dtype, device=x_i.device)
+    n_j = torch.as_tensor(n_j, dtype=x_i.dtype, device=x_i.device)
+    merged = (n_i.unsqueeze(-1) * x_i + n_j.unsqueeze(-1) * x_j) / (n_i + n_j).unsqueeze(-1)
+    return n_i * cosine_distance(x_i, merged) + n_j * cosine_distance(x_j, merged)
+
+
+def merging_error_bounds(
+    x_i: torch.Tensor, x_j: torch.Tensor, n_i: torch.Tensor | float, n_j: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Theorem 1: (n_i n_j/(n_i+n_j)) δ(x_i, x_j) ≤ E_m ≤ (2 n_i n_j/(n_i+n_j)) δ(x_i, x_j)."""
+    n_i = torch.as_tensor(n_i, dtype=x_i.dtype, device=x_i.device)
+    n_j = torch.as_tensor(n_j, dtype=x_i.dtype, device=x_i.device)
+    lower = n_i * n_j / (n_i + n_j) * cosine_distance(x_i, x_j)
+    return lower, 2.0 * lower

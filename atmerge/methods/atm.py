@@ -1,0 +1,72 @@
+"""Adaptive Token Merging (Lee & Choi, "Lossless Token Merging Even Without Fine-Tuning in Vision
+Transformers", arXiv 2505.15160): Algorithm 1 with Eq. (1), Sections 3.2–3.4."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atmerge.core.matching import SIMILARITIES, alternate_split, best_match, center_keys, size_distinctive_split
+from atmerge.core.merging import bipartite_merge
+from atmerge.core.schedules import batch_adaptive_r, layer_threshold, threshold_schedule
+from atmerge.methods.base import BlockContext, Decision, Method, check_number
+
+
+@dataclass(frozen=True)
+class ATM(Method):
+    """Adaptive Token Merging.
+
+    In block l (from 1) every token of set A is paired with its most similar token of set B
+    (cosine of the attention keys averaged over heads); the pairs scoring above
+    θˡ = max(α − (e^{β(l−1)} − 1), θ_min) (Eq. 1) are merged, r = the batch mean of the
+    per-image counts (rounded half up).  Blocks l ≤ split_layer split tokens alternately,
+    later blocks by merge size (size-distinctive matching).  Defaults: DeiT-S row of Table A2
+    (3.26 GFLOPs, no accuracy drop in the paper).
+
+    alpha: initial threshold, in [0, 1].  beta: decay rate, in [0, 1].
+    theta_min: lower bound of the threshold, in [0, 1].
+    split_layer: l_s, the last block with alternate matching; None = round(0.75 × depth);
+        0 = size-distinctive everywhere; depth = alternate everywhere.
+    similarity: 'raw' keys (the paper) or 'centered' keys (each image's mean patch key removed).
+    """
+
+    alpha: float = 0.99
+    beta: float = 0.04
+    theta_min: float = 0.88
+    split_layer: int | None = None
+    similarity: str = "raw"
+
+    def __post_init__(self) -> None:
+        check_number("alpha", self.alpha, 0.0, 1.0)
+        check_number("beta", self.beta, 0.0, 1.0)
+        check_number("theta_min", self.theta_min, 0.0, 1.0)
+        if self.split_layer is not None and (
+            isinstance(self.split_layer, bool) or not isinstance(self.split_layer, int) or self.split_layer < 0
+        ):
+            raise ValueError(f"split_layer must be None or an integer >= 0, got {self.split_layer!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={self.similarity!r} is not supported; choose one of {SIMILARITIES}")
+
+    def resolved_split_layer(self, depth: int) -> int:
+        """l_s for a model of ``depth`` blocks."""
+        return round(0.75 * depth) if self.split_layer is None else self.split_layer
+
+    def thresholds(self, depth: int) -> list[float]:
+        """θˡ of every block, index 0 = block 1."""
+        return threshold_schedule(depth, self.alpha, self.beta, self.theta_min)
+
+    def check_depth(self, depth: int) -> None:
+        if self.split_layer is not None and self.split_layer > depth:
+            raise ValueError(f"split_layer={self.split_layer} is beyond the model's depth; allowed 0..{depth}")
+
+    def decide(self, ctx: BlockContext) -> Decision:
+        p, num_tokens = ctx.num_protected, ctx.metric.shape[1]
+        if ctx.layer <= self.resolved_split_layer(ctx.depth):
+            a_idx, b_idx = alternate_split(num_tokens, p, ctx.metric.device)
+        else:
+            a_idx, b_idx = size_distinctive_split(ctx.size, p)
+        metric = center_keys(ctx.metric, ctx.size, p) if self.similarity == "centered" else ctx.metric
+        scores, match = best_match(metric, a_idx, b_idx)
+        theta = layer_threshold(ctx.layer, self.alpha, self.beta, self.theta_min)
+        r = batch_adaptive_r(scores, theta)
+        macs = a_idx.shape[-1] * b_idx.shape[-1] * metric.shape[-1]
+        return Decision(bipartite_merge(scores, match, a_idx, b_idx, r, p), theta, float(macs))

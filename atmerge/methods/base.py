@@ -1,0 +1,78 @@
+"""The seam between methods and models: a method sees a block's state and returns a decision.
+
+A method never touches modules; a model adapter never decides what merges.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from atmerge.core.merging import Merge
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """What a method may look at in one block, after attention and before the MLP.
+
+    metric: [B, N, C_h] attention keys of the block averaged over heads.
+    size:   [B, N] merge size of every token (1 for original patches).
+    block:  index counted from 0; ``depth`` blocks in all.
+    num_protected: leading tokens that are never merged (CLS, distillation token, registers).
+    """
+
+    block: int
+    depth: int
+    metric: torch.Tensor
+    size: torch.Tensor
+    num_protected: int
+
+    @property
+    def layer(self) -> int:
+        """The paper's layer index l, counted from 1."""
+        return self.block + 1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A method's answer for one block: which tokens merge, and what to report about it.
+
+    threshold: θ of the block for threshold methods (nan otherwise).
+    matching_macs: multiply-adds per image spent on finding the pairs (similarity matrix).
+    """
+
+    merge: Merge
+    threshold: float = math.nan
+    matching_macs: float = 0.0
+
+
+def check_number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float:
+    """Return ``value`` as a float if it lies in [low, high] (or (low, high]), else raise a
+    ValueError that names the value and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name}={value!r} is out of range; allowed {bracket}{low}, {high}]")
+    return float(value)
+
+
+class Method(ABC):
+    """A token-reduction policy.  Subclasses implement :meth:`decide`.
+
+    prune_last_block: in the last block keep only the protected tokens (CLS) before the MLP, as
+    ATM does (Appendix A); only applied to CLS-pooled models.
+    """
+
+    prune_last_block: bool = True
+
+    def check_depth(self, depth: int) -> None:
+        """Validate settings that depend on the model's depth; raise ValueError if they don't fit."""
+
+    @abstractmethod
+    def decide(self, ctx: BlockContext) -> Decision:
+        """Choose the merges of one block."""

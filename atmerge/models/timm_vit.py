@@ -1,0 +1,258 @@
+"""Adapter for timm ``VisionTransformer`` models (DeiT, ViT, DINOv2, MAE-style, distilled DeiT).
+
+Model surgery only: the patched Block runs attention with a log-size bias (proportional
+attention) and returns the keys' head-mean, hands both to the shared :class:`MergeState`, and
+runs the MLP on what is left.  Which tokens merge is the method's business, never this module's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from atmerge.flops import BlockCost, ModelCost
+from atmerge.runtime import MergeState
+
+SUPPORTED_POOLS = ("token", "avg", "")
+_STATE = "_atmerge_state"
+_INDEX = "_atmerge_block"
+_ORIGINAL = "_atmerge_original_class"
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not one that atmerge can patch; the message says what is missing."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` naming what is missing if ``model`` can't be patched."""
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"atmerge patches timm VisionTransformer models (DeiT, ViT, DINOv2, MAE-style); "
+            f"got {type(model).__name__}"
+        )
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
+        raise UnsupportedModelError(
+            f"global_pool={model.global_pool!r} is not supported; supported: 'token', 'avg' or '' (none)"
+        )
+    if not isinstance(model.patch_embed.proj, nn.Conv2d):
+        raise UnsupportedModelError("the patch embedding must be a single Conv2d (timm PatchEmbed)")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block and getattr(block, _ORIGINAL, None) is not Block:
+            raise UnsupportedModelError(
+                f"block {i} is a {type(block).__name__}; atmerge supports timm's pre-norm Block"
+            )
+        if type(block.attn) is not Attention:
+            raise UnsupportedModelError(
+                f"block {i} uses {type(block.attn).__name__}; atmerge supports timm's Attention"
+            )
+
+
+def expected_image_size(model: VisionTransformer) -> tuple[int, int] | None:
+    """(H, W) the model requires, or None when it takes any size (dynamic_img_size)."""
+    pe = model.patch_embed
+    if getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True) or pe.img_size is None:
+        return None
+    return tuple(pe.img_size)
+
+
+def check_images(model: VisionTransformer, shape: tuple[int, ...]) -> tuple[int, int]:
+    """Validate an image batch shape [B, C, H, W]; return the patch grid (H/p, W/p)."""
+    in_chans = model.patch_embed.proj.in_channels
+    size = expected_image_size(model)
+    ph, pw = model.patch_embed.patch_size
+    wanted = f"[B, {in_chans}, {size[0]}, {size[1]}]" if size else f"[B, {in_chans}, H, W] with H, W multiples of {ph}"
+    bad = len(shape) != 4 or shape[1] != in_chans
+    bad = bad or (size is not None and tuple(shape[2:]) != size)
+    bad = bad or (size is None and (shape[2] % ph or shape[3] % pw))
+    if bad:
+        raise ValueError(f"images of shape {list(shape)} given; this model takes {wanted}")
+    return shape[2] // ph, shape[3] // pw
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _layer_norm_macs(module: nn.Module) -> int:
+    """Per-call LayerNorm cost per vector (fvcore: 5 per element with affine weights, 4 without)."""
+    if not isinstance(module, nn.LayerNorm):
+        return 0
+    numel = 1
+    for d in module.normalized_shape:
+        numel *= d
+    return numel * (5 if module.elementwise_affine else 4)
+
+
+def _linear_macs(module: nn.Module) -> int:
+    """Multiply-adds per token of all Linear layers (and LayerNorms) inside ``module``."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel()
+        total += _layer_norm_macs(m)
+    return total
+
+
+def model_cost(model: VisionTransformer) -> ModelCost:
+    """Per-token and per-image multiply-add costs of a timm ViT (see :mod:`atmerge.flops`)."""
+    blocks = []
+    for block in model.blocks:
+        attn = block.attn
+        attn_linear = attn.qkv.weight.numel() + attn.proj.weight.numel()
+        if getattr(attn, "gate", None) is not None:
+            attn_linear += attn.gate.weight.numel()
+        attn_norms = attn.num_heads * (_layer_norm_macs(attn.q_norm) + _layer_norm_macs(attn.k_norm))
+        attn_norms += _layer_norm_macs(getattr(attn, "norm", nn.Identity()))
+        blocks.append(
+            BlockCost(
+                attn_linear=attn_linear,
+                attn_dim=attn.num_heads * attn.head_dim,
+                mlp=_linear_macs(block.mlp),
+                norm1=_layer_norm_macs(block.norm1),
+                norm2=_layer_norm_macs(block.norm2),
+                attn_norms=attn_norms,
+            )
+        )
+    head = _layer_norm_macs(model.fc_norm) + _linear_macs(model.head)
+    if isinstance(getattr(model, "head_dist", None), nn.Module):
+        head += _linear_macs(model.head_dist)
+    pe = model.patch_embed
+    return ModelCost(
+        blocks=tuple(blocks),
+        patch_embed=pe.proj.weight.numel() // pe.proj.groups + _layer_norm_macs(pe.norm),
+        norm_pre=_layer_norm_macs(model.norm_pre),
+        final_norm=_layer_norm_macs(model.norm),
+        head=head,
+    )
+
+
+def dense_gflops(model: VisionTransformer, input_size: tuple[int, int, int]) -> float:
+    """GFLOPs per image of the unpatched model for images of ``input_size`` (C, H, W)."""
+    gh, gw = check_images(model, (1, *input_size))
+    return model_cost(model).dense_gflops(gh * gw, model.num_prefix_tokens)
+
+
+# ----------------------------------------------------------------------------- patched forward
+
+
+def attention_with_keys(
+    attn: Attention,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Attention forward plus an additive bias, returning (output [B, N, C], head-mean of
+    the keys [B, N, C_h]).  With bias None it computes exactly what timm's forward computes."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    metric = k.mean(1)
+    if bias is not None:
+        mask = resolve_self_attn_mask(N, q, attn_mask, is_causal)
+        attn_mask, is_causal = (bias if mask is None else bias + mask), False
+    if attn.fused_attn:
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        scores = maybe_add_mask(scores, resolve_self_attn_mask(N, scores, attn_mask, is_causal))
+        x = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    x = x.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
+    x = getattr(attn, "norm", nn.Identity())(x)
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x)), metric
+
+
+def _merging_block_forward(
+    self: Block, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    state: MergeState = getattr(self, _STATE)
+    index: int = getattr(self, _INDEX)
+    if index == 0:
+        state.begin(x)
+    elif attn_mask is not None and state.merged_any:
+        raise ValueError("attn_mask is defined on the original tokens and cannot follow merged tokens")
+    out, metric = attention_with_keys(self.attn, self.norm1(x), state.attention_bias(x.dtype), attn_mask, is_causal)
+    x = x + self.drop_path1(self.ls1(out))
+    x = state.reduce(index, x, metric)
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _merging_forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    check_images(self, tuple(x.shape))
+    return getattr(self, _ORIGINAL).forward_features(self, x, *args, **kwargs)
+
+
+def _merging_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+    """timm's pooling, with 'avg' weighted by merge size so that every original patch counts once."""
+    pool_type = self.global_pool if pool_type is None else pool_type
+    size = getattr(self, _STATE).size
+    if pool_type != "avg" or size is None or size.shape[1] != x.shape[1]:
+        return getattr(self, _ORIGINAL).pool(self, x, pool_type)
+    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    w = size[:, start:, None].to(x.dtype)
+    return (x[:, start:] * w).sum(1) / w.sum(1)
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def _subclass(cls: type, methods: dict) -> type:
+    if cls not in _CLASS_CACHE:
+        _CLASS_CACHE[cls] = type(f"Merging{cls.__name__}", (cls,), {**methods, "__module__": __name__})
+    return _CLASS_CACHE[cls]
+
+
+def _swap_class(module: nn.Module, methods: dict) -> None:
+    original = type(module)
+    setattr(module, _ORIGINAL, original)
+    module.__class__ = _subclass(original, methods)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, _STATE)
+
+
+def patch_vit(model: VisionTransformer, state_factory) -> VisionTransformer:
+    """Patch ``model`` in place; ``state_factory(cost, num_protected, cls_pooled)`` builds the state."""
+    check_supported(model)
+    if is_patched(model):
+        unpatch_vit(model)
+    cls_pooled = model.global_pool == "token"
+    state = state_factory(model_cost(model), model.num_prefix_tokens, cls_pooled)
+    _swap_class(model, {"forward_features": _merging_forward_features, "pool": _merging_pool})
+    setattr(model, _STATE, state)
+    for i, block in enumerate(model.blocks):
+        _swap_class(block, {"forward": _merging_block_forward})
+        # Plain attributes, not submodules: the state is shared, not a child of every block.
+        object.__setattr__(block, _STATE, state)
+        setattr(block, _INDEX, i)
+    return model
+
+
+def unpatch_vit(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_vit`; a model that isn't patched is returned unchanged."""
+    if not is_patched(model):
+        return model
+    for module in [model, *model.blocks]:
+        module.__class__ = getattr(module, _ORIGINAL)
+        for name in (_ORIGINAL, _STATE, _INDEX):
+            if name in module.__dict__:
+                delattr(module, name)
+    return model
+
+
+def merge_state(model: nn.Module) -> MergeState:
+    """The :class:`MergeState` of a patched model (ValueError if it isn't patched)."""
+    if not is_patched(model):
+        raise ValueError("this model is not patched; call atmerge.patch(model, method) first")
+    return getattr(model, _STATE)

@@ -1,0 +1,93 @@
+"""Per-forward merging state shared by the patched blocks of one model, independent of the model
+family: it asks the method for a decision, applies it to tokens, sizes and sources, and records
+what happened."""
+
+from __future__ import annotations
+
+import torch
+
+from atmerge.core.merging import merge_source, merge_weighted_average
+from atmerge.flops import ModelCost
+from atmerge.methods.base import BlockContext, Method
+from atmerge.stats import BlockRecord, MergeStats
+
+
+class MergeState:
+    """Tokens' merge sizes [B, N], optional sources [B, N, N0], and the records of a forward.
+
+    prune_last: in the last block keep only the protected tokens before the MLP.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        cost: ModelCost,
+        *,
+        num_protected: int,
+        prop_attn: bool,
+        trace_source: bool,
+        prune_last: bool,
+    ) -> None:
+        self.method = method
+        self.cost = cost
+        self.depth = cost.depth
+        self.num_protected = num_protected
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+        self.prune_last = prune_last
+        self.size: torch.Tensor | None = None
+        self.source: torch.Tensor | None = None
+        self.records: list[BlockRecord] = []
+        self.merged_any = False
+
+    def begin(self, x: torch.Tensor) -> None:
+        """Start a forward pass with tokens x [B, N, C]: every token has size 1."""
+        batch, num_tokens, _ = x.shape
+        self.size = torch.ones(batch, num_tokens, device=x.device, dtype=torch.float32)
+        self.source = None
+        if self.trace_source:
+            eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)
+            self.source = eye.unsqueeze(0).expand(batch, -1, -1)
+        self.records = []
+        self.merged_any = False
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """log(size) as an additive attention bias [B, 1, 1, N], or None when it would be zero
+        (proportional attention off, or nothing merged yet)."""
+        if not self.prop_attn or not self.merged_any:
+            return None
+        return self.size.to(dtype).log()[:, None, None, :]
+
+    def reduce(self, block: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        """Apply the method's decision for ``block`` to x [B, N, C]; metric [B, N, C_h]."""
+        n_in, p = x.shape[1], self.num_protected
+        if block == self.depth - 1 and self.prune_last:
+            self.size = self.size[:, :p]
+            self.records.append(BlockRecord(n_in, p, 0))
+            return x[:, :p]
+        decision = self.method.decide(BlockContext(block, self.depth, metric, self.size, p))
+        merge = decision.merge
+        if merge.r > 0:
+            x, self.size = merge_weighted_average(merge, x, self.size)
+            if self.source is not None:
+                self.source = merge_source(merge, self.source)
+            self.merged_any = True
+        self.records.append(BlockRecord(n_in, x.shape[1], merge.r, decision.threshold, decision.matching_macs))
+        return x
+
+    def stats(self) -> MergeStats:
+        """Statistics of the last forward pass."""
+        if len(self.records) != self.depth:
+            raise RuntimeError("no complete forward pass of the patched model has run yet")
+        tokens_in = [float(r.tokens_in) for r in self.records]
+        tokens_mlp = [float(r.tokens_mlp) for r in self.records]
+        gflops = self.cost.gflops(tokens_in[0] - self.num_protected, tokens_in, tokens_mlp)
+        return MergeStats(
+            tokens_per_block=tokens_in,
+            merged_per_block=[r.merged for r in self.records],
+            tokens_mlp_per_block=tokens_mlp,
+            thresholds=[r.threshold for r in self.records],
+            gflops=gflops,
+            matching_gflops=sum(r.matching_macs for r in self.records) / 1e9,
+            batch_size=int(self.size.shape[0]),
+        )

@@ -1,0 +1,46 @@
+"""What :func:`atmerge.last_stats` returns: token counts, merges and GFLOPs of one forward pass."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One block of one forward pass (counts are per image; all images of a batch share them)."""
+
+    tokens_in: int
+    tokens_mlp: int
+    merged: int
+    threshold: float = math.nan
+    matching_macs: float = 0.0
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """Statistics of the last forward pass of a patched model.
+
+    tokens_per_block: tokens entering each block (mean over the batch).
+    merged_per_block: r of each block (pairs merged after its attention).
+    tokens_mlp_per_block: tokens reaching each block's MLP (after merging, and after keeping only
+        the CLS token in the last block where the method does so).
+    thresholds: θ of each block (nan for methods without one).
+    gflops: per-image GFLOPs of the forward (1e9 multiply-adds), from the token counts above.
+    matching_gflops: per-image GFLOPs spent finding the pairs (not included in ``gflops``).
+    batch_size: images in the batch.
+    """
+
+    tokens_per_block: list[float]
+    merged_per_block: list[int]
+    tokens_mlp_per_block: list[float]
+    thresholds: list[float]
+    gflops: float
+    matching_gflops: float
+    batch_size: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (nan thresholds become None)."""
+        d = asdict(self)
+        d["thresholds"] = [None if math.isnan(t) else t for t in self.thresholds]
+        return d

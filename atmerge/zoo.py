@@ -1,0 +1,44 @@
+"""Local checkpoints of the shared folder, loaded into timm models (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+from safetensors.torch import load_file
+from torch import nn
+
+from atmerge.data import shared_file
+
+
+def load_checkpoint(model_name: str, checkpoint: str | Path, **kwargs) -> nn.Module:
+    """timm.create_model(model_name, **kwargs) with weights from a safetensors file, in eval mode."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def cifar10_reference_vit() -> nn.Module:
+    """The shared supervised CIFAR-10 ViT (ViT-Ti shape, 32×32 input, patch 4, 65 tokens)."""
+    return load_checkpoint(
+        "vit_tiny_patch16_224",
+        shared_file("models/cifar10_vit_tiny_p4.safetensors"),
+        img_size=32,
+        patch_size=4,
+        num_classes=10,
+    )
+
+
+def dinov2_small() -> nn.Module:
+    """The shared DINOv2-S/14 backbone at 224 px (257 tokens, no head: outputs the CLS feature)."""
+    return load_checkpoint(
+        "vit_small_patch14_dinov2",
+        shared_file("models/dinov2_small_imgfocus.safetensors"),
+        img_size=224,
+        num_classes=0,
+    )
+
+

@@ -1,0 +1,100 @@
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from atmerge.core.matching import alternate_split, best_match
+from atmerge.core.merging import (
+    bipartite_merge,
+    merge_source,
+    merge_weighted_average,
+    merging_error,
+    merging_error_bounds,
+)
+
+
+def _hand_merge():
+    # 1 CLS + 6 tokens; A = positions 2,4,6; B = 1,3,5
+    a, b = alternate_split(7, 1)
+    scores = torch.tensor([[0.9, 0.2, 0.95]])  # A tokens 2, 4, 6
+    match = torch.tensor([[0, 2, 0]])  # 2->1, 4->5, 6->1
+    return bipartite_merge(scores, match, a, b, r=2, num_protected=1)
+
+
+def test_bipartite_merge_picks_top_r():
+    m = _hand_merge()
+    assert m.r == 2
+    assert m.src.tolist() == [[2, 0]]  # A[2]=token 6 (0.95), A[0]=token 2 (0.9)
+    assert m.dst.tolist() == [[0, 0]]  # both into B[0] = token 1
+    assert m.keep.tolist() == [[1]]  # token 4 stays
+
+
+def test_weighted_average_hand_computed():
+    m = _hand_merge()
+    x = torch.tensor([[[100.0], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]])
+    size = torch.tensor([[1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 3.0]])
+    y, s = merge_weighted_average(m, x, size)
+    # layout: CLS, unmerged A (token 4), B (tokens 1 <- {2, 6}, 3, 5)
+    expected_1 = (2 * 1.0 + 1 * 2.0 + 3 * 6.0) / 6
+    assert torch.allclose(y[0, :, 0], torch.tensor([100.0, 4.0, expected_1, 3.0, 5.0]))
+    assert s.tolist() == [[1.0, 1.0, 6.0, 1.0, 1.0]]
+    assert s.sum() == size.sum()  # Definition 1: sizes accumulate
+
+
+def test_unmerge_gives_every_original_token_its_group_value():
+    m = _hand_merge()
+    y = torch.tensor([[[10.0], [40.0], [11.0], [33.0], [55.0]]])
+    out = m.unmerge(y)
+    assert out[0, :, 0].tolist() == [10.0, 11.0, 11.0, 33.0, 40.0, 55.0, 11.0]
+
+
+def test_merge_source_tracks_groups():
+    m = _hand_merge()
+    source = torch.eye(7).unsqueeze(0)
+    s = merge_source(m, source)
+    groups = [set(torch.nonzero(row).flatten().tolist()) for row in s[0]]
+    assert groups == [{0}, {4}, {1, 2, 6}, {3}, {5}]
+
+
+def test_r_zero_is_identity_without_reordering():
+    a, b = alternate_split(7, 1)
+    m = bipartite_merge(torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.long), a, b, 0, 1)
+    x = torch.randn(2, 7, 4)
+    assert m(x) is x and m.unmerge(x) is x
+
+
+def test_r_is_clipped_to_set_a():
+    a, b = alternate_split(7, 1)
+    m = bipartite_merge(torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.long), a, b, 10, 1)
+    assert m.r == 3
+
+
+def test_merge_then_unmerge_is_identity_on_group_constant_tokens():
+    torch.manual_seed(1)
+    metric = torch.randn(3, 11, 8)
+    a, b = alternate_split(11, 1)
+    scores, match = best_match(metric, a, b)
+    m = bipartite_merge(scores, match, a, b, 3, 1)
+    y = torch.randn(3, 8, 5)
+    assert torch.equal(m(m.unmerge(y), "amax"), y)
+
+
+unit = st.lists(st.floats(-1, 1, allow_nan=False), min_size=3, max_size=3).filter(lambda v: sum(t * t for t in v) > 1e-2)
+sizes = st.integers(1, 500)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(unit, unit, sizes, sizes)
+def test_theorem_1_bounds(x_i, x_j, n_i, n_j):
+    xi, xj = torch.tensor(x_i, dtype=torch.float64), torch.tensor(x_j, dtype=torch.float64)
+    err = merging_error(xi, xj, float(n_i), float(n_j))
+    lower, upper = merging_error_bounds(xi, xj, float(n_i), float(n_j))
+    tol = 1e-9 * (n_i + n_j)
+    assert lower - tol <= err <= upper + tol
+
+
+def test_merging_error_closed_form():
+    # E_m = N - sqrt(n_i^2 + n_j^2 + 2 n_i n_j cos) for unit vectors (Appendix B)
+    xi, xj = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.6, 0.8], dtype=torch.float64)
+    n_i, n_j = 3.0, 5.0
+    expected = n_i + n_j - (n_i**2 + n_j**2 + 2 * n_i * n_j * 0.6) ** 0.5
+    assert torch.isclose(merging_error(xi, xj, n_i, n_j), torch.tensor(expected, dtype=torch.float64))
