@@ -7,10 +7,14 @@
     print(atmerge.last_stats(model).gflops)
 """
 
+from atmerge.budget import BudgetMatch, match_gflops
+from atmerge.evaluate import EvalResult, evaluate
 from atmerge.api import gflops, is_patched, last_stats, merge_source, patch, unpatch
 from atmerge.core.merging import merging_error, merging_error_bounds
 from atmerge.methods.atm import ATM
 from atmerge.methods.base import BlockContext, Decision, Method
+from atmerge.methods.fixed import ToMe, TopR
+from atmerge.methods.threshold import ConstantThreshold
 from atmerge.models.timm_vit import UnsupportedModelError
 from atmerge.stats import MergeStats
 
@@ -19,6 +23,13 @@ __version__ = "0.1.0"
 __all__ = [
     "ATM",
     "BlockContext",
+    "ConstantThreshold",
+    "ToMe",
+    "TopR",
+    "BudgetMatch",
+    "EvalResult",
+    "evaluate",
+    "match_gflops",
     "Decision",
     "MergeStats",
     "Method",

@@ -75,10 +75,14 @@ def image_folder(root: str | Path, transform) -> "torchvision.datasets.ImageFold
 
 
 def model_transform(model: nn.Module):
-    """The model's own timm evaluation preprocessing (resize, crop, normalise)."""
+    """The model's own timm evaluation preprocessing (resize, crop, normalise), at the image size
+    the model was built for (timm's pretrained config may name another, e.g. 518 for DINOv2)."""
     import timm.data
 
     config = timm.data.resolve_data_config({}, model=model)
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        config["input_size"] = (config["input_size"][0], *pe.img_size)
     return timm.data.create_transform(**config)
 
 

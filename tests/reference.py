@@ -26,13 +26,19 @@ def _cos(u, v):
     return float(torch.dot(u, v) / (u.norm() * v.norm()))
 
 
-def reference_forward(model, images, alpha, beta, theta_min, split_layer=None, prop_attn=True):
+@torch.no_grad()
+def reference_forward(
+    model, images, alpha=1.0, beta=0.0, theta_min=1.0, split_layer=None, prop_attn=True, fixed_r=None, prune_last=True
+):
     """Returns (model output [B, ...], groups: per image the list of sets of original token
-    positions held by the tokens entering the last block, r of every block)."""
+    positions held by the tokens entering the last block, r of every block).
+
+    Threshold merging (ATM) by default; with ``fixed_r`` (one count per block) the r best pairs
+    merge instead, as in ToMe.  prune_last: keep only CLS in the last block of CLS-pooled models."""
     depth = len(model.blocks)
     ls = round(0.75 * depth) if split_layer is None else split_layer
     p = model.num_prefix_tokens
-    cls_pooled = model.global_pool == "token"
+    cls_pooled = model.global_pool == "token" and prune_last
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     batch = x.shape[0]
     toks = [[x[b, i] for i in range(x.shape[1])] for b in range(batch)]
@@ -73,7 +79,8 @@ def reference_forward(model, images, alpha, beta, theta_min, split_layer=None, p
                     best.append((best_score, a, best_j))
                 counts.append(sum(1 for s, _, _ in best if s > theta))
                 plans.append((A, B, best))
-            r = min(math.floor(sum(counts) / batch + 0.5), len(plans[0][0]) if plans[0][1] else 0)
+            r = math.floor(sum(counts) / batch + 0.5) if fixed_r is None else fixed_r[l - 1]
+            r = min(r, len(plans[0][0]) if plans[0][1] else 0)
             rs.append(r)
             for b in range(batch):
                 A, B, best = plans[b]

@@ -112,8 +112,9 @@ def merge_weighted_average(
     if merge.r == 0:
         return x, size
     weight = size.unsqueeze(-1).to(x.dtype)
-    total = merge(weight, "sum")
-    return merge(x * weight, "sum") / total, total.squeeze(-1).to(size.dtype)
+    merged = merge(torch.cat([x * weight, weight], dim=-1), "sum")  # one gather/scatter for both
+    total = merged[..., -1:]
+    return merged[..., :-1] / total, total.squeeze(-1).to(size.dtype)
 
 
 def merge_source(merge: Merge, source: torch.Tensor) -> torch.Tensor:

@@ -42,3 +42,37 @@ def batch_adaptive_r(scores: torch.Tensor, threshold: float) -> int:
         return 0
     mean = count_above(scores, threshold).double().mean().item()
     return int(min(math.floor(mean + 0.5), num_a))
+
+
+def tome_r_schedule(depth: int, r: int | list[int] | tuple[int, float]) -> list[int]:
+    """ToMe's per-block merge counts: an int (same r everywhere), a list (one per block, padded
+    with zeros), or (r, inflection): a linear ramp with mean r from r(1 − inflection) in the first
+    block to r(1 + inflection) in the last (inflection 0 = constant, > 0 increasing)."""
+    if isinstance(r, list):
+        if len(r) > depth:
+            raise ValueError(f"r has {len(r)} entries for a model of {depth} blocks")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in r):
+            raise ValueError(f"r must be a list of integers >= 0, got {r}")
+        return list(r) + [0] * (depth - len(r))
+    inflection = 0.0
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"r as a tuple must be (r, inflection), got {r}")
+        r, inflection = r
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be an integer >= 0, got {r!r}")
+    first = int(r * (1.0 - inflection))
+    last = 2 * r - first
+    step = (last - first) / max(depth - 1, 1)
+    return [int(first + step * i) for i in range(depth)]
+
+
+def linear_r_schedule(depth: int, r: int, schedule: str) -> list[int]:
+    """Figure 5's fixed-count schedules, r in the first block: 'constant' (r everywhere),
+    'increasing' (r + l − 1) or 'decreasing' (max(r − (l − 1), 0)) for block l from 1."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be an integer >= 0, got {r!r}")
+    step = {"constant": 0, "increasing": 1, "decreasing": -1}.get(schedule)
+    if step is None:
+        raise ValueError(f"schedule={schedule!r}; choose 'constant', 'increasing' or 'decreasing'")
+    return [max(r + step * i, 0) for i in range(depth)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atmerge.core.matching import SIMILARITIES, alternate_split, best_match, center_keys, size_distinctive_split
-from atmerge.core.merging import bipartite_merge
+from atmerge.core.matching import SIMILARITIES
 from atmerge.core.schedules import batch_adaptive_r, layer_threshold, threshold_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.methods.bipartite import match_tokens
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,7 @@ class ATM(Method):
             raise ValueError(f"split_layer={self.split_layer} is beyond the model's depth; allowed 0..{depth}")
 
     def decide(self, ctx: BlockContext) -> Decision:
-        p, num_tokens = ctx.num_protected, ctx.metric.shape[1]
-        if ctx.layer <= self.resolved_split_layer(ctx.depth):
-            a_idx, b_idx = alternate_split(num_tokens, p, ctx.metric.device)
-        else:
-            a_idx, b_idx = size_distinctive_split(ctx.size, p)
-        metric = center_keys(ctx.metric, ctx.size, p) if self.similarity == "centered" else ctx.metric
-        scores, match = best_match(metric, a_idx, b_idx)
+        size_distinctive = ctx.layer > self.resolved_split_layer(ctx.depth)
+        m = match_tokens(ctx, size_distinctive=size_distinctive, similarity=self.similarity)
         theta = layer_threshold(ctx.layer, self.alpha, self.beta, self.theta_min)
-        r = batch_adaptive_r(scores, theta)
-        macs = a_idx.shape[-1] * b_idx.shape[-1] * metric.shape[-1]
-        return Decision(bipartite_merge(scores, match, a_idx, b_idx, r, p), theta, float(macs))
+        return m.decision(batch_adaptive_r(m.scores, theta), ctx.num_protected, theta)

@@ -1,0 +1,55 @@
+"""Fixed-count merging: ToMe and the top-r schedules of the ATM paper's Figure 5."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atmerge.core.schedules import linear_r_schedule, tome_r_schedule
+from atmerge.methods.base import BlockContext, Decision, Method
+from atmerge.methods.bipartite import match_tokens
+
+
+@dataclass(frozen=True)
+class ToMe(Method):
+    """Token Merging (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023).
+
+    Bipartite soft matching in every block: A = even, B = odd token positions (CLS and the
+    distillation token excluded), each A token's most similar B token by cosine of the keys'
+    head-mean, the r best pairs merge by size-weighted average; proportional attention.
+    r: an int, a per-block list, or (r, inflection) for ToMe's linear schedule.  r above |A|
+    is clipped to |A|.  ToMe keeps every token to the end (no CLS-only last block).
+    """
+
+    r: int | list[int] | tuple[int, float] = 8
+    prune_last_block = False
+
+    def __post_init__(self) -> None:
+        tome_r_schedule(1 if not isinstance(self.r, list) else len(self.r), self.r)  # validates
+
+    def schedule(self, depth: int) -> list[int]:
+        return tome_r_schedule(depth, self.r)
+
+    def check_depth(self, depth: int) -> None:
+        self.schedule(depth)
+
+    def decide(self, ctx: BlockContext) -> Decision:
+        return match_tokens(ctx).decision(self.schedule(ctx.depth)[ctx.block], ctx.num_protected)
+
+
+@dataclass(frozen=True)
+class TopR(Method):
+    """Fixed-count schedules of the ATM paper (Figure 5): 'constant', 'increasing' or
+    'decreasing' r (by one per block, starting from ``r``), alternate matching, as an ablation of
+    ATM's threshold schedule (so, like ATM, only CLS reaches the last MLP)."""
+
+    schedule: str = "constant"
+    r: int = 8
+
+    def __post_init__(self) -> None:
+        linear_r_schedule(1, self.r, self.schedule)  # validates
+
+    def counts(self, depth: int) -> list[int]:
+        return linear_r_schedule(depth, self.r, self.schedule)
+
+    def decide(self, ctx: BlockContext) -> Decision:
+        return match_tokens(ctx).decision(self.counts(ctx.depth)[ctx.block], ctx.num_protected)

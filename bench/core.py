@@ -1,0 +1,207 @@
+"""Core benchmark (issue 2): ATM against the unpatched model on CPU, one command:
+
+    python bench/core.py [--out bench/results/core.json] [--quick]
+
+1. CIFAR-10 reference ViT (../shared) on cifar10-test: top-1, mean GFLOPs, tokens per block,
+   images/s at batch 64, speed-up beside the FLOPs ratio.
+2. DeiT-S shape, random init, 224 px, on the shared ImageNet photos: GFLOPs, tokens, images/s.
+3. Merge machinery cost at 197 tokens (DeiT-S block, batch 64) as a share of a block's time.
+4. DINOv2-S (../shared weights): raw vs centred key similarity at matched GFLOPs (85/75/65% of
+   the unmerged model; ATM(alpha=1, beta, theta_min=0.5) with beta bisected), fidelity = cosine
+   of the final CLS feature to the unmerged model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from PIL import Image
+
+import atmerge
+from atmerge import data, zoo
+from atmerge.core.matching import alternate_split, best_match
+from atmerge.core.merging import bipartite_merge, merge_weighted_average
+from atmerge.core.schedules import batch_adaptive_r
+
+PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)  # Table A2, DeiT-S row at 3.26 GFLOPs
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def loader_batches(dataset, batch_size: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
+    return [batch for batch in loader]
+
+
+def compare(model, batches, methods: dict, repeats: int = 1) -> list[dict]:
+    """Baseline and each method on the same batches; the best of ``repeats`` timings."""
+    rows = []
+    atmerge.unpatch(model)
+    base, ref = atmerge.evaluate(model, batches, keep_outputs=True)
+    base_time = min([base.seconds] + [atmerge.evaluate(model, batches)[0].seconds for _ in range(repeats - 1)])
+    rows.append(dict(method="baseline", **summary(base, base_time, base, base_time)))
+    for name, method in methods.items():
+        atmerge.patch(model, method)
+        res, _ = atmerge.evaluate(model, batches, reference=ref)
+        t = min([res.seconds] + [atmerge.evaluate(model, batches)[0].seconds for _ in range(repeats - 1)])
+        rows.append(dict(method=name, **summary(res, t, base, base_time)))
+        atmerge.unpatch(model)
+    return rows
+
+
+def summary(res, seconds, base, base_seconds) -> dict:
+    flops_ratio = base.gflops / res.gflops
+    speedup = base_seconds / seconds
+    return dict(
+        top1=res.top1,
+        gflops=res.gflops,
+        matching_gflops=res.matching_gflops,
+        images_per_s=res.images / seconds,
+        speedup=speedup,
+        flops_ratio=flops_ratio,
+        speedup_over_flops_ratio=speedup / flops_ratio,
+        output_cosine=res.output_cosine,
+        tokens_per_block=[round(t, 1) for t in res.tokens_per_block],
+    )
+
+
+def imagenet_batches(model, count: int, batch_size: int):
+    tf = data.model_transform(model)
+    files = sorted(data.imagenet_samples_folder().iterdir())[:count]
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    return list(x.split(batch_size))
+
+
+def merge_overhead(batch: int = 64, repeats: int = 20) -> dict:
+    """Time of one DeiT-S block at 197 tokens vs. the ATM merge step alone (matching, r, merge)."""
+    torch.manual_seed(0)
+    block = timm.create_model("deit_small_patch16_224").blocks[0].eval()
+    x = torch.randn(batch, 197, 384)
+    metric = torch.randn(batch, 197, 64)
+    size = torch.ones(batch, 197)
+
+    def merge_step():
+        a, b = alternate_split(197, 1)
+        scores, match = best_match(metric, a, b)
+        r = batch_adaptive_r(scores, 0.0)  # about half of A above 0 on random keys
+        return merge_weighted_average(bipartite_merge(scores, match, a, b, r, 1), x, size)
+
+    def timed(fn):
+        with torch.no_grad():
+            fn()
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    t_block, t_merge = timed(lambda: block(x)), timed(merge_step)
+    return dict(batch=batch, tokens=197, block_ms=1e3 * t_block, merge_ms=1e3 * t_merge, share=t_merge / t_block)
+
+
+def dinov2_similarity(count: int, batch_size: int, steps: int) -> list[dict]:
+    model = zoo.dinov2_small()
+    batches = imagenet_batches(model, count, batch_size)
+    base, ref = atmerge.evaluate(model, batches, keep_outputs=True)
+    rows = []
+    for share in (0.85, 0.75, 0.65):
+        target = share * base.gflops
+        for sim in ("raw", "centered"):
+            # One knob for both: t in [0, 1] scales the decay, beta = 0.1 (1 - t); t = 1 merges nothing.
+            match = atmerge.match_gflops(
+                model, lambda t: atmerge.ATM(alpha=1.0, beta=0.1 * (1 - t), theta_min=0.5, similarity=sim),
+                target, batches, steps=steps,
+            )
+            res, _ = atmerge.evaluate(model, batches, reference=ref)
+            rows.append(
+                dict(
+                    target=f"{share:.0%}",
+                    similarity=sim,
+                    beta=round(match.method.beta, 5),
+                    gflops=res.gflops,
+                    gflops_share=res.gflops / base.gflops,
+                    within_budget=match.within_budget,
+                    cls_cosine=res.output_cosine,
+                    tokens_last=round(res.tokens_per_block[-1], 1),
+                )
+            )
+            atmerge.unpatch(model)
+    return rows, base.gflops
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/core.json")
+    ap.add_argument("--quick", action="store_true", help="small subsets, for a smoke run")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    q = args.quick
+    report: dict = dict(
+        command="python bench/core.py" + (" --quick" if q else ""),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        cpu=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        batch_size=64,
+    )
+    atm = {"ATM (0.99, 0.04, 0.88)": atmerge.ATM(**PAPER_DEIT_S)}
+    cols = ["method", "top1", "gflops", "images_per_s", "speedup", "flops_ratio", "speedup_over_flops_ratio", "output_cosine"]
+
+    print("== 1. CIFAR-10 reference ViT, cifar10-test ==", flush=True)
+    model = zoo.cifar10_reference_vit()
+    ds = data.subset(data.image_folder(data.cifar10_folder("test"), data.cifar10_transform()), 256 if q else None)
+    methods = {**atm, "ATM centred (0.99, 0.04, 0.88)": atmerge.ATM(**PAPER_DEIT_S, similarity="centered")}
+    rows = compare(model, loader_batches(ds, 64), methods)
+    print(table(rows, cols))
+    for r in rows:
+        print(f"  {r['method']}: tokens per block {r['tokens_per_block']}")
+    report["cifar10_reference"] = dict(images=len(ds), rows=rows)
+
+    print("\n== 2. DeiT-S (random init), 224 px, shared ImageNet photos ==", flush=True)
+    model = timm.create_model("deit_small_patch16_224").eval()
+    batches = imagenet_batches(model, 64 if q else 256, 64)
+    rows = compare(model, batches, atm, repeats=1 if q else 2)
+    print(table(rows, cols[:1] + cols[2:]))
+    for r in rows:
+        print(f"  {r['method']}: tokens per block {r['tokens_per_block']}")
+    report["deit_s_random_init"] = dict(images=sum(len(b) for b in batches), rows=rows)
+
+    print("\n== 3. Merge machinery at 197 tokens (DeiT-S block, batch 64) ==", flush=True)
+    overhead = merge_overhead(repeats=5 if q else 20)
+    print(table([overhead], list(overhead)))
+    report["merge_overhead"] = overhead
+
+    print("\n== 4. DINOv2-S: raw vs centred keys at matched GFLOPs (fidelity of the CLS feature) ==", flush=True)
+    rows, base_gflops = dinov2_similarity(16 if q else 64, 32, 5 if q else 12)
+    print(f"unmerged: {base_gflops:.3f} GFLOPs")
+    print(table(rows, list(rows[0])))
+    report["dinov2_similarity"] = dict(baseline_gflops=base_gflops, rows=rows)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

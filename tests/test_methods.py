@@ -1,0 +1,98 @@
+"""Baseline methods on the same seam: ToMe, fixed-count schedules, constant threshold."""
+
+import copy
+
+import pytest
+import torch
+
+import atmerge
+from atmerge.core.schedules import linear_r_schedule, tome_r_schedule
+from atmerge.methods.base import BlockContext
+from conftest import blocky_images, small_vit
+from reference import reference_forward
+from test_reference import _groups
+
+
+def test_tome_r_schedules_by_hand():
+    assert tome_r_schedule(4, 8) == [8, 8, 8, 8]
+    assert tome_r_schedule(4, [3, 2]) == [3, 2, 0, 0]
+    # (r, inflection): ramp from int(8 * 0.5) = 4 to 2 * 8 - 4 = 12 over 12 blocks
+    assert tome_r_schedule(12, (8, 0.5)) == [4, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12]
+
+
+def test_linear_r_schedules_by_hand():
+    assert linear_r_schedule(4, 3, "constant") == [3, 3, 3, 3]
+    assert linear_r_schedule(4, 3, "increasing") == [3, 4, 5, 6]
+    assert linear_r_schedule(5, 3, "decreasing") == [3, 2, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: atmerge.ToMe(r=-1), "r must be an integer >= 0, got -1"),
+        (lambda: atmerge.ToMe(r=2.5), "r must be an integer >= 0, got 2.5"),
+        (lambda: atmerge.ToMe(r=(8, 0.5, 1)), r"r as a tuple must be \(r, inflection\)"),
+        (lambda: atmerge.TopR(schedule="cosine"), "schedule='cosine'; choose 'constant', 'increasing' or 'decreasing'"),
+        (lambda: atmerge.ConstantThreshold(theta=1.2), r"theta=1.2 is out of range; allowed \[0.0, 1.0\]"),
+    ],
+)
+def test_bad_settings(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_tome_list_longer_than_depth():
+    with pytest.raises(ValueError, match="r has 7 entries for a model of 6 blocks"):
+        atmerge.patch(small_vit(), atmerge.ToMe(r=[1] * 7))
+
+
+def test_tome_equals_reference(cifar_model, cifar_images):
+    model = copy.deepcopy(cifar_model).double()
+    x = cifar_images[0][:4].double()
+    schedule = tome_r_schedule(12, (4, 0.5))
+    with torch.no_grad():
+        ref_out, ref_groups, ref_r = reference_forward(model, x, split_layer=12, fixed_r=schedule, prune_last=False)
+        atmerge.patch(model, atmerge.ToMe(r=(4, 0.5)), trace_source=True)
+        out = model(x)
+    stats = atmerge.last_stats(model)
+    assert stats.merged_per_block == ref_r == schedule
+    assert _groups(atmerge.merge_source(model)) == [sorted(tuple(sorted(g)) for g in img) for img in ref_groups]
+    assert (out - ref_out).abs().max() < 1e-9
+    assert stats.tokens_mlp_per_block[-1] == 65 - sum(schedule)  # ToMe keeps every token to the end
+
+
+def test_tome_r_above_half_is_clipped_to_set_a():
+    model = atmerge.patch(small_vit(), atmerge.ToMe(r=100))
+    with torch.no_grad():
+        model(blocky_images(2))
+    merged = atmerge.last_stats(model).merged_per_block
+    assert merged[0] == 32  # 64 patches + CLS: A = positions 2, 4, ..., 64
+    assert merged[1] == 16
+
+
+def test_no_reduction_reproduces_the_unpatched_model():
+    model = small_vit()
+    x = blocky_images(2)
+    with torch.no_grad():
+        expected = model(x)
+        for method in (atmerge.ToMe(r=0), atmerge.TopR(r=0), atmerge.ConstantThreshold(theta=1.0)):
+            atmerge.patch(model, method)
+            assert (model(x) - expected).abs().max() < 1e-5
+            assert sum(atmerge.last_stats(model).merged_per_block) == 0
+
+
+def test_topr_counts_follow_the_schedule():
+    model = atmerge.patch(small_vit(), atmerge.TopR(schedule="increasing", r=2))
+    with torch.no_grad():
+        model(blocky_images(2))
+    assert atmerge.last_stats(model).merged_per_block == [2, 3, 4, 5, 6, 0]  # last block: CLS only
+
+
+def test_constant_threshold_hand_case():
+    # CLS + 4 tokens: A = {2, 4}, B = {1, 3}; token 2 ~ token 1 (cos 0.995), token 4 ⟂ both.
+    metric = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [1, 0.1, 0], [0, 1, 0], [0, 0, 1]]])
+    ctx = BlockContext(0, 12, metric, torch.ones(1, 5), 1)
+    d = atmerge.ConstantThreshold(theta=0.99).decide(ctx)
+    assert d.merge.r == 1 and d.merge.src.tolist() == [[0]] and d.merge.dst.tolist() == [[0]]
+    assert atmerge.ConstantThreshold(theta=0.996).decide(ctx).merge.r == 0
+    assert d.threshold == 0.99

@@ -1,0 +1,174 @@
+"""Patching timm models: exactness when nothing merges, unpatch, attention paths, invariants."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import atmerge
+from atmerge.core.matching import size_distinctive_split
+from atmerge.methods.base import BlockContext
+from atmerge.models.timm_vit import attention_with_keys
+from conftest import blocky_images, small_vit
+
+# name, kwargs, input size: every model family the issue names, random init
+MODELS = [
+    ("deit_tiny_patch16_224", {}, 224),
+    ("deit_small_distilled_patch16_224", {}, 224),
+    ("vit_small_patch14_dinov2", dict(img_size=224, num_classes=0), 224),
+    ("vit_base_patch16_224", dict(global_pool="avg", depth=4), 224),  # MAE-style, 4 blocks for speed
+]
+NO_MERGE = atmerge.ATM(alpha=1.0, beta=0.0, theta_min=1.0)
+
+
+@pytest.mark.parametrize("name, kwargs, size", MODELS)
+@pytest.mark.parametrize("fused", [True, False])
+def test_threshold_one_merges_nothing_and_matches_unpatched(name, kwargs, size, fused):
+    model = timm.create_model(name, **kwargs).eval()
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        atmerge.patch(model, NO_MERGE)
+        got = model(x)
+    stats = atmerge.last_stats(model)
+    assert sum(stats.merged_per_block) == 0
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_cifar_reference_model_threshold_one(cifar_model, cifar_images):
+    model = copy.deepcopy(cifar_model)
+    x = cifar_images[0]
+    with torch.no_grad():
+        expected = model(x)
+        atmerge.patch(model, NO_MERGE)
+        got = model(x)
+    assert (got - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name, kwargs, size", MODELS[:3])
+def test_unpatch_restores_exact_outputs(name, kwargs, size):
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        before = model(x)
+        atmerge.patch(model, atmerge.ATM(alpha=0.5, beta=0.1, theta_min=0.0), trace_source=True)
+        merged = model(x)
+        atmerge.unpatch(model)
+        after = model(x)
+    assert not torch.equal(merged, before)  # the patch did change something
+    assert torch.equal(after, before)
+    assert not atmerge.is_patched(model)
+    assert all(type(b).__name__ == "Block" for b in model.blocks)
+    assert not any(k.startswith("_atmerge") for m in model.modules() for k in vars(m))
+
+
+def test_repatching_replaces_the_method():
+    model = small_vit()
+    x = blocky_images(2)
+    atmerge.patch(model, NO_MERGE)
+    atmerge.patch(model, atmerge.ATM(alpha=0.9, beta=0.05, theta_min=0.5))
+    with torch.no_grad():
+        model(x)
+    assert sum(atmerge.last_stats(model).merged_per_block) > 0
+    atmerge.unpatch(model)
+    assert type(model) is timm.models.vision_transformer.VisionTransformer
+
+
+def test_fused_and_manual_attention_agree_while_merging():
+    model = small_vit()
+    x = blocky_images(2)
+    method = atmerge.ATM(alpha=0.95, beta=0.05, theta_min=0.6)
+    outs = []
+    with torch.no_grad():
+        for fused in (True, False):
+            for blk in model.blocks:
+                blk.attn.fused_attn = fused
+            atmerge.patch(model, method)
+            outs.append(model(x))
+            assert sum(atmerge.last_stats(model).merged_per_block) > 0
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_proportional_attention_equals_attention_over_repeated_tokens(fused):
+    # A token of size s must weigh in attention like s copies of itself (Appendix A).
+    attn = small_vit().blocks[0].attn
+    attn.fused_attn = fused
+    x = torch.randn(1, 4, 48)
+    size = torch.tensor([[1.0, 3.0, 1.0, 2.0]])
+    with torch.no_grad():
+        out, _ = attention_with_keys(attn, x, size.log()[:, None, None, :])
+        repeated = x[:, [0, 1, 1, 1, 2, 3, 3]]
+        ref, _ = attention_with_keys(attn, repeated, None)
+    assert torch.allclose(out, ref[:, [0, 1, 4, 5]], atol=1e-5)
+
+
+def test_metric_is_head_mean_of_keys():
+    attn = small_vit().blocks[0].attn
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        _, metric = attention_with_keys(attn, x, None)
+        k = attn.qkv(x).reshape(2, 5, 3, 3, 16)[:, :, 1]  # [B, N, heads, head_dim]
+    assert torch.allclose(metric, k.mean(2), atol=1e-6)
+
+
+def test_cls_and_distillation_tokens_are_never_merged():
+    model = small_vit(class_token=True, reg_tokens=1)  # two protected tokens
+    x = blocky_images(3, cells=2)
+    with torch.no_grad():
+        atmerge.patch(model, atmerge.ATM(alpha=0.5, beta=0.2, theta_min=0.0, split_layer=2), trace_source=True)
+        model(x)
+    source = atmerge.merge_source(model)
+    assert torch.equal(source[:, 0], torch.eye(source.shape[-1])[0].expand(3, -1))
+    assert torch.equal(source[:, 1], torch.eye(source.shape[-1])[1].expand(3, -1))
+    assert sum(atmerge.last_stats(model).merged_per_block) > 20
+
+
+def test_size_distinctive_blocks_never_merge_two_large_tokens():
+    torch.manual_seed(3)
+    method = atmerge.ATM(alpha=0.0, beta=0.0, theta_min=0.0, split_layer=0)  # merge every pair above 0
+    for _ in range(20):
+        size = torch.randint(1, 30, (4, 41)).float()
+        metric = torch.randn(4, 41, 8)
+        d = method.decide(BlockContext(5, 12, metric, size, 1))
+        merge = d.merge
+        a_pos = merge.a_idx.gather(1, merge.src)
+        b_sizes = size.gather(1, merge.b_idx)
+        src_sizes = size.gather(1, a_pos)
+        # every merged pair joins a token of the smaller half with one of the larger half
+        assert (src_sizes.max(1).values <= b_sizes.min(1).values).all()
+        a_sorted, _ = size_distinctive_split(size, 1)
+        assert torch.equal(merge.a_idx, a_sorted)
+        assert (merge.a_idx >= 1).all() and (merge.b_idx >= 1).all()
+
+
+def test_last_block_keeps_only_cls_for_token_pooling_and_all_for_avg():
+    x = blocky_images(2)
+    method = atmerge.ATM(alpha=0.9, beta=0.05, theta_min=0.5)
+    token = atmerge.patch(small_vit(), method)
+    avg = atmerge.patch(small_vit(global_pool="avg"), method)
+    with torch.no_grad():
+        token(x), avg(x)
+    st, sa = atmerge.last_stats(token), atmerge.last_stats(avg)
+    assert st.tokens_mlp_per_block[-1] == 1.0
+    assert sa.tokens_mlp_per_block[-1] > 1.0
+    assert sa.tokens_per_block[1:] == sa.tokens_mlp_per_block[:-1]
+
+
+def test_stats_are_consistent():
+    model = small_vit()
+    with torch.no_grad():
+        atmerge.patch(model, atmerge.ATM(alpha=0.95, beta=0.05, theta_min=0.6))
+        model(blocky_images(4))
+    s = atmerge.last_stats(model)
+    assert s.batch_size == 4 and len(s.tokens_per_block) == 6
+    assert s.tokens_per_block[0] == 65.0
+    for i in range(5):
+        assert s.tokens_per_block[i + 1] == s.tokens_per_block[i] - s.merged_per_block[i]
+    assert s.thresholds[:5] == pytest.approx(atmerge.ATM(alpha=0.95, beta=0.05, theta_min=0.6).thresholds(6)[:5])
+    assert s.merged_per_block[-1] == 0 and s.tokens_mlp_per_block[-1] == 1.0  # last block: CLS only
+    assert 0 < s.gflops < atmerge.gflops(small_vit(), (3, 32, 32))
+    assert s.to_dict()["gflops"] == s.gflops
