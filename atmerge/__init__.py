@@ -9,12 +9,15 @@
 
 from atmerge.budget import BudgetMatch, match_gflops
 from atmerge.evaluate import EvalResult, evaluate
-from atmerge.api import gflops, is_patched, last_stats, merge_source, patch, unpatch
+from atmerge.api import dense_tokens, gflops, is_patched, last_stats, merge_source, patch, unpatch
 from atmerge.core.merging import merging_error, merging_error_bounds
 from atmerge.methods.atm import ATM
 from atmerge.methods.base import BlockContext, Decision, Method
+from atmerge.methods.evit import EViT
 from atmerge.methods.fixed import ToMe, TopR
+from atmerge.methods.mctf import MCTF
 from atmerge.methods.threshold import ConstantThreshold
+from atmerge.methods.zerotp import ZeroTP
 from atmerge.models.timm_vit import UnsupportedModelError
 from atmerge.stats import MergeStats
 
@@ -24,10 +27,14 @@ __all__ = [
     "ATM",
     "BlockContext",
     "ConstantThreshold",
+    "EViT",
+    "MCTF",
+    "ZeroTP",
     "ToMe",
     "TopR",
     "BudgetMatch",
     "EvalResult",
+    "dense_tokens",
     "evaluate",
     "match_gflops",
     "Decision",

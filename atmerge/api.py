@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from atmerge.methods.base import Method
@@ -56,6 +57,23 @@ def merge_source(model: nn.Module):
     """[B, N, N0] 0/1 map from the tokens of the last block to the original tokens (patched with
     ``trace_source=True``); None otherwise."""
     return timm_vit.merge_state(model).source
+
+
+def dense_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Spread merged tokens back onto the original token grid for dense outputs.
+
+    tokens: [B, N', C], the tokens of the last forward of a model patched with
+    ``trace_source=True`` (e.g. ``model.forward_features(x)`` with ``global_pool=''``).
+    Returns [B, N0, C]: every original token receives the value of the token that holds it.
+    """
+    source = merge_source(model)
+    if source is None:
+        raise ValueError("dense_tokens needs the model patched with trace_source=True")
+    if source.shape[:2] != tokens.shape[:2]:
+        raise ValueError(
+            f"tokens of shape {list(tokens.shape)} do not match the last forward's {source.shape[1]} tokens"
+        )
+    return source.transpose(1, 2).to(tokens.dtype) @ tokens
 
 
 def gflops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:

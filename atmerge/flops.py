@@ -20,7 +20,7 @@ class BlockCost:
     attn_linear: qkv + output projection (+ gate) per token.  attn_dim: heads × head_dim
     (each of QKᵀ and AV costs N² × attn_dim).  mlp: all MLP linears per token.
     norm1 / norm2: LayerNorm cost per token before attention / MLP.  attn_norms: q/k norm and
-    attention-output norm cost per token.
+    attention-output norm cost per token.  qk_linear: the q and k projections per token.
     """
 
     attn_linear: int
@@ -29,6 +29,13 @@ class BlockCost:
     norm1: int
     norm2: int
     attn_norms: int = 0
+    qk_linear: int = 0
+
+    def attention_map_macs(self, tokens: float) -> float:
+        """Cost of computing this block's attention map alone (q, k projections and QKᵀ) on
+        ``tokens`` tokens, as a look-ahead method such as MCTF does."""
+        n = tokens
+        return n * (self.norm1 + self.qk_linear) + n * n * self.attn_dim
 
     def macs(self, tokens_attn: float, tokens_mlp: float) -> float:
         """Multiply-adds of the block: attention with the tokens entering it, MLP with the tokens

@@ -4,6 +4,8 @@ what happened."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from atmerge.core.merging import merge_source, merge_weighted_average
@@ -58,21 +60,42 @@ class MergeState:
             return None
         return self.size.to(dtype).log()[:, None, None, :]
 
-    def reduce(self, block: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        """Apply the method's decision for ``block`` to x [B, N, C]; metric [B, N, C_h]."""
+    def reduce(
+        self,
+        block: int,
+        x: torch.Tensor,
+        metric: torch.Tensor,
+        attention: torch.Tensor | None = None,
+        next_attention: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Apply the method's decision for ``block`` to x [B, N, C]; metric [B, N, C_h];
+        attention [B, H, N, N] when the method reads it; next_attention computes the next
+        block's attention map on demand (its cost is recorded)."""
         n_in, p = x.shape[1], self.num_protected
         if block == self.depth - 1 and self.prune_last:
             self.size = self.size[:, :p]
             self.records.append(BlockRecord(n_in, p, 0))
             return x[:, :p]
-        decision = self.method.decide(BlockContext(block, self.depth, metric, self.size, p))
+        extra = [0.0]
+        counted_next = None
+        if next_attention is not None:
+            following = self.cost.blocks[block + 1]
+
+            def counted_next() -> torch.Tensor:
+                extra[0] += following.attention_map_macs(n_in)
+                return next_attention()
+
+        ctx = BlockContext(block, self.depth, metric, self.size, p, x, attention, counted_next)
+        decision = self.method.decide(ctx)
         merge = decision.merge
         if merge.r > 0:
             x, self.size = merge_weighted_average(merge, x, self.size)
             if self.source is not None:
                 self.source = merge_source(merge, self.source)
             self.merged_any = True
-        self.records.append(BlockRecord(n_in, x.shape[1], merge.r, decision.threshold, decision.matching_macs))
+        self.records.append(
+            BlockRecord(n_in, x.shape[1], merge.r, decision.threshold, decision.matching_macs, extra[0])
+        )
         return x
 
     def stats(self) -> MergeStats:
@@ -82,6 +105,7 @@ class MergeState:
         tokens_in = [float(r.tokens_in) for r in self.records]
         tokens_mlp = [float(r.tokens_mlp) for r in self.records]
         gflops = self.cost.gflops(tokens_in[0] - self.num_protected, tokens_in, tokens_mlp)
+        gflops += sum(r.extra_macs for r in self.records) / 1e9
         return MergeStats(
             tokens_per_block=tokens_in,
             merged_per_block=[r.merged for r in self.records],

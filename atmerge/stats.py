@@ -15,6 +15,7 @@ class BlockRecord:
     merged: int
     threshold: float = math.nan
     matching_macs: float = 0.0
+    extra_macs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class MergeStats:
     tokens_mlp_per_block: tokens reaching each block's MLP (after merging, and after keeping only
         the CLS token in the last block where the method does so).
     thresholds: θ of each block (nan for methods without one).
-    gflops: per-image GFLOPs of the forward (1e9 multiply-adds), from the token counts above.
+    gflops: per-image GFLOPs of the forward (1e9 multiply-adds), from the token counts above,
+        including extra model work a method asks for (e.g. MCTF's look-ahead attention).
     matching_gflops: per-image GFLOPs spent finding the pairs (not included in ``gflops``).
     batch_size: images in the batch.
     """

@@ -100,9 +100,9 @@ def test_proportional_attention_equals_attention_over_repeated_tokens(fused):
     x = torch.randn(1, 4, 48)
     size = torch.tensor([[1.0, 3.0, 1.0, 2.0]])
     with torch.no_grad():
-        out, _ = attention_with_keys(attn, x, size.log()[:, None, None, :])
+        out, _, _ = attention_with_keys(attn, x, size.log()[:, None, None, :])
         repeated = x[:, [0, 1, 1, 1, 2, 3, 3]]
-        ref, _ = attention_with_keys(attn, repeated, None)
+        ref, _, _ = attention_with_keys(attn, repeated, None)
     assert torch.allclose(out, ref[:, [0, 1, 4, 5]], atol=1e-5)
 
 
@@ -110,7 +110,7 @@ def test_metric_is_head_mean_of_keys():
     attn = small_vit().blocks[0].attn
     x = torch.randn(2, 5, 48)
     with torch.no_grad():
-        _, metric = attention_with_keys(attn, x, None)
+        _, metric, _ = attention_with_keys(attn, x, None)
         k = attn.qkv(x).reshape(2, 5, 3, 3, 16)[:, :, 1]  # [B, N, heads, head_dim]
     assert torch.allclose(metric, k.mean(2), atol=1e-6)
 
@@ -172,3 +172,46 @@ def test_stats_are_consistent():
     assert s.merged_per_block[-1] == 0 and s.tokens_mlp_per_block[-1] == 1.0  # last block: CLS only
     assert 0 < s.gflops < atmerge.gflops(small_vit(), (3, 32, 32))
     assert s.to_dict()["gflops"] == s.gflops
+
+
+def test_dense_tokens_spread_groups_back_to_the_grid():
+    model = small_vit(global_pool="", num_classes=0)
+    x = blocky_images(2)
+    with torch.no_grad():
+        atmerge.patch(model, atmerge.ATM(alpha=1.0, beta=0.01, theta_min=0.9), trace_source=True)
+        merged = model.forward_features(x)
+    assert 5 < merged.shape[1] < 60
+    dense = atmerge.dense_tokens(model, merged)
+    source = atmerge.merge_source(model)
+    assert dense.shape == (2, 65, 48) and merged.shape[1] < 65
+    for b in range(2):
+        for i, row in enumerate(source[b]):
+            for j in torch.nonzero(row).flatten().tolist():
+                assert torch.equal(dense[b, j], merged[b, i])
+    with pytest.raises(ValueError, match="do not match"):
+        atmerge.dense_tokens(model, merged[:, :-1])
+
+
+def test_shared_dinov2_weights_raw_keys_merge_far_more_than_centred():
+    from conftest import require_shared
+    from atmerge import data, zoo
+    from PIL import Image
+
+    require_shared("models/dinov2_small_imgfocus.safetensors")
+    require_shared("data/imagenet-samples.tar")
+    model = zoo.dinov2_small()
+    tf = data.model_transform(model)
+    files = sorted(data.imagenet_samples_folder().iterdir())[:4]
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    assert x.shape == (4, 3, 224, 224)
+    merged = {}
+    with torch.no_grad():
+        base = model(x)
+        atmerge.patch(model, NO_MERGE)
+        assert (model(x) - base).abs().max() < 1e-4
+        for sim in ("raw", "centered"):
+            atmerge.patch(model, atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.88, similarity=sim))
+            model(x)
+            merged[sim] = atmerge.last_stats(model).merged_per_block
+    # raw key cosines sit near 1 in the first blocks: about half of set A merges in block 1
+    assert merged["raw"][0] > 0.4 * 128 and merged["centered"][0] < 10

@@ -103,18 +103,24 @@ def bipartite_merge(
 
 
 def merge_weighted_average(
-    merge: Merge, x: torch.Tensor, size: torch.Tensor
+    merge: "Merge | Assignment", x: torch.Tensor, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average of each merged group; sizes add up (Definition 1).
+    """Size-weighted average of each merged group; sizes add up (Definition 1).  A reduction with
+    ``value_weight`` averages with those weights instead (sizes still add up).
 
-    x [B, N, C], size [B, N] → (x [B, N − r, C], size [B, N − r]).
+    x [B, N, C], size [B, N] → (x [B, N', C], size [B, N']).
     """
-    if merge.r == 0:
+    value_weight = getattr(merge, "value_weight", None)
+    if merge.r == 0 and value_weight is None:
         return x, size
-    weight = size.unsqueeze(-1).to(x.dtype)
-    merged = merge(torch.cat([x * weight, weight], dim=-1), "sum")  # one gather/scatter for both
-    total = merged[..., -1:]
-    return merged[..., :-1] / total, total.squeeze(-1).to(size.dtype)
+    if value_weight is None:
+        weight = size.unsqueeze(-1).to(x.dtype)
+        merged = merge(torch.cat([x * weight, weight], dim=-1), "sum")  # one gather/scatter for both
+        total = merged[..., -1:]
+        return merged[..., :-1] / total, total.squeeze(-1).to(size.dtype)
+    weight = value_weight.unsqueeze(-1).to(x.dtype)
+    merged = merge(torch.cat([x * weight, weight, size.unsqueeze(-1).to(x.dtype)], dim=-1), "sum")
+    return merged[..., :-2] / merged[..., -2:-1], merged[..., -1].to(size.dtype)
 
 
 def merge_source(merge: Merge, source: torch.Tensor) -> torch.Tensor:
@@ -150,3 +156,37 @@ def merging_error_bounds(
     n_j = torch.as_tensor(n_j, dtype=x_i.dtype, device=x_i.device)
     lower = n_i * n_j / (n_i + n_j) * cosine_distance(x_i, x_j)
     return lower, 2.0 * lower
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A general token reduction: token i of image b goes to output slot ``assign[b, i]``
+    (−1 = pruned).  Used by pruning and fusion methods (EViT, MCTF, Zero-TPrune).
+
+    assign [B, N] int64 with values in [−1, num_out); every slot receives at least one token.
+    value_weight [B, N]: weights of the average within a slot (None = merge sizes).
+    """
+
+    assign: torch.Tensor
+    num_out: int
+    value_weight: torch.Tensor | None = None
+
+    @property
+    def r(self) -> int:
+        """Tokens removed."""
+        return self.assign.shape[1] - self.num_out
+
+    def __call__(self, x: torch.Tensor, reduce: Reduce = "sum") -> torch.Tensor:
+        """x [B, N, C] → [B, num_out, C]; pruned tokens are dropped."""
+        if self.r == 0 and bool((self.assign >= 0).all()):
+            return x
+        index = torch.where(self.assign < 0, self.num_out, self.assign)
+        out = x.new_zeros(x.shape[0], self.num_out + 1, x.shape[-1])
+        out = out.scatter_reduce(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x, reduce=reduce, include_self=False)
+        return out[:, : self.num_out]
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """y [B, num_out, C] → [B, N, C]; pruned tokens get zeros."""
+        padded = torch.cat([y, y.new_zeros(y.shape[0], 1, y.shape[-1])], dim=1)
+        index = torch.where(self.assign < 0, self.num_out, self.assign)
+        return take_tokens(padded, index)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from atmerge.core.merging import Merge
+from atmerge.core.merging import Assignment, Merge
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class BlockContext:
     size:   [B, N] merge size of every token (1 for original patches).
     block:  index counted from 0; ``depth`` blocks in all.
     num_protected: leading tokens that are never merged (CLS, distillation token, registers).
+    tokens: [B, N, C] the tokens after attention (before the MLP).
+    attention: [B, H, N, N] this block's attention probabilities, given to methods whose
+        ``attention`` is 'current' (None otherwise).
+    next_attention: for methods whose ``attention`` is 'next': computes the next block's
+        attention [B, H, N, N] on these tokens (its cost is added to the forward's GFLOPs).
     """
 
     block: int
@@ -29,6 +35,9 @@ class BlockContext:
     metric: torch.Tensor
     size: torch.Tensor
     num_protected: int
+    tokens: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    next_attention: Callable[[], torch.Tensor] | None = None
 
     @property
     def layer(self) -> int:
@@ -44,7 +53,7 @@ class Decision:
     matching_macs: multiply-adds per image spent on finding the pairs (similarity matrix).
     """
 
-    merge: Merge
+    merge: Merge | Assignment
     threshold: float = math.nan
     matching_macs: float = 0.0
 
@@ -66,9 +75,12 @@ class Method(ABC):
 
     prune_last_block: in the last block keep only the protected tokens (CLS) before the MLP, as
     ATM does (Appendix A); only applied to CLS-pooled models.
+    attention: which attention map the method reads: 'none', 'current' (this block's; the block
+    then runs attention unfused) or 'next' (the next block's, computed on this block's tokens).
     """
 
     prune_last_block: bool = True
+    attention: str = "none"
 
     def check_depth(self, depth: int) -> None:
         """Validate settings that depend on the model's depth; raise ValueError if they don't fit."""

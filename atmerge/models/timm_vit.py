@@ -20,6 +20,7 @@ SUPPORTED_POOLS = ("token", "avg", "")
 _STATE = "_atmerge_state"
 _INDEX = "_atmerge_block"
 _ORIGINAL = "_atmerge_original_class"
+_NEXT = "_atmerge_next_block"
 
 
 class UnsupportedModelError(TypeError):
@@ -116,6 +117,7 @@ def model_cost(model: VisionTransformer) -> ModelCost:
                 norm1=_layer_norm_macs(block.norm1),
                 norm2=_layer_norm_macs(block.norm2),
                 attn_norms=attn_norms,
+                qk_linear=2 * attn.qkv.weight.numel() // 3,
             )
         )
     head = _layer_norm_macs(model.fc_norm) + _linear_macs(model.head)
@@ -146,9 +148,11 @@ def attention_with_keys(
     bias: torch.Tensor | None,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_attention: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """timm's Attention forward plus an additive bias, returning (output [B, N, C], head-mean of
-    the keys [B, N, C_h]).  With bias None it computes exactly what timm's forward computes."""
+    the keys [B, N, C_h], attention probabilities [B, H, N, N] or None).  With bias None it
+    computes exactly what timm's forward computes.  return_attention forces the unfused path."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -158,18 +162,32 @@ def attention_with_keys(
     if bias is not None:
         mask = resolve_self_attn_mask(N, q, attn_mask, is_causal)
         attn_mask, is_causal = (bias if mask is None else bias + mask), False
-    if attn.fused_attn:
+    probs = None
+    if attn.fused_attn and not return_attention:
         dropout = attn.attn_drop.p if attn.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
     else:
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         scores = maybe_add_mask(scores, resolve_self_attn_mask(N, scores, attn_mask, is_causal))
-        x = attn.attn_drop(scores.softmax(dim=-1)) @ v
+        probs = scores.softmax(dim=-1)
+        x = attn.attn_drop(probs) @ v
     x = x.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
     x = getattr(attn, "norm", nn.Identity())(x)
     if gate is not None:
         x = x * gate
-    return attn.proj_drop(attn.proj(x)), metric
+    return attn.proj_drop(attn.proj(x)), metric, (probs if return_attention else None)
+
+
+def attention_map(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities [B, H, N, N] of ``attn`` on x [B, N, C] (only q and k are projected)."""
+    B, N, _ = x.shape
+    d = attn.num_heads * attn.head_dim
+    qk_bias = attn.qkv.bias[: 2 * d] if attn.qkv.bias is not None else None
+    qk = F.linear(x, attn.qkv.weight[: 2 * d], qk_bias).reshape(B, N, 2, attn.num_heads, attn.head_dim)
+    q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    return (scores if bias is None else scores + bias).softmax(dim=-1)
 
 
 def _merging_block_forward(
@@ -181,9 +199,21 @@ def _merging_block_forward(
         state.begin(x)
     elif attn_mask is not None and state.merged_any:
         raise ValueError("attn_mask is defined on the original tokens and cannot follow merged tokens")
-    out, metric = attention_with_keys(self.attn, self.norm1(x), state.attention_bias(x.dtype), attn_mask, is_causal)
+    wants = state.method.attention
+    following = getattr(self, _NEXT)
+    bias = state.attention_bias(x.dtype)
+    # A look-ahead method reads the current block's attention in the last block.
+    current = wants == "current" or (wants == "next" and following is None)
+    out, metric, probs = attention_with_keys(self.attn, self.norm1(x), bias, attn_mask, is_causal, current)
     x = x + self.drop_path1(self.ls1(out))
-    x = state.reduce(index, x, metric)
+    next_attention = None
+    if wants == "next" and following is not None:
+        tokens = x
+
+        def next_attention() -> torch.Tensor:
+            return attention_map(following.attn, following.norm1(tokens), state.attention_bias(tokens.dtype))
+
+    x = state.reduce(index, x, metric, probs, next_attention)
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -231,10 +261,12 @@ def patch_vit(model: VisionTransformer, state_factory) -> VisionTransformer:
     state = state_factory(model_cost(model), model.num_prefix_tokens, cls_pooled)
     _swap_class(model, {"forward_features": _merging_forward_features, "pool": _merging_pool})
     setattr(model, _STATE, state)
-    for i, block in enumerate(model.blocks):
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
         _swap_class(block, {"forward": _merging_block_forward})
-        # Plain attributes, not submodules: the state is shared, not a child of every block.
+        # Plain attributes, not submodules: the state and the next block are not children.
         object.__setattr__(block, _STATE, state)
+        object.__setattr__(block, _NEXT, blocks[i + 1] if i + 1 < len(blocks) else None)
         setattr(block, _INDEX, i)
     return model
 
@@ -245,7 +277,7 @@ def unpatch_vit(model: nn.Module) -> nn.Module:
         return model
     for module in [model, *model.blocks]:
         module.__class__ = getattr(module, _ORIGINAL)
-        for name in (_ORIGINAL, _STATE, _INDEX):
+        for name in (_ORIGINAL, _STATE, _INDEX, _NEXT):
             if name in module.__dict__:
                 delattr(module, name)
     return model

@@ -1,0 +1,85 @@
+"""Zero-TPrune (Wang, Dedhia & Jha, "Zero-TPrune: Zero-Shot Token Pruning through Leveraging of
+the Attention Graph in Pre-Trained Transformers", CVPR 2024), training-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from atmerge.core.importance import weighted_pagerank
+from atmerge.core.matching import best_match
+from atmerge.core.merging import Assignment
+from atmerge.core.schedules import tome_r_schedule
+from atmerge.methods.base import BlockContext, Decision, Method, check_number
+
+
+def importance_then_similarity_pruning(
+    importance: torch.Tensor, metric: torch.Tensor, r_importance: int, r_similarity: int, num_protected: int
+) -> Assignment:
+    """Prune ``r_importance`` least important tokens (I-stage), then split the rest by importance
+    rank (alternately: ranks 0, 2, 4… are the anchors, ranks 1, 3, 5… the candidates) and prune the
+    ``r_similarity`` candidates most similar to an anchor (S-stage).  Kept tokens stay in order.
+
+    importance [B, N], metric [B, N, C].
+    """
+    batch, n = importance.shape
+    p = num_protected
+    device = importance.device
+    free = n - p
+    r_importance = min(r_importance, free)
+    ranked = torch.sort(importance[:, p:], dim=1, descending=True, stable=True).indices + p
+    survivors = ranked[:, : free - r_importance]
+    anchors, candidates = survivors[:, 0::2], survivors[:, 1::2]
+    scores, _ = best_match(metric, candidates, anchors)
+    r_similarity = min(r_similarity, candidates.shape[1] if anchors.shape[1] else 0)
+    pruned_candidates = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :r_similarity]
+    keep_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    keep_mask[:, :p] = True
+    keep_mask.scatter_(1, survivors, True)
+    keep_mask.scatter_(1, candidates.gather(1, pruned_candidates), False)
+    slots = keep_mask.long().cumsum(dim=1) - 1
+    num_out = int(keep_mask[0].sum())
+    return Assignment(torch.where(keep_mask, slots, torch.full_like(slots, -1)), num_out)
+
+
+@dataclass(frozen=True)
+class ZeroTP(Method):
+    """Zero-TPrune, training-free token pruning in every block.
+
+    Importance: Weighted PageRank on the block's attention graph (mean over heads, ``iterations``
+    power steps from the uniform distribution).  I-stage: prune the ⌊importance_share × r⌋ least
+    important tokens; S-stage: among the rest, alternate by importance rank into anchors and
+    candidates and prune the candidates most similar (key cosine) to an anchor, r in all.
+
+    Simplified from the paper: no Emphasizing-Informative-Region step and no variance-based head
+    filter (all heads are averaged), and the I- and S-stages run in the same blocks; pruned tokens
+    are dropped (no fusion), so proportional attention has nothing to do.
+    r: tokens pruned per block (int, list or (r, inflection)); importance_share in [0, 1].
+    """
+
+    r: int | list[int] | tuple[int, float] = 8
+    importance_share: float = 0.5
+    iterations: int = 30
+    prune_last_block = False
+    attention = "current"
+
+    def __post_init__(self) -> None:
+        tome_r_schedule(1 if not isinstance(self.r, list) else len(self.r), self.r)
+        check_number("importance_share", self.importance_share, 0.0, 1.0)
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"iterations must be an integer >= 1, got {self.iterations!r}")
+
+    def check_depth(self, depth: int) -> None:
+        tome_r_schedule(depth, self.r)
+
+    def decide(self, ctx: BlockContext) -> Decision:
+        r = tome_r_schedule(ctx.depth, self.r)[ctx.block]
+        r_importance = int(self.importance_share * r)
+        importance = weighted_pagerank(ctx.attention, self.iterations)
+        reduction = importance_then_similarity_pruning(
+            importance, ctx.metric, r_importance, r - r_importance, ctx.num_protected
+        )
+        n = ctx.metric.shape[1]
+        macs = self.iterations * n * n + (n // 2) ** 2 * ctx.metric.shape[-1]
+        return Decision(reduction, matching_macs=float(macs))
