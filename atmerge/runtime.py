@@ -41,6 +41,7 @@ class MergeState:
         self.source: torch.Tensor | None = None
         self.records: list[BlockRecord] = []
         self.merged_any = False
+        self.combined: MergeStats | None = None
 
     def begin(self, x: torch.Tensor) -> None:
         """Start a forward pass with tokens x [B, N, C]: every token has size 1."""
@@ -52,6 +53,7 @@ class MergeState:
             self.source = eye.unsqueeze(0).expand(batch, -1, -1)
         self.records = []
         self.merged_any = False
+        self.combined = None
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """log(size) as an additive attention bias [B, 1, 1, N], or None when it would be zero
@@ -94,12 +96,21 @@ class MergeState:
                 self.source = merge_source(merge, self.source)
             self.merged_any = True
         self.records.append(
-            BlockRecord(n_in, x.shape[1], merge.r, decision.threshold, decision.matching_macs, extra[0])
+            BlockRecord(
+                n_in, x.shape[1], merge.r, decision.threshold, decision.matching_macs, extra[0], decision.requested
+            )
         )
         return x
 
+    def combine(self, parts: list[MergeStats]) -> None:
+        """Make :meth:`stats` report the mean over per-image forward passes of one batch."""
+        self.combined = mean_stats(parts)
+        self.source = None  # per-image token counts differ: no single source tensor
+
     def stats(self) -> MergeStats:
         """Statistics of the last forward pass."""
+        if self.combined is not None:
+            return self.combined
         if len(self.records) != self.depth:
             raise RuntimeError("no complete forward pass of the patched model has run yet")
         tokens_in = [float(r.tokens_in) for r in self.records]
@@ -114,4 +125,24 @@ class MergeState:
             gflops=gflops,
             matching_gflops=sum(r.matching_macs for r in self.records) / 1e9,
             batch_size=int(self.size.shape[0]),
+            requested_per_block=[r.requested for r in self.records],
         )
+
+
+def mean_stats(parts: list[MergeStats]) -> MergeStats:
+    """Per-image statistics of several forward passes averaged into one (weighted by batch size)."""
+    total = sum(p.batch_size for p in parts)
+
+    def mean(values: list[list[float]]) -> list[float]:
+        return [sum(p.batch_size * v for p, v in zip(parts, column)) / total for column in zip(*values)]
+
+    return MergeStats(
+        tokens_per_block=mean([p.tokens_per_block for p in parts]),
+        merged_per_block=mean([p.merged_per_block for p in parts]),
+        tokens_mlp_per_block=mean([p.tokens_mlp_per_block for p in parts]),
+        thresholds=parts[0].thresholds,
+        gflops=sum(p.batch_size * p.gflops for p in parts) / total,
+        matching_gflops=sum(p.batch_size * p.matching_gflops for p in parts) / total,
+        batch_size=total,
+        requested_per_block=parts[0].requested_per_block,
+    )

@@ -16,6 +16,7 @@ class BlockRecord:
     threshold: float = math.nan
     matching_macs: float = 0.0
     extra_macs: float = 0.0
+    requested: int | None = None
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class MergeStats:
     """Statistics of the last forward pass of a patched model.
 
     tokens_per_block: tokens entering each block (mean over the batch).
-    merged_per_block: r of each block (pairs merged after its attention).
+    merged_per_block: r of each block (pairs merged after its attention; a mean over images
+        when a method merges per image).
     tokens_mlp_per_block: tokens reaching each block's MLP (after merging, and after keeping only
         the CLS token in the last block where the method does so).
     thresholds: θ of each block (nan for methods without one).
@@ -31,15 +33,23 @@ class MergeStats:
         including extra model work a method asks for (e.g. MCTF's look-ahead attention).
     matching_gflops: per-image GFLOPs spent finding the pairs (not included in ``gflops``).
     batch_size: images in the batch.
+    requested_per_block: r asked for by a fixed-count method (None elsewhere); see clipped_blocks.
     """
 
     tokens_per_block: list[float]
-    merged_per_block: list[int]
+    merged_per_block: list[float]
     tokens_mlp_per_block: list[float]
     thresholds: list[float]
     gflops: float
     matching_gflops: float
     batch_size: int
+    requested_per_block: list[int | None] | None = None
+
+    @property
+    def clipped_blocks(self) -> list[int]:
+        """Blocks (from 0) where a fixed-count method asked for more than the block allowed."""
+        requested = self.requested_per_block or [None] * len(self.merged_per_block)
+        return [i for i, (q, m) in enumerate(zip(requested, self.merged_per_block)) if q is not None and q > m]
 
     def to_dict(self) -> dict:
         """JSON-ready dict (nan thresholds become None)."""

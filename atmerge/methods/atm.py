@@ -27,6 +27,8 @@ class ATM(Method):
     split_layer: l_s, the last block with alternate matching; None = round(0.75 × depth);
         0 = size-distinctive everywhere; depth = alternate everywhere.
     similarity: 'raw' keys (the paper) or 'centered' keys (each image's mean patch key removed).
+    batch_adaptive: True = one r per batch (Section 3.4); False = every image merges its own
+        count (the patched model then runs the images of a batch one at a time; ablation).
     """
 
     alpha: float = 0.99
@@ -34,6 +36,7 @@ class ATM(Method):
     theta_min: float = 0.88
     split_layer: int | None = None
     similarity: str = "raw"
+    batch_adaptive: bool = True
 
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, 0.0, 1.0)
@@ -43,6 +46,8 @@ class ATM(Method):
             isinstance(self.split_layer, bool) or not isinstance(self.split_layer, int) or self.split_layer < 0
         ):
             raise ValueError(f"split_layer must be None or an integer >= 0, got {self.split_layer!r}")
+        if not isinstance(self.batch_adaptive, bool):
+            raise ValueError(f"batch_adaptive must be True or False, got {self.batch_adaptive!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity={self.similarity!r} is not supported; choose one of {SIMILARITIES}")
 

@@ -51,11 +51,14 @@ class Decision:
 
     threshold: θ of the block for threshold methods (nan otherwise).
     matching_macs: multiply-adds per image spent on finding the pairs (similarity matrix).
+    requested: the count a fixed-count method asked for (None otherwise); when it exceeds what
+        the block allows the reduction is clipped and the stats show both numbers.
     """
 
     merge: Merge | Assignment
     threshold: float = math.nan
     matching_macs: float = 0.0
+    requested: int | None = None
 
 
 def check_number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float:
@@ -77,10 +80,13 @@ class Method(ABC):
     ATM does (Appendix A); only applied to CLS-pooled models.
     attention: which attention map the method reads: 'none', 'current' (this block's; the block
     then runs attention unfused) or 'next' (the next block's, computed on this block's tokens).
+    batch_adaptive: False makes the patched model run a batch one image at a time, so that token
+    counts may differ between images.
     """
 
     prune_last_block: bool = True
     attention: str = "none"
+    batch_adaptive: bool = True
 
     def check_depth(self, depth: int) -> None:
         """Validate settings that depend on the model's depth; raise ValueError if they don't fit."""

@@ -23,9 +23,11 @@ class Matching:
     match: torch.Tensor
     macs: float
 
-    def decision(self, r: int, num_protected: int, threshold: float = math.nan) -> Decision:
+    def decision(
+        self, r: int, num_protected: int, threshold: float = math.nan, requested: int | None = None
+    ) -> Decision:
         merge = bipartite_merge(self.scores, self.match, self.a_idx, self.b_idx, r, num_protected)
-        return Decision(merge, threshold, self.macs)
+        return Decision(merge, threshold, self.macs, requested)
 
 
 def match_tokens(ctx: BlockContext, *, size_distinctive: bool = False, similarity: str = "raw") -> Matching:

@@ -33,7 +33,8 @@ class ToMe(Method):
         self.schedule(depth)
 
     def decide(self, ctx: BlockContext) -> Decision:
-        return match_tokens(ctx).decision(self.schedule(ctx.depth)[ctx.block], ctx.num_protected)
+        r = self.schedule(ctx.depth)[ctx.block]
+        return match_tokens(ctx).decision(r, ctx.num_protected, requested=r)
 
 
 @dataclass(frozen=True)
@@ -52,4 +53,5 @@ class TopR(Method):
         return linear_r_schedule(depth, self.r, self.schedule)
 
     def decide(self, ctx: BlockContext) -> Decision:
-        return match_tokens(ctx).decision(self.counts(ctx.depth)[ctx.block], ctx.num_protected)
+        r = self.counts(ctx.depth)[ctx.block]
+        return match_tokens(ctx).decision(r, ctx.num_protected, requested=r)

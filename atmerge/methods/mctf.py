@@ -125,4 +125,4 @@ class MCTF(Method):
         size = ctx.size.to(info.dtype)
         value_weight = info * size / size.amax(dim=1, keepdim=True)
         macs = float(a_idx.shape[-1] * b_idx.shape[-1] * ctx.tokens.shape[-1])
-        return Decision(Assignment(reduction.assign, reduction.num_out, value_weight), matching_macs=macs)
+        return Decision(Assignment(reduction.assign, reduction.num_out, value_weight), matching_macs=macs, requested=r)

@@ -34,10 +34,11 @@ def importance_then_similarity_pruning(
     scores, _ = best_match(metric, candidates, anchors)
     r_similarity = min(r_similarity, candidates.shape[1] if anchors.shape[1] else 0)
     pruned_candidates = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :r_similarity]
+    pruned = candidates.gather(1, pruned_candidates)
     keep_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
     keep_mask[:, :p] = True
-    keep_mask.scatter_(1, survivors, True)
-    keep_mask.scatter_(1, candidates.gather(1, pruned_candidates), False)
+    keep_mask.scatter_(1, survivors, torch.ones_like(survivors, dtype=torch.bool))
+    keep_mask.scatter_(1, pruned, torch.zeros_like(pruned, dtype=torch.bool))
     slots = keep_mask.long().cumsum(dim=1) - 1
     num_out = int(keep_mask[0].sum())
     return Assignment(torch.where(keep_mask, slots, torch.full_like(slots, -1)), num_out)
@@ -81,5 +82,7 @@ class ZeroTP(Method):
             importance, ctx.metric, r_importance, r - r_importance, ctx.num_protected
         )
         n = ctx.metric.shape[1]
-        macs = self.iterations * n * n + (n // 2) ** 2 * ctx.metric.shape[-1]
-        return Decision(reduction, matching_macs=float(macs))
+        survivors = n - ctx.num_protected - min(r_importance, n - ctx.num_protected)
+        # PageRank: iterations × [N, N] @ [N, 1]; S-stage: candidates × anchors cosines
+        macs = self.iterations * n * n + (survivors // 2) * (survivors - survivors // 2) * ctx.metric.shape[-1]
+        return Decision(reduction, matching_macs=float(macs), requested=r)

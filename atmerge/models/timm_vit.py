@@ -217,6 +217,20 @@ def _merging_block_forward(
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+def _merging_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """timm's forward; a method that merges per image runs the batch one image at a time."""
+    state: MergeState = getattr(self, _STATE)
+    original = getattr(self, _ORIGINAL)
+    if state.method.batch_adaptive or x.shape[0] <= 1:
+        return original.forward(self, x, *args, **kwargs)
+    outputs, parts = [], []
+    for image in x.split(1):
+        outputs.append(original.forward(self, image, *args, **kwargs))
+        parts.append(state.stats())
+    state.combine(parts)
+    return torch.cat(outputs)
+
+
 def _merging_forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     check_images(self, tuple(x.shape))
     return getattr(self, _ORIGINAL).forward_features(self, x, *args, **kwargs)
@@ -259,7 +273,9 @@ def patch_vit(model: VisionTransformer, state_factory) -> VisionTransformer:
         unpatch_vit(model)
     cls_pooled = model.global_pool == "token"
     state = state_factory(model_cost(model), model.num_prefix_tokens, cls_pooled)
-    _swap_class(model, {"forward_features": _merging_forward_features, "pool": _merging_pool})
+    _swap_class(
+        model, {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool}
+    )
     setattr(model, _STATE, state)
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
