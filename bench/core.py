@@ -14,45 +14,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
-from PIL import Image
 
 import atmerge
 from atmerge import data, zoo
+from common import imagenet_batches, loader_batches, table, warm_up, write_json
 from atmerge.core.matching import alternate_split, best_match
 from atmerge.core.merging import bipartite_merge, merge_weighted_average
 from atmerge.core.schedules import batch_adaptive_r
 
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)  # Table A2, DeiT-S row at 3.26 GFLOPs
-
-
-def table(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
-    return "\n".join(lines)
-
-
-def loader_batches(dataset, batch_size: int):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
-    return [batch for batch in loader]
-
-
-def warm_up(model, batches) -> None:
-    first = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
-    with torch.no_grad():
-        model(first)
 
 
 def compare(model, batches, methods: dict, repeats: int = 2) -> list[dict]:
@@ -88,13 +65,6 @@ def summary(res, seconds, base, base_seconds) -> dict:
         output_cosine=res.output_cosine,
         tokens_per_block=[round(t, 1) for t in res.tokens_per_block],
     )
-
-
-def imagenet_batches(model, count: int, batch_size: int):
-    tf = data.model_transform(model)
-    files = sorted(data.imagenet_samples_folder().iterdir())[:count]
-    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
-    return list(x.split(batch_size))
 
 
 def merge_overhead(batch: int = 64, repeats: int = 20) -> dict:
@@ -205,10 +175,7 @@ def main(argv=None) -> int:
     print(table(rows, list(rows[0])))
     report["dinov2_similarity"] = dict(baseline_gflops=base_gflops, rows=rows)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_json(report, args.out)
     return 0
 
 

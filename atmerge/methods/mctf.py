@@ -51,6 +51,8 @@ def bidirectional_assignment(weights: torch.Tensor, a_idx, b_idx, r: int, num_pr
     batch, num_a, num_b = weights.shape
     device = weights.device
     r = min(r, num_a, num_b)
+    if r == 0:
+        return Assignment(torch.arange(num_tokens, device=device).expand(batch, -1), num_tokens)
     r1, r2 = r // 2, r - r // 2
     a_idx = a_idx.expand(batch, -1) if a_idx.dim() == 1 else a_idx
     b_idx = b_idx.expand(batch, -1) if b_idx.dim() == 1 else b_idx

@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmarks: tables, data batches, warm-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from atmerge import data
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def loader_batches(dataset, batch_size: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
+    return [batch for batch in loader]
+
+
+def warm_up(model, batches) -> None:
+    first = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
+    with torch.no_grad():
+        model(first)
+
+
+def imagenet_batches(model, count: int, batch_size: int):
+    tf = data.model_transform(model)
+    files = sorted(data.imagenet_samples_folder().iterdir())[:count]
+    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    return list(x.split(batch_size))
+
+
+def write_json(report: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
