@@ -37,6 +37,11 @@ class EvalResult:
         return asdict(self)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable
@@ -54,10 +59,12 @@ def evaluate(
     keep_outputs: bool = False,
     progress: bool = False,
     desc: str = "eval",
+    device: str | torch.device | None = None,
 ) -> tuple[EvalResult, list[torch.Tensor]]:
     """Evaluate ``model`` on ``batches`` of images or (images, labels).
 
     reference: outputs of another model on the same batches (same order) to compare against.
+    device: where to run (the batches are moved there); None = where they are.
     Returns (result, outputs per batch if keep_outputs else []).
     """
     model.eval()
@@ -68,9 +75,14 @@ def evaluate(
     outputs: list[torch.Tensor] = []
     for i, batch in enumerate(_progress(batches, progress, desc)):
         x, y = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+        if device is not None:
+            x = x.to(device)
+            y = None if y is None else y.to(device)
         n = x.shape[0]
+        _sync(x.device)
         start = time.perf_counter()
         out = model(x)
+        _sync(x.device)
         seconds += time.perf_counter() - start
         if is_patched(model):
             s = last_stats(model)

@@ -13,13 +13,26 @@ from atmerge.methods.bipartite import match_tokens
 class ConstantThreshold(Method):
     """Merge the alternate-matching pairs whose cosine is above ``theta`` in every block, r =
     batch mean of the per-image counts (rounded half up), as ATM but without Eq. (1)'s decay
-    and without size-distinctive matching.  theta in [0, 1]."""
+    and without size-distinctive matching.  theta in [0, 1].  blocks: merge only in these
+    blocks (counted from 1; None = all), as in the paper's layer-wise information-loss study."""
 
     theta: float = 0.9
+    blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_number("theta", self.theta, 0.0, 1.0)
+        if self.blocks is not None:
+            blocks = tuple(self.blocks)
+            if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+                raise ValueError(f"blocks must be block numbers counted from 1, got {self.blocks!r}")
+            object.__setattr__(self, "blocks", blocks)
+
+    def check_depth(self, depth: int) -> None:
+        if self.blocks and max(self.blocks) > depth:
+            raise ValueError(f"blocks {self.blocks} go beyond the model's depth; allowed 1..{depth}")
 
     def decide(self, ctx: BlockContext) -> Decision:
         m = match_tokens(ctx)
+        if self.blocks is not None and ctx.layer not in self.blocks:
+            return m.decision(0, ctx.num_protected, self.theta)
         return m.decision(batch_adaptive_r(m.scores, self.theta), ctx.num_protected, self.theta)

@@ -1,0 +1,1 @@
+"""Experiments a researcher runs: library functions first, CLI sub-commands second."""

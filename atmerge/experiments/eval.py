@@ -1,0 +1,73 @@
+"""`atmerge eval`: a method against the unpatched model on the same images, in one run."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atmerge.api import patch, unpatch
+from atmerge.evaluate import evaluate
+from atmerge.experiments.setup import count_params
+from atmerge.methods.base import Method
+from atmerge.methods.registry import method_settings
+
+
+def run_eval(
+    model: nn.Module,
+    method: Method,
+    batches,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    prop_attn: bool = True,
+) -> dict:
+    """Evaluate the unpatched model, then ``model`` patched with ``method``, on ``batches``
+    (a re-iterable of (images, labels)); returns both results and their differences.
+
+    The baseline's outputs are kept so that the merged model's output cosine to them is reported.
+    """
+    model = model.to(device).eval()
+    unpatch(model)
+    base, ref = evaluate(model, batches, keep_outputs=True, progress=progress, desc="baseline", device=device)
+    patch(model, method, prop_attn=prop_attn)
+    try:
+        merged, _ = evaluate(model, batches, reference=ref, progress=progress, desc="merged", device=device)
+    finally:
+        unpatch(model)
+    diff = {
+        "gflops": merged.gflops - base.gflops,
+        "gflops_ratio": merged.gflops / base.gflops,
+        "speedup": merged.images_per_second / base.images_per_second,
+        "top1": None if base.top1 is None else merged.top1 - base.top1,
+        "top5": None if base.top5 is None else merged.top5 - base.top5,
+    }
+    return {
+        "method": method_settings(method),
+        "prop_attn": prop_attn,
+        "device": str(device),
+        "params_m": count_params(model),
+        "images": base.images,
+        "baseline": base.to_dict(),
+        "merged": merged.to_dict(),
+        "difference": diff,
+    }
+
+
+def eval_rows(result: dict) -> list[dict]:
+    """Two table/CSV rows: the baseline and the merged model."""
+    rows = []
+    for name in ("baseline", "merged"):
+        r = result[name]
+        rows.append(
+            {
+                "run": name if name == "baseline" else result["method"]["method"],
+                "top1": r["top1"],
+                "top5": r["top5"],
+                "gflops": r["gflops"],
+                "params_m": result["params_m"],
+                "images_per_s": r["images_per_second"],
+                "output_cosine": r["output_cosine"],
+                "tokens_per_block": [round(t, 2) for t in r["tokens_per_block"]],
+            }
+        )
+    return rows

@@ -1,0 +1,88 @@
+"""Models and data for experiments: a timm name, a local checkpoint, or an offline preset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from atmerge import data, zoo
+
+PRESETS = ("cifar10-vit", "dinov2-probe")
+
+
+@dataclass
+class Setup:
+    """A model ready for evaluation, its preprocessing, its default data, and how it was made."""
+
+    model: nn.Module
+    transform: object
+    default_data: Path | None
+    description: dict = field(default_factory=dict)
+
+
+def load_setup(
+    model_name: str | None = None,
+    checkpoint: str | None = None,
+    model_kwargs: dict | str | None = None,
+    pretrained: bool = False,
+    probe: str | None = None,
+) -> Setup:
+    """Build the model of an experiment.
+
+    model_name None or 'cifar10-vit': the shared CIFAR-10 reference ViT (default data: the shared
+    cifar10-test).  'dinov2-probe': the shared DINOv2-S with the linear head of ``atmerge probe``
+    (``probe`` path, default in the cache).  Any other name: ``timm.create_model(model_name,
+    pretrained=..., **model_kwargs)``, with weights from ``checkpoint`` (safetensors) if given.
+    """
+    if isinstance(model_kwargs, str):
+        try:
+            model_kwargs = json.loads(model_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-kwargs must be a JSON object, got {model_kwargs!r} ({e.msg})") from None
+    model_kwargs = dict(model_kwargs or {})
+    name = model_name or "cifar10-vit"
+    if name == "cifar10-vit":
+        model = zoo.cifar10_reference_vit()
+        return Setup(model, data.cifar10_transform(), data.cifar10_folder("test"), {"model": name})
+    if name == "dinov2-probe":
+        from atmerge.experiments.probe import load_probe_classifier
+
+        model, path = load_probe_classifier(probe)
+        return Setup(model, data.model_transform(model), data.cifar10_folder("test"), {"model": name, "probe": str(path)})
+    if checkpoint:
+        model = zoo.load_checkpoint(name, checkpoint, **model_kwargs)
+    else:
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **model_kwargs).eval()
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"unknown timm model {name!r}") from None
+            raise
+    description = {"model": name, "checkpoint": checkpoint, "model_kwargs": model_kwargs, "pretrained": pretrained}
+    return Setup(model, data.model_transform(model), None, description)
+
+
+def load_dataset(setup: Setup, folder: str | Path | None, limit: int | None = None, seed: int = 0):
+    """The ImageFolder of ``folder`` (default: the setup's), preprocessed for the model."""
+    root = folder or setup.default_data
+    if root is None:
+        raise ValueError("no data given: pass --data with a folder of class folders (ImageFolder)")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
+    return data.subset(data.image_folder(root, setup.transform), limit, seed)
+
+
+def loader(dataset, batch_size: int, workers: int = 0):
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def count_params(model: nn.Module) -> float:
+    """Parameters in millions."""
+    return sum(p.numel() for p in model.parameters()) / 1e6

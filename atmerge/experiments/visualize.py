@@ -1,0 +1,118 @@
+"""`atmerge visualize`: which patches merged (Figures 1, 7 and A1 of the ATM paper)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from atmerge.api import merge_source, patch, unpatch
+from atmerge.methods.base import Method
+
+
+@torch.no_grad()
+def sources_per_block(model: nn.Module, method: Method, images: torch.Tensor) -> list[torch.Tensor]:
+    """Patch ``model`` with ``method`` and return, after every block, which original tokens each
+    token holds: a list (one per block) of [B, N_l, N0] 0/1 tensors.  The model is unpatched after."""
+    patch(model, method, trace_source=True)
+    history: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda *_: history.append(merge_source(model).clone())) for blk in model.blocks]
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+        unpatch(model)
+    return history
+
+
+def group_image(image: np.ndarray, source: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> tuple[np.ndarray, int]:
+    """Paint every merged group of patches with the group's mean colour and outline the groups.
+
+    image [H, W, 3] in [0, 1]; source [N', N0] for one image.  Returns (picture, tokens left).
+    """
+    gh, gw = grid
+    ph, pw = image.shape[0] // gh, image.shape[1] // gw
+    patches = source[num_prefix:, num_prefix:] if source.shape[0] > num_prefix else source[:0, num_prefix:]
+    groups = patches.argmax(dim=0).reshape(gh, gw).numpy()  # group id of every patch
+    out = image.copy()
+    for g in np.unique(groups):
+        mask = np.kron(groups == g, np.ones((ph, pw), dtype=bool))
+        out[mask] = image[mask].mean(axis=0)
+    label = np.kron(groups, np.ones((ph, pw), dtype=int))
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[:-1, :] |= label[:-1, :] != label[1:, :]
+    edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+    out[edge] = 1.0
+    return out, int(patches.shape[0]) + num_prefix
+
+
+def denormalize(x: torch.Tensor, mean, std) -> np.ndarray:
+    """[3, H, W] normalised → [H, W, 3] in [0, 1]."""
+    img = x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return img.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def draw(
+    model: nn.Module,
+    images: torch.Tensor,
+    methods: dict[str, Method],
+    out: str | Path,
+    *,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    every_block: bool = False,
+    per_image: bool = True,
+) -> dict:
+    """Draw merged groups for each method (rows) and image (columns) at the final block, or for
+    every block (one figure row per method and image, Figure A1).  per_image: run every image
+    alone (batch of 1), so an adaptive method merges each image by its own count, as in the
+    paper's figures; False runs them as one batch.  Writes a PNG; returns the tokens left per
+    method and image at the last block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = model.patch_embed.grid_size
+    p = model.num_prefix_tokens
+    pictures = [denormalize(x, mean, std) for x in images]
+    if per_image:
+        history = {
+            name: [[s[0] for s in sources_per_block(model, m, x[None])] for x in images] for name, m in methods.items()
+        }
+    else:
+        history = {}
+        for name, m in methods.items():
+            blocks_b = sources_per_block(model, m, images)
+            history[name] = [[s[i] for s in blocks_b] for i in range(len(images))]
+    depth = len(model.blocks)
+    blocks = list(range(depth)) if every_block else [depth - 1]
+    rows = [(name, i) for name in methods for i in range(len(images))] if every_block else list(methods)
+    cols = len(blocks) if every_block else len(images)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.1 * len(rows)), squeeze=False)
+    tokens: dict = {name: [] for name in methods}
+    for r, row in enumerate(rows):
+        name, index = row if every_block else (row, None)
+        for c in range(cols):
+            block = blocks[c] if every_block else blocks[0]
+            i = index if every_block else c
+            pic, left = group_image(pictures[i], history[name][i][block], grid, p)
+            ax = axes[r][c]
+            ax.imshow(pic)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_xlabel(f"{left} tokens", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name if not every_block else f"{name} #{i}", fontsize=9)
+            if every_block and r == 0:
+                ax.set_title(f"block {block + 1}", fontsize=8)
+            if not every_block or c == cols - 1:
+                tokens[name].append(left)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return {"png": str(out), "tokens_left": tokens}

@@ -1,0 +1,48 @@
+"""Methods by name, for the command line and for result files."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from atmerge.methods.atm import ATM
+from atmerge.methods.base import Method
+from atmerge.methods.evit import EViT
+from atmerge.methods.fixed import ToMe, TopR
+from atmerge.methods.mctf import MCTF
+from atmerge.methods.threshold import ConstantThreshold
+from atmerge.methods.zerotp import ZeroTP
+
+METHODS: dict[str, type[Method]] = {
+    "atm": ATM,
+    "tome": ToMe,
+    "topr": TopR,
+    "constant": ConstantThreshold,
+    "evit": EViT,
+    "mctf": MCTF,
+    "zerotp": ZeroTP,
+}
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def build_method(name: str, **settings) -> Method:
+    """``build_method('atm', alpha=0.99)``; settings left out (or None) keep their defaults.
+
+    Raises ValueError naming the method or setting that does not exist."""
+    cls = METHODS.get(name.lower())
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(method_names())}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in settings.items() if v is not None}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} does not apply to {name}; its settings: {', '.join(sorted(fields))}")
+    return cls(**given)
+
+
+def method_settings(method: Method) -> dict:
+    """The method's name and settings, JSON-ready."""
+    name = next(k for k, v in METHODS.items() if type(method) is v)
+    return {"method": name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(method).items()}}
