@@ -109,6 +109,141 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _write(result: dict, out: Path, name: str, rows: list[dict] | None = None) -> None:
+    from atmerge.experiments.io import write_csv, write_json
+
+    write_json(result, out / f"{name}.json")
+    written = [str(out / f"{name}.json")]
+    if rows is not None:
+        write_csv(rows, out / f"{name}.csv")
+        written.append(str(out / f"{name}.csv"))
+    print("wrote " + ", ".join(written))
+
+
+def cmd_search(args) -> int:
+    from atmerge.experiments.io import format_table
+    from atmerge.experiments.search import baseline_curves, plot_search, search
+
+    base = method_from_args(args)
+    if args.method != "atm":
+        raise ValueError("search tunes ATM's alpha, beta and theta_min: use --method atm")
+    setup, batches = _setup_and_batches(args)
+    batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
+    setup.model.to(args.device)
+    result = search(setup.model, batches, goal=args.goal, budget=args.budget, trials=args.trials, seed=args.seed,
+                    base=base, progress=not args.no_progress)
+    result["setup"] = setup.description
+    curves = baseline_curves(setup.model, batches, args.compare, points=args.points) if args.compare else {}
+    result["baseline_curves"] = curves
+    out = Path(args.out)
+    result["plot"] = plot_search(result, out / "search.png", curves)
+    cols = ["trial", "alpha", "beta", "theta_min", "top1", "gflops", "feasible"]
+    print(format_table(result["pareto_front"], cols))
+    b = result["baseline"]
+    print(f"unpatched: top-1 {b['top1']:.4f}, {b['gflops']:.4g} GFLOPs on {result['images']} images")
+    if result["best"]:
+        print(f"best ({args.goal}):", {k: result["best"][k] for k in cols})
+    elif args.goal != "pareto":
+        print(f"no trial met the {args.goal} constraint; try more --trials")
+    _write(result, out, "search", result["trials"])
+    print(f"plot: {result['plot']}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from atmerge.experiments import analyze as A
+    from atmerge.experiments.io import format_table
+    from atmerge.methods.atm import ATM
+
+    method = method_from_args(args)
+    setup, batches = _setup_and_batches(args)
+    model = setup.model
+    out = Path(args.out)
+    study = args.study
+    if study == "info-loss":
+        result = A.info_loss(model, batches, thresholds=tuple(args.thresholds))
+        result["plot"] = A.plot_info_loss(result, out / "info_loss.png")
+        rows = [{"block": b, **{f"theta_{t}": d[i] for t, d in result["distance"].items()}, "mean": result["mean"][i]}
+                for i, b in enumerate(result["blocks"])]
+    elif study in ("merge-profile", "split-layer") and not isinstance(method, ATM):
+        raise ValueError(f"{study} studies ATM: use --method atm")
+    elif study == "merge-profile":
+        result = A.merge_profile(model, batches, method)
+        result["plot"] = A.plot_merge_profile(result, out / "merge_profile.png")
+        rows = [{"block": b, "atm_merged": a, "atm_threshold": ta, "constant_merged": c, "constant_threshold": tc}
+                for b, a, ta, c, tc in zip(result["blocks"], result["atm"]["merged"], result["atm"]["thresholds"],
+                                           result["constant"]["merged"], result["constant"]["thresholds"])]
+    elif study == "split-layer":
+        result = A.split_layer_sweep(model, batches, method)
+        rows = result["rows"]
+    elif study == "batch-size":
+        result = A.batch_size_sweep(model, batches.dataset, method, sizes=tuple(args.batch_sizes))
+        rows = result["rows"]
+    else:  # merging-error
+        result = A.merging_error_study(model, batches, method)
+        result["plot"] = A.plot_merging_error(result, out / "merging_error.png")
+        rows = result["rows"]
+        print(f"{result['within_bounds']} of {result['pairs']} merged pairs lie within Theorem 1's bounds")
+    result["setup"] = setup.description
+    if rows and study != "merging-error":
+        print(format_table(rows, list(rows[0])))
+    name = study.replace("-", "_")
+    _write(result, out, name, rows)
+    if result.get("plot"):
+        print(f"plot: {result['plot']}")
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    from PIL import Image
+
+    from atmerge import budget, data, zoo
+    from atmerge.experiments.setup import load_setup
+    from atmerge.experiments.visualize import draw
+    from atmerge.methods.registry import knob_factory
+
+    torch.manual_seed(args.seed)
+    if args.model is None:  # real photos on real pretrained weights, offline
+        model = zoo.dinov2_small()
+        transform = data.model_transform(model)
+    else:
+        setup = load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, args.probe)
+        model, transform = setup.model, setup.transform
+    files = [Path(f) for f in args.images] if args.images else sorted(data.imagenet_samples_folder().iterdir())[: args.count]
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"image {f} not found")
+    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    singles = list(images.split(1))
+    method = method_from_args(args)
+    methods = {args.method: method}
+    if args.versus:
+        target = budget.mean_gflops(model, method, singles)
+        factory = knob_factory(args.versus, len(model.blocks), model.patch_embed.num_patches)
+        found = budget.match_gflops(model, factory, target, singles, steps=args.steps)
+        methods = {f"{args.versus} (same GFLOPs)": found.method, args.method: method}
+    mean, std = data.normalization(transform)
+    result = draw(model, images, methods, Path(args.out) / "visualize.png", mean=mean, std=std, every_block=args.every_block)
+    result["images"] = [str(f) for f in files]
+    result["methods"] = {name: repr(m) for name, m in methods.items()}
+    for name, left in result["tokens_left"].items():
+        print(f"{name}: tokens left {left}")
+    _write(result, Path(args.out), "visualize")
+    print(f"picture: {result['png']}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from atmerge.experiments.probe import run_probe
+
+    result = run_probe(args.train_images, args.test_images, args.seed, args.save, progress=not args.no_progress)
+    print(f"DINOv2-S linear probe: train top-1 {result['train_top1']:.4f} on {result['train_images']} images, "
+          f"test top-1 {result['test_top1']:.4f} on {result['test_images']} cifar10-test images")
+    _write(result, Path(args.out), "probe")
+    print(f"probe saved to {result['path']}; use it with --model dinov2-probe")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atmerge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +254,50 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_options(p)
     p.add_argument("--out", default="results/eval", help="folder for eval.json and eval.csv")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("search", help="Optuna search of ATM's alpha, beta, theta_min on a calibration set")
+    add_model_options(p)
+    add_data_options(p)
+    add_method_options(p)
+    p.add_argument("--goal", default="pareto", choices=["budget", "stress", "pareto"])
+    p.add_argument("--budget", type=float, default=None, help="GFLOPs per image (goal budget)")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--compare", nargs="*", default=["tome", "evit", "mctf", "zerotp"],
+                   help="baseline methods drawn on the same axes (none: --compare)")
+    p.add_argument("--points", type=int, default=5, help="points per baseline curve")
+    p.add_argument("--out", default="results/search")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("analyze", help="the paper's studies")
+    p.add_argument("study", choices=["info-loss", "merge-profile", "split-layer", "batch-size", "merging-error"])
+    add_model_options(p)
+    add_data_options(p)
+    add_method_options(p)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.80, 0.85, 0.90, 0.95], help="info-loss")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    p.add_argument("--out", default="results/analyze")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("visualize", help="draw which patches merged")
+    add_model_options(p)
+    add_method_options(p)
+    p.add_argument("--images", nargs="*", default=None, help="image files (default: the shared ImageNet photos)")
+    p.add_argument("--count", type=int, default=4, help="how many shared photos when --images is not given")
+    p.add_argument("--versus", default="tome", help="a method tuned to the same mean GFLOPs, drawn above ('' for none)")
+    p.add_argument("--steps", type=int, default=10, help="bisection steps for --versus")
+    p.add_argument("--every-block", action="store_true", help="one column per block (Figure A1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/visualize")
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("probe", help="train a linear head for the shared DINOv2-S on CIFAR-10 features")
+    p.add_argument("--train-images", type=int, default=2000, help="seeded subset of cifar10-train")
+    p.add_argument("--test-images", type=int, default=1000, help="seeded subset of cifar10-test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default=None, help="where to save the head (default: the cache)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="results/probe")
+    p.set_defaults(func=cmd_probe)
     return parser
 
 

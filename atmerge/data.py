@@ -86,6 +86,14 @@ def model_transform(model: nn.Module):
     return timm.data.create_transform(**config)
 
 
+def normalization(transform) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the Normalize step of a torchvision transform ((0,0,0), (1,1,1) if none)."""
+    for t in getattr(transform, "transforms", [transform]):
+        if type(t).__name__ == "Normalize":
+            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+    return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+
 def cifar10_transform():
     """Preprocessing of the shared CIFAR-10 reference ViT: 32×32, no resize, CIFAR mean/std."""
     from torchvision import transforms

@@ -20,25 +20,19 @@ import torch
 
 import atmerge
 from atmerge import data, zoo
+from atmerge.methods.registry import knob_factory
 from common import imagenet_batches, loader_batches, table, warm_up, write_json
 
 TARGETS = (0.85, 0.75, 0.65)
 
 
-def factories(depth: int, r_max: int) -> dict:
-    """One knob t in [0, 1] per method; cost grows with t (t = 1: little or no reduction)."""
-    scale = depth / 12
-    evit_locations = tuple(sorted({max(1, round(l * scale)) for l in (4, 7, 10)}))
-    return {
-        "ATM": lambda t: atmerge.ATM(alpha=1.0, beta=0.04, theta_min=0.5 + 0.5 * t),
-        "ATM centred": lambda t: atmerge.ATM(alpha=1.0, beta=0.04, theta_min=0.5 + 0.5 * t, similarity="centered"),
-        "ConstantThreshold": lambda t: atmerge.ConstantThreshold(theta=0.5 + 0.5 * t),
-        "ToMe": lambda t: atmerge.ToMe(r=round(r_max * (1 - t))),
-        "TopR increasing": lambda t: atmerge.TopR(schedule="increasing", r=round(r_max * (1 - t) / 2)),
-        "EViT": lambda t: atmerge.EViT(keep_rate=max(t, 0.02), locations=evit_locations),
-        "MCTF": lambda t: atmerge.MCTF(r=round(r_max * (1 - t))),
-        "ZeroTP": lambda t: atmerge.ZeroTP(r=round(r_max * (1 - t))),
-    }
+def factories(depth: int, num_patches: int) -> dict:
+    """One knob t in [0, 1] per method (atmerge.methods.registry.knob_factory)."""
+    names = {"ATM": "atm", "ConstantThreshold": "constant", "ToMe": "tome", "TopR increasing": "topr",
+             "EViT": "evit", "MCTF": "mctf", "ZeroTP": "zerotp"}
+    out = {label: knob_factory(name, depth, num_patches) for label, name in names.items()}
+    out["ATM centred"] = knob_factory("atm", depth, num_patches, similarity="centered")
+    return out
 
 
 def describe(method) -> str:
@@ -90,13 +84,13 @@ def main(argv=None) -> int:
     ds = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
     calib = loader_batches(data.subset(ds, 64 if q else 500, seed=1), 250)
     evaluation = loader_batches(data.subset(ds, 128 if q else None), 64)
-    report["cifar10_reference"] = run_model("cifar10-vit", model, calib, evaluation, steps, factories(12, 32))
+    report["cifar10_reference"] = run_model("cifar10-vit", model, calib, evaluation, steps, factories(12, 64))
     report["cifar10_reference"]["images"] = sum(len(b[1]) for b in evaluation)
 
     print("== DINOv2-S (shared weights, ImageNet photos; fidelity of the CLS feature) ==", flush=True)
     model = zoo.dinov2_small()
     batches = imagenet_batches(model, 8 if q else 32, 32)
-    report["dinov2_s"] = run_model("dinov2-s", model, batches, batches, steps, factories(12, 128))
+    report["dinov2_s"] = run_model("dinov2-s", model, batches, batches, steps, factories(12, 256))
     report["dinov2_s"]["images"] = sum(len(b) for b in batches)
 
     cols = ["model", "target", "method", "gflops", "gflops_share", "top1", "cls_cosine", "images_per_s", "setting"]

@@ -1,0 +1,148 @@
+"""Every sub-command end to end on a tiny subset; outputs checked, bad options refused."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import atmerge
+from atmerge.cli import main
+from atmerge.evaluate import evaluate
+from conftest import require_shared
+
+
+@pytest.fixture(autouse=True)
+def _shared():
+    require_shared("models/cifar10_vit_tiny_p4.safetensors")
+    require_shared("data/cifar10-test.tar.gz")
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_eval_default_preset(tmp_path, capsys):
+    assert main(["eval", "--limit", "16", "--batch-size", "8", "--no-progress", "--out", str(tmp_path)]) == 0
+    result = _json(tmp_path / "eval.json")
+    assert result["images"] == 16 and result["method"]["method"] == "atm"
+    base, merged = result["baseline"], result["merged"]
+    assert base["gflops"] == pytest.approx(0.3667, abs=1e-4)  # the reference ViT at 65 tokens
+    assert merged["gflops"] < base["gflops"]
+    assert result["difference"]["gflops_ratio"] == pytest.approx(merged["gflops"] / base["gflops"])
+    assert result["difference"]["top1"] == pytest.approx(merged["top1"] - base["top1"])
+    assert len(merged["tokens_per_block"]) == 12 and merged["tokens_per_block"][0] == 65
+    rows = list(csv.DictReader((tmp_path / "eval.csv").open()))
+    assert [r["run"] for r in rows] == ["baseline", "atm"]
+    assert "difference: top-1" in capsys.readouterr().out
+
+
+def test_eval_other_method_and_settings(tmp_path):
+    args = ["eval", "--limit", "8", "--method", "tome", "--r", "3", "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = _json(tmp_path / "eval.json")
+    assert result["method"] == {"method": "tome", "r": 3}
+    assert result["merged"]["tokens_per_block"][:3] == [65, 62, 59]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--method", "tome", "--alpha", "0.9"], "alpha does not apply to tome"),
+        (["eval", "--alpha", "1.5"], "alpha=1.5 is out of range"),
+        (["eval", "--data", "/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
+        (["eval", "--limit", "0"], "limit must be a positive number of images, got 0"),
+        (["eval", "--model", "not_a_model"], "unknown timm model 'not_a_model'"),
+        (["eval", "--model", "deit_tiny_patch16_224"], "no data given: pass --data"),
+        (["eval", "--model-kwargs", "{oops"], "--model-kwargs must be a JSON object"),
+        (["search", "--goal", "budget", "--limit", "4"], "goal 'budget' needs a positive budget"),
+        (["analyze", "split-layer", "--method", "tome", "--limit", "4"], "split-layer studies ATM"),
+    ],
+)
+def test_bad_options_give_clear_errors(args, message, tmp_path, capsys):
+    assert main(args + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_search_results_match_a_re_evaluation(tmp_path):
+    args = ["search", "--limit", "16", "--trials", "3", "--goal", "stress", "--compare", "tome", "--points", "2",
+            "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = _json(tmp_path / "search.json")
+    assert len(result["trials"]) == 3 and (tmp_path / "search.png").exists()
+    assert len(list(csv.DictReader((tmp_path / "search.csv").open()))) == 3
+    assert len(result["baseline_curves"]["tome"]) == 2
+    trial = result["pareto_front"][0]
+    for key, (lo, hi) in result["space"].items():
+        assert lo <= trial[key] <= hi
+    # re-evaluate the trial's setting on the same images: same GFLOPs and top-1
+    from atmerge import data, zoo
+
+    model = zoo.cifar10_reference_vit()
+    ds = data.subset(data.image_folder(data.cifar10_folder("test"), data.cifar10_transform()), 16, 0)
+    atmerge.patch(model, atmerge.ATM(alpha=trial["alpha"], beta=trial["beta"], theta_min=trial["theta_min"]))
+    res, _ = evaluate(model, torch.utils.data.DataLoader(ds, batch_size=64))
+    assert res.gflops == pytest.approx(trial["gflops"]) and res.top1 == pytest.approx(trial["top1"])
+    best = result["best"]
+    assert best is None or best["top1"] >= result["baseline"]["top1"]
+
+
+@pytest.mark.parametrize(
+    "study, extra, files",
+    [
+        ("info-loss", ["--thresholds", "0.9"], ["info_loss.json", "info_loss.csv", "info_loss.png"]),
+        ("merge-profile", [], ["merge_profile.json", "merge_profile.png"]),
+        ("split-layer", [], ["split_layer.json", "split_layer.csv"]),
+        ("batch-size", ["--batch-sizes", "1", "4"], ["batch_size.json"]),
+        ("merging-error", [], ["merging_error.json", "merging_error.png"]),
+    ],
+)
+def test_analyze(study, extra, files, tmp_path):
+    assert main(["analyze", study, "--limit", "8", "--batch-size", "8", "--out", str(tmp_path)] + extra) == 0
+    for f in files:
+        assert (tmp_path / f).exists()
+    result = _json(tmp_path / files[0])
+    if study == "info-loss":
+        assert len(result["distance"]["0.9"]) == 12 and result["mean"] == result["distance"]["0.9"]
+    elif study == "merge-profile":
+        assert result["constant"]["gflops"] <= result["atm"]["gflops"] * 1.000001
+        assert len(result["atm"]["merged"]) == 12
+    elif study == "split-layer":
+        assert [r["split_layer"] for r in result["rows"]] == list(range(13))
+    elif study == "batch-size":
+        assert [r["batch_size"] for r in result["rows"]] == [1, 4]
+    else:
+        assert result["pairs"] > 0 and result["within_bounds"] == result["pairs"]
+
+
+def test_visualize(tmp_path):
+    require_shared("models/dinov2_small_imgfocus.safetensors")
+    require_shared("data/imagenet-samples.tar")
+    args = ["visualize", "--count", "1", "--steps", "2", "--similarity", "centered", "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = _json(tmp_path / "visualize.json")
+    assert (tmp_path / "visualize.png").exists() and len(result["tokens_left"]) == 2
+    assert all(1 <= v[0] <= 257 for v in result["tokens_left"].values())
+
+
+def test_visualize_missing_image(tmp_path, capsys):
+    assert main(["visualize", "--images", str(tmp_path / "nope.jpg"), "--versus", "", "--out", str(tmp_path)]) == 2
+    assert "nope.jpg not found" in capsys.readouterr().err
+
+
+def test_probe_and_dinov2_probe_eval(tmp_path):
+    require_shared("models/dinov2_small_imgfocus.safetensors")
+    require_shared("data/cifar10-train.tar.gz")
+    head = tmp_path / "head.safetensors"
+    args = ["probe", "--train-images", "20", "--test-images", "8", "--save", str(head), "--no-progress",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = _json(tmp_path / "probe.json")
+    assert result["train_images"] == 20 and result["test_images"] == 8 and head.exists()
+    assert 0.0 <= result["test_top1"] <= 1.0 and result["train_top1"] > 0.5
+    args = ["eval", "--model", "dinov2-probe", "--probe", str(head), "--limit", "4", "--no-progress",
+            "--similarity", "centered", "--out", str(tmp_path / "e")]
+    assert main(args) == 0
+    ev = _json(tmp_path / "e" / "eval.json")
+    assert ev["baseline"]["tokens_per_block"][0] == 257 and ev["baseline"]["top1"] is not None
