@@ -165,3 +165,14 @@ def test_bad_settings(make, match):
 def test_evit_locations_beyond_depth():
     with pytest.raises(ValueError, match=r"locations \(4, 7, 10\) go beyond the model's depth; allowed 1..6"):
         atmerge.patch(small_vit(), atmerge.EViT())
+
+
+def test_methods_that_reduce_nothing_cost_nothing_extra():
+    x = blocky_images(2)
+    dense = atmerge.gflops(small_vit(global_pool="avg"), (3, 32, 32))
+    for method in (atmerge.MCTF(r=0), atmerge.ZeroTP(r=0)):
+        model = atmerge.patch(small_vit(global_pool="avg"), method)
+        with torch.no_grad():
+            model(x)
+        s = atmerge.last_stats(model)
+        assert s.gflops == pytest.approx(dense) and s.matching_gflops == 0

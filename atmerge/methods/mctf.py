@@ -115,6 +115,10 @@ class MCTF(Method):
 
     def decide(self, ctx: BlockContext) -> Decision:
         n = ctx.metric.shape[1]
+        r = tome_r_schedule(ctx.depth, self.r)[ctx.block]
+        if r == 0:  # nothing to fuse: no look-ahead attention either
+            identity = torch.arange(n, device=ctx.metric.device).expand(ctx.metric.shape[0], -1)
+            return Decision(Assignment(identity, n), requested=0)
         a_idx, b_idx = alternate_split(n, ctx.num_protected, ctx.metric.device)
         # one-step-ahead: the next block's attention (the last block has none: its own instead)
         attention = ctx.next_attention() if ctx.next_attention is not None else ctx.attention
@@ -122,7 +126,6 @@ class MCTF(Method):
         weights = multi_criteria_weights(
             ctx.tokens, info, ctx.size, a_idx, b_idx, self.tau_sim, self.tau_info, self.tau_size
         )
-        r = tome_r_schedule(ctx.depth, self.r)[ctx.block]
         reduction = bidirectional_assignment(weights, a_idx, b_idx, r, ctx.num_protected, n)
         size = ctx.size.to(info.dtype)
         value_weight = info * size / size.amax(dim=1, keepdim=True)

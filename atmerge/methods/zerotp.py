@@ -76,12 +76,15 @@ class ZeroTP(Method):
 
     def decide(self, ctx: BlockContext) -> Decision:
         r = tome_r_schedule(ctx.depth, self.r)[ctx.block]
+        n = ctx.metric.shape[1]
+        if r == 0:
+            identity = torch.arange(n, device=ctx.metric.device).expand(ctx.metric.shape[0], -1)
+            return Decision(Assignment(identity, n), requested=0)
         r_importance = int(self.importance_share * r)
         importance = weighted_pagerank(ctx.attention, self.iterations)
         reduction = importance_then_similarity_pruning(
             importance, ctx.metric, r_importance, r - r_importance, ctx.num_protected
         )
-        n = ctx.metric.shape[1]
         survivors = n - ctx.num_protected - min(r_importance, n - ctx.num_protected)
         # PageRank: iterations × [N, N] @ [N, 1]; S-stage: candidates × anchors cosines
         macs = self.iterations * n * n + (survivors // 2) * (survivors - survivors // 2) * ctx.metric.shape[-1]

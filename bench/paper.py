@@ -1,0 +1,146 @@
+"""The README's results (issue 4), one command:
+
+    python bench/paper.py [--out bench/results/paper.json] [--figures docs/figures] [--quick]
+
+For the CIFAR-10 reference ViT and for DINOv2-S + linear probe (both from ../shared), on
+cifar10-test split into a calibration part and a disjoint report part:
+  * ATM's α, β, θ_min by Optuna (Pareto goal) and every baseline's knob on a grid, on the
+    calibration images → Figure 4-style plot (top-1 vs GFLOPs);
+  * stress test (Table 1): per method the cheapest setting whose calibration top-1 is no lower
+    than the unpatched model's, then evaluated on the report images;
+  * Figure 6-style merge profile of that ATM setting vs a constant threshold at the same GFLOPs;
+and a Figure 7-style picture of ToMe vs ATM (centred keys) on the shared ImageNet photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from PIL import Image
+
+import atmerge
+from atmerge import data, zoo
+from atmerge.experiments import analyze, search as search_mod
+from atmerge.experiments.probe import load_probe_classifier, run_probe
+from atmerge.experiments.visualize import draw
+from atmerge.methods.registry import knob_factory, method_settings
+from common import loader_batches, table, write_json
+
+BASELINES = ("constant", "tome", "topr", "evit", "mctf", "zerotp")
+
+
+def split(dataset, calib: int, report: int | None, seed: int = 0):
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    rest = order[calib:] if report is None else order[calib : calib + report]
+    return torch.utils.data.Subset(dataset, sorted(order[:calib])), torch.utils.data.Subset(dataset, sorted(rest))
+
+
+def study(name, model, calib, report, *, trials, points, base_atm, seed=0) -> dict:
+    atmerge.unpatch(model)
+    result = search_mod.search(model, calib, goal="pareto", trials=trials, seed=seed, base=base_atm)
+    base_cal = result["baseline"]
+    depth, patches = len(model.blocks), model.patch_embed.num_patches
+    curves = {}
+    for method in BASELINES:
+        factory = knob_factory(method, depth, patches, **({"similarity": base_atm.similarity} if method == "atm" else {}))
+        curve = []
+        for i in range(points):
+            t = i / (points - 1)
+            m = factory(t)
+            atmerge.patch(model, m)
+            res, _ = atmerge.evaluate(model, calib)
+            curve.append({"knob": t, "setting": method_settings(m), "top1": res.top1, "gflops": res.gflops})
+        curves[method] = sorted(curve, key=lambda r: r["gflops"])
+    atmerge.unpatch(model)
+    base_rep, _ = atmerge.evaluate(model, report)
+
+    def report_row(label, method, cal) -> dict:
+        atmerge.patch(model, method)
+        res, _ = atmerge.evaluate(model, report)
+        atmerge.unpatch(model)
+        return {"model": name, "method": label, "calib_top1": cal["top1"], "calib_gflops": cal["gflops"],
+                "top1": res.top1, "gflops": res.gflops, "gflops_saved": 1 - res.gflops / base_rep.gflops,
+                "top1_change": res.top1 - base_rep.top1, "setting": method_settings(method)}
+
+    rows = [{"model": name, "method": "unpatched", "calib_top1": base_cal["top1"], "calib_gflops": base_cal["gflops"],
+             "top1": base_rep.top1, "gflops": base_rep.gflops, "gflops_saved": 0.0, "top1_change": 0.0}]
+    no_drop = [t for t in result["trials"] if t["top1"] >= base_cal["top1"]]
+    atm_choice = None
+    if no_drop:
+        best = min(no_drop, key=lambda t: t["gflops"])
+        atm_choice = atmerge.ATM(alpha=best["alpha"], beta=best["beta"], theta_min=best["theta_min"],
+                                 split_layer=base_atm.split_layer, similarity=base_atm.similarity)
+        rows.append(report_row("ATM", atm_choice, best))
+    for method, curve in curves.items():
+        ok = [p for p in curve if p["top1"] >= base_cal["top1"]]
+        if ok:
+            best = min(ok, key=lambda p: p["gflops"])
+            rows.append(report_row(method, knob_factory(method, depth, patches)(best["knob"]), best))
+    profile = analyze.merge_profile(model, calib, atm_choice) if atm_choice else None
+    return {"search": result, "curves": curves, "stress": rows, "profile": profile,
+            "calib_images": result["images"], "report_images": base_rep.images}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/paper.json")
+    ap.add_argument("--figures", default="docs/figures")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    q = args.quick
+    torch.manual_seed(0)
+    figures = Path(args.figures)
+    report = dict(command="python bench/paper.py" + (" --quick" if q else ""), torch=torch.__version__,
+                  timm=timm.__version__, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+
+    print("== CIFAR-10 reference ViT ==", flush=True)
+    model = zoo.cifar10_reference_vit()
+    test = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
+    cal, rep = split(test, 64 if q else 1000, 64 if q else None)
+    r = study("cifar10-vit", model, loader_batches(cal, 250), loader_batches(rep, 250),
+              trials=4 if q else 40, points=3 if q else 9, base_atm=atmerge.ATM())
+    search_mod.plot_search(r["search"], figures / "cifar10_accuracy_vs_gflops.png", r["curves"])
+    if r["profile"]:
+        analyze.plot_merge_profile(r["profile"], figures / "cifar10_merge_profile.png")
+    report["cifar10_reference"] = r
+
+    print("== DINOv2-S + linear probe ==", flush=True)
+    report["probe"] = run_probe(200 if q else 2000, 100 if q else 1000, progress=False)
+    model, _ = load_probe_classifier()
+    test = data.image_folder(data.cifar10_folder("test"), data.model_transform(model))
+    cal, rep = split(test, 32 if q else 128, 32 if q else 500, seed=1)
+    r = study("dinov2-s+probe", model, loader_batches(cal, 64), loader_batches(rep, 64),
+              trials=3 if q else 20, points=3 if q else 5, base_atm=atmerge.ATM(similarity="centered"))
+    search_mod.plot_search(r["search"], figures / "dinov2_accuracy_vs_gflops.png", r["curves"])
+    if r["profile"]:
+        analyze.plot_merge_profile(r["profile"], figures / "dinov2_merge_profile.png")
+    report["dinov2_probe"] = r
+
+    print("== Figure 7: ToMe vs ATM on the shared ImageNet photos (DINOv2-S) ==", flush=True)
+    backbone = zoo.dinov2_small()
+    tf = data.model_transform(backbone)
+    files = sorted(data.imagenet_samples_folder().iterdir())[:: 125][: 2 if q else 6]
+    images = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+    atm = atmerge.ATM(alpha=1.0, beta=0.04, theta_min=0.8, similarity="centered")
+    singles = list(images.split(1))
+    target = atmerge.budget.mean_gflops(backbone, atm, singles)
+    tome = atmerge.match_gflops(backbone, knob_factory("tome", 12, 256), target, singles, steps=8).method
+    mean, std = data.normalization(tf)
+    vis = draw(backbone, images, {f"ToMe r={tome.r}": tome, "ATM (centred)": atm}, figures / "visualize.png",
+               mean=mean, std=std)
+    report["visualize"] = {"images": [f.name for f in files], "atm": method_settings(atm), "tome": method_settings(tome),
+                           "mean_gflops_target": target, **vis}
+
+    cols = ["model", "method", "calib_top1", "calib_gflops", "top1", "gflops", "gflops_saved", "top1_change"]
+    print(table(report["cifar10_reference"]["stress"] + report["dinov2_probe"]["stress"], cols))
+    write_json(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
