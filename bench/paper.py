@@ -113,9 +113,9 @@ def main(argv=None) -> int:
     report["probe"] = run_probe(200 if q else 2000, 100 if q else 1000, progress=False)
     model, _ = load_probe_classifier()
     test = data.image_folder(data.cifar10_folder("test"), data.model_transform(model))
-    cal, rep = split(test, 32 if q else 128, 32 if q else 500, seed=1)
+    cal, rep = split(test, 32 if q else 128, 32 if q else 400, seed=1)
     r = study("dinov2-s+probe", model, loader_batches(cal, 64), loader_batches(rep, 64),
-              trials=3 if q else 20, points=3 if q else 5, base_atm=atmerge.ATM(similarity="centered"))
+              trials=3 if q else 16, points=3 if q else 4, base_atm=atmerge.ATM(similarity="centered"))
     search_mod.plot_search(r["search"], figures / "dinov2_accuracy_vs_gflops.png", r["curves"])
     if r["profile"]:
         analyze.plot_merge_profile(r["profile"], figures / "dinov2_merge_profile.png")
