@@ -15,6 +15,7 @@ and a Figure 7-style picture of ToMe vs ATM (centred keys) on the shared ImageNe
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -86,12 +87,33 @@ def study(name, model, calib, report, *, trials, points, base_atm, seed=0) -> di
             "calib_images": result["images"], "report_images": base_rep.images}
 
 
+def plots(r: dict, figures: Path, prefix: str, title: str) -> None:
+    search_mod.plot_search(r["search"], figures / f"{prefix}_accuracy_vs_gflops.png", r["curves"], title)
+    if r["profile"]:
+        analyze.plot_merge_profile(r["profile"], figures / f"{prefix}_merge_profile.png")
+
+
+def replot(report: dict, figures: Path) -> None:
+    for key, prefix, title in FIGURES:
+        plots(report[key], figures, prefix, title.format(**report[key]))
+
+
+FIGURES = (
+    ("cifar10_reference", "cifar10", "CIFAR-10 reference ViT, {calib_images} calibration images"),
+    ("dinov2_probe", "dinov2", "DINOv2-S + probe, {calib_images} calibration images"),
+)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/paper.json")
     ap.add_argument("--figures", default="docs/figures")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="only redraw the figures from --out's JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(json.loads(Path(args.out).read_text()), Path(args.figures))
+        return 0
     q = args.quick
     torch.manual_seed(0)
     figures = Path(args.figures)
@@ -104,10 +126,8 @@ def main(argv=None) -> int:
     cal, rep = split(test, 64 if q else 1000, 64 if q else None)
     r = study("cifar10-vit", model, loader_batches(cal, 250), loader_batches(rep, 250),
               trials=4 if q else 40, points=3 if q else 9, base_atm=atmerge.ATM())
-    search_mod.plot_search(r["search"], figures / "cifar10_accuracy_vs_gflops.png", r["curves"])
-    if r["profile"]:
-        analyze.plot_merge_profile(r["profile"], figures / "cifar10_merge_profile.png")
     report["cifar10_reference"] = r
+    plots(r, figures, "cifar10", FIGURES[0][2].format(**r))
 
     print("== DINOv2-S + linear probe ==", flush=True)
     report["probe"] = run_probe(200 if q else 2000, 100 if q else 1000, progress=False)
@@ -116,10 +136,8 @@ def main(argv=None) -> int:
     cal, rep = split(test, 32 if q else 128, 32 if q else 400, seed=1)
     r = study("dinov2-s+probe", model, loader_batches(cal, 64), loader_batches(rep, 64),
               trials=3 if q else 16, points=3 if q else 4, base_atm=atmerge.ATM(similarity="centered"))
-    search_mod.plot_search(r["search"], figures / "dinov2_accuracy_vs_gflops.png", r["curves"])
-    if r["profile"]:
-        analyze.plot_merge_profile(r["profile"], figures / "dinov2_merge_profile.png")
     report["dinov2_probe"] = r
+    plots(r, figures, "dinov2", FIGURES[1][2].format(**r))
 
     print("== Figure 7: ToMe vs ATM on the shared ImageNet photos (DINOv2-S) ==", flush=True)
     backbone = zoo.dinov2_small()

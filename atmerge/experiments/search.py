@@ -136,22 +136,26 @@ def baseline_curves(model: nn.Module, batches, methods=("tome", "evit", "mctf", 
     return curves
 
 
-def plot_search(result: dict, out, curves: dict | None = None) -> str:
+def plot_search(result: dict, out, curves: dict | None = None, title: str | None = None) -> str:
     """Figure 4-style: top-1 vs GFLOPs, ATM trials with their Pareto front and baseline curves."""
     from atmerge.experiments.analyze import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    colours = iter(plt.get_cmap("tab10").colors[1:])
     ax.scatter([r["gflops"] for r in result["trials"]], [100 * r["top1"] for r in result["trials"]],
                s=8, alpha=0.35, color="#1f77b4", label="ATM trials")
     front = result["pareto_front"]
     ax.plot([r["gflops"] for r in front], [100 * r["top1"] for r in front], "-o", ms=3, color="#1f77b4", label="ATM")
     for name, curve in (curves or {}).items():
-        ax.plot([r["gflops"] for r in curve], [100 * r["top1"] for r in curve], "-s", ms=3, label=name)
+        ax.plot([r["gflops"] for r in curve], [100 * r["top1"] for r in curve], "-s", ms=3, label=name,
+                color=next(colours))
     b = result["baseline"]
     ax.scatter([b["gflops"]], [100 * b["top1"]], marker="*", s=80, color="k", label="unpatched", zorder=3)
     if result.get("best"):
         ax.scatter([result["best"]["gflops"]], [100 * result["best"]["top1"]], marker="D", s=40, color="red",
                    label=f"best ({result['goal']})", zorder=3)
     ax.set_xlabel("GFLOPs per image"), ax.set_ylabel("top-1 (%)"), ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
     return _save(fig, out)
