@@ -9,16 +9,11 @@ import torch
 from PIL import Image
 
 from atmerge import data
+from atmerge.experiments.io import format_table
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
-    return "\n".join(lines)
+    return format_table(rows, cols)
 
 
 def loader_batches(dataset, batch_size: int):

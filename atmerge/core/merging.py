@@ -171,6 +171,11 @@ class Assignment:
     num_out: int
     value_weight: torch.Tensor | None = None
 
+    @classmethod
+    def identity(cls, batch: int, num_tokens: int, device: torch.device | None = None) -> "Assignment":
+        """The reduction that keeps every token where it is."""
+        return cls(torch.arange(num_tokens, device=device).expand(batch, -1), num_tokens)
+
     @property
     def r(self) -> int:
         """Tokens removed."""

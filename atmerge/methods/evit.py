@@ -22,7 +22,7 @@ def attentive_fusion(score: torch.Tensor, keep: int, num_protected: int) -> Assi
     batch, n = score.shape
     p = num_protected
     if keep >= n - p:
-        return Assignment(torch.arange(n, device=score.device).expand(batch, -1), n)
+        return Assignment.identity(batch, n, score.device)
     top = score[:, p:].topk(keep, dim=1).indices.sort(dim=1).values + p
     assign = torch.full((batch, n), p + keep, dtype=torch.long, device=score.device)  # fused slot
     assign[:, :p] = torch.arange(p, device=score.device)

@@ -52,7 +52,7 @@ def bidirectional_assignment(weights: torch.Tensor, a_idx, b_idx, r: int, num_pr
     device = weights.device
     r = min(r, num_a, num_b)
     if r == 0:
-        return Assignment(torch.arange(num_tokens, device=device).expand(batch, -1), num_tokens)
+        return Assignment.identity(batch, num_tokens, device)
     r1, r2 = r // 2, r - r // 2
     a_idx = a_idx.expand(batch, -1) if a_idx.dim() == 1 else a_idx
     b_idx = b_idx.expand(batch, -1) if b_idx.dim() == 1 else b_idx
@@ -117,8 +117,7 @@ class MCTF(Method):
         n = ctx.metric.shape[1]
         r = tome_r_schedule(ctx.depth, self.r)[ctx.block]
         if r == 0:  # nothing to fuse: no look-ahead attention either
-            identity = torch.arange(n, device=ctx.metric.device).expand(ctx.metric.shape[0], -1)
-            return Decision(Assignment(identity, n), requested=0)
+            return Decision(Assignment.identity(ctx.metric.shape[0], n, ctx.metric.device), requested=0)
         a_idx, b_idx = alternate_split(n, ctx.num_protected, ctx.metric.device)
         # one-step-ahead: the next block's attention (the last block has none: its own instead)
         attention = ctx.next_attention() if ctx.next_attention is not None else ctx.attention

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from atmerge.core.merging import Assignment
 from atmerge.core.schedules import batch_adaptive_r
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.bipartite import match_tokens
@@ -32,7 +33,7 @@ class ConstantThreshold(Method):
             raise ValueError(f"blocks {self.blocks} go beyond the model's depth; allowed 1..{depth}")
 
     def decide(self, ctx: BlockContext) -> Decision:
-        m = match_tokens(ctx)
         if self.blocks is not None and ctx.layer not in self.blocks:
-            return m.decision(0, ctx.num_protected, self.theta)
+            return Decision(Assignment.identity(ctx.metric.shape[0], ctx.metric.shape[1], ctx.metric.device))
+        m = match_tokens(ctx)
         return m.decision(batch_adaptive_r(m.scores, self.theta), ctx.num_protected, self.theta)

@@ -78,8 +78,7 @@ class ZeroTP(Method):
         r = tome_r_schedule(ctx.depth, self.r)[ctx.block]
         n = ctx.metric.shape[1]
         if r == 0:
-            identity = torch.arange(n, device=ctx.metric.device).expand(ctx.metric.shape[0], -1)
-            return Decision(Assignment(identity, n), requested=0)
+            return Decision(Assignment.identity(ctx.metric.shape[0], n, ctx.metric.device), requested=0)
         r_importance = int(self.importance_share * r)
         importance = weighted_pagerank(ctx.attention, self.iterations)
         reduction = importance_then_similarity_pruning(
