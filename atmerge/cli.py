@@ -121,6 +121,7 @@ def _write(result: dict, out: Path, name: str, rows: list[dict] | None = None) -
 
 
 def cmd_search(args) -> int:
+    from atmerge import data
     from atmerge.experiments.io import format_table
     from atmerge.experiments.search import baseline_curves, plot_search, search
 
@@ -131,13 +132,14 @@ def cmd_search(args) -> int:
     batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
     setup.model.to(args.device)
     result = search(setup.model, batches, goal=args.goal, budget=args.budget, trials=args.trials, seed=args.seed,
-                    base=base, progress=not args.no_progress)
+                    base=base, progress=not args.no_progress,
+                    cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"))
     result["setup"] = setup.description
     curves = baseline_curves(setup.model, batches, args.compare, points=args.points) if args.compare else {}
     result["baseline_curves"] = curves
     out = Path(args.out)
     result["plot"] = plot_search(result, out / "search.png", curves)
-    cols = ["trial", "alpha", "beta", "theta_min", "top1", "gflops", "feasible"]
+    cols = ["trial", "alpha", "beta", "theta_min", "top1", "gflops", "agreement", "feasible"]
     print(format_table(result["pareto_front"], cols))
     b = result["baseline"]
     print(f"unpatched: top-1 {b['top1']:.4f}, {b['gflops']:.4g} GFLOPs on {result['images']} images")
@@ -179,6 +181,8 @@ def cmd_analyze(args) -> int:
     elif study == "batch-size":
         result = A.batch_size_sweep(model, batches.dataset, method, sizes=tuple(args.batch_sizes))
         rows = result["rows"]
+        if result["stopped"]:
+            print(f"stopped at {result['stopped']}")
     else:  # merging-error
         result = A.merging_error_study(model, batches, method)
         result["plot"] = A.plot_merging_error(result, out / "merging_error.png")
@@ -265,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="*", default=["tome", "evit", "mctf", "zerotp"],
                    help="baseline methods drawn on the same axes (none: --compare)")
     p.add_argument("--points", type=int, default=5, help="points per baseline curve")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the unpatched model's predictions are kept between runs (default: $ATMERGE_CACHE/predictions)")
+    p.add_argument("--no-cache", action="store_true", help="always recompute the unpatched model's predictions")
     p.add_argument("--out", default="results/search")
     p.set_defaults(func=cmd_search)
 

@@ -20,24 +20,9 @@ import torch
 
 import atmerge
 from atmerge import data, zoo
-from atmerge.methods.registry import knob_factory
-from common import imagenet_batches, loader_batches, table, warm_up, write_json
+from common import factories, imagenet_batches, loader_batches, matched_rows, table, warm_up, write_json
 
 TARGETS = (0.85, 0.75, 0.65)
-
-
-def factories(depth: int, num_patches: int) -> dict:
-    """One knob t in [0, 1] per method (atmerge.methods.registry.knob_factory)."""
-    names = {"ATM": "atm", "ConstantThreshold": "constant", "ToMe": "tome", "TopR increasing": "topr",
-             "EViT": "evit", "MCTF": "mctf", "ZeroTP": "zerotp"}
-    out = {label: knob_factory(name, depth, num_patches) for label, name in names.items()}
-    out["ATM centred"] = knob_factory("atm", depth, num_patches, similarity="centered")
-    return out
-
-
-def describe(method) -> str:
-    text = repr(method)
-    return text[len(type(method).__name__) + 1 : -1]
 
 
 def run_model(name, model, calib, evaluation, steps, methods) -> dict:
@@ -49,20 +34,8 @@ def run_model(name, model, calib, evaluation, steps, methods) -> dict:
     rows = [dict(model=name, target="100%", method="baseline", setting="", gflops=base.gflops,
                  gflops_share=1.0, top1=base.top1, cls_cosine=None if labelled else 1.0,
                  images_per_s=base.images_per_second)]
-    for share in TARGETS:
-        for method_name, factory in methods.items():
-            found = atmerge.match_gflops(model, factory, share * base.gflops, calib_images, steps=steps)
-            warm_up(model, evaluation)
-            res, _ = atmerge.evaluate(model, evaluation, reference=None if labelled else ref)
-            rows.append(dict(
-                model=name, target=f"{share:.0%}", method=method_name, setting=describe(found.method),
-                gflops=res.gflops, gflops_share=res.gflops / base.gflops, top1=res.top1,
-                cls_cosine=res.output_cosine, images_per_s=res.images_per_second,
-                within_budget_on_calibration=found.within_budget,
-            ))
-            print(f"  {name} {share:.0%} {method_name}: {res.gflops:.4f} GFLOPs "
-                  f"top1={res.top1} cos={res.output_cosine}", flush=True)
-            atmerge.unpatch(model)
+    rows += matched_rows(name, model, methods, base, calib_images, evaluation, TARGETS, steps=steps,
+                         reference=None if labelled else ref, timed=True)
     return dict(baseline_gflops=base.gflops, rows=rows)
 
 

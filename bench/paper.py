@@ -8,6 +8,8 @@ cifar10-test split into a calibration part and a disjoint report part:
     calibration images → Figure 4-style plot (top-1 vs GFLOPs);
   * stress test (Table 1): per method the cheapest setting whose calibration top-1 is no lower
     than the unpatched model's, then evaluated on the report images;
+  * every method at matched GFLOPs: each knob bisected (atmerge.match_gflops, on calibration
+    images) to 85%, 75% and 65% of the unpatched model's GFLOPs, top-1 on the report images;
   * Figure 6-style merge profile of that ATM setting vs a constant threshold at the same GFLOPs;
 and a Figure 7-style picture of ToMe vs ATM (centred keys) on the shared ImageNet photos.
 """
@@ -30,9 +32,10 @@ from atmerge.experiments import analyze, search as search_mod
 from atmerge.experiments.probe import load_probe_classifier, run_probe
 from atmerge.experiments.visualize import draw
 from atmerge.methods.registry import knob_factory, method_settings
-from common import loader_batches, table, write_json
+from common import describe, factories, loader_batches, matched_rows, table, write_json
 
 BASELINES = ("constant", "tome", "topr", "evit", "mctf", "zerotp")
+TARGETS = (0.85, 0.75, 0.65)  # shares of the unpatched GFLOPs for the matched comparison
 
 
 def split(dataset, calib: int, report: int | None, seed: int = 0):
@@ -41,7 +44,7 @@ def split(dataset, calib: int, report: int | None, seed: int = 0):
     return torch.utils.data.Subset(dataset, sorted(order[:calib])), torch.utils.data.Subset(dataset, sorted(rest))
 
 
-def study(name, model, calib, report, *, trials, points, base_atm, seed=0) -> dict:
+def study(name, model, calib, report, *, trials, points, base_atm, bisect_images, steps, seed=0) -> dict:
     atmerge.unpatch(model)
     result = search_mod.search(model, calib, goal="pareto", trials=trials, seed=seed, base=base_atm)
     base_cal = result["baseline"]
@@ -83,8 +86,28 @@ def study(name, model, calib, report, *, trials, points, base_atm, seed=0) -> di
             best = min(ok, key=lambda p: p["gflops"])
             rows.append(report_row(method, knob_factory(method, depth, patches)(best["knob"]), best))
     profile = analyze.merge_profile(model, calib, atm_choice) if atm_choice else None
-    return {"search": result, "curves": curves, "stress": rows, "profile": profile,
-            "calib_images": result["images"], "report_images": base_rep.images}
+    print(f"  {name}: every method at matched GFLOPs", flush=True)
+    calib_x = [x for x, _ in calib]
+    bisect_on = list(torch.cat(calib_x)[:bisect_images].split(calib_x[0].shape[0]))
+    matched = [{"model": name, "target": "100%", "method": "unpatched", "setting": "", "gflops": base_rep.gflops,
+                "gflops_share": 1.0, "top1": base_rep.top1, "top1_change": 0.0}]
+    matched += matched_rows(name, model, factories(depth, patches), base_rep, bisect_on, report, TARGETS, steps=steps)
+    for share in TARGETS:  # the paper's way: the best calibration top-1 among the searched α, β, θ_min under budget
+        under = [t for t in result["trials"] if t["gflops"] <= share * base_cal["gflops"]]
+        if not under:
+            print(f"  {name} {share:.0%}: no searched ATM setting within budget", flush=True)
+            continue
+        best = max(under, key=lambda t: (t["top1"], -t["gflops"]))
+        method = atmerge.ATM(alpha=best["alpha"], beta=best["beta"], theta_min=best["theta_min"],
+                             split_layer=base_atm.split_layer, similarity=base_atm.similarity)
+        row = report_row("ATM searched", method, best)
+        matched.append({**row, "target": f"{share:.0%}", "gflops_share": row["gflops"] / base_rep.gflops,
+                        "setting": describe(method)})
+    order = {t: i for i, t in enumerate(["100%"] + [f"{s:.0%}" for s in TARGETS])}
+    matched.sort(key=lambda r: order[r["target"]])  # stable: methods keep their order within a target
+    return {"search": result, "curves": curves, "stress": rows, "profile": profile, "matched": matched,
+            "calib_images": result["images"], "report_images": base_rep.images, "bisect_images": bisect_images,
+            "bisect_steps": steps}
 
 
 def plots(r: dict, figures: Path, prefix: str, title: str) -> None:
@@ -125,7 +148,8 @@ def main(argv=None) -> int:
     test = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
     cal, rep = split(test, 64 if q else 1000, 64 if q else None)
     r = study("cifar10-vit", model, loader_batches(cal, 250), loader_batches(rep, 250),
-              trials=4 if q else 40, points=3 if q else 9, base_atm=atmerge.ATM())
+              trials=4 if q else 40, points=3 if q else 9, base_atm=atmerge.ATM(),
+              bisect_images=64 if q else 500, steps=3 if q else 7)
     report["cifar10_reference"] = r
     plots(r, figures, "cifar10", FIGURES[0][2].format(**r))
 
@@ -135,7 +159,8 @@ def main(argv=None) -> int:
     test = data.image_folder(data.cifar10_folder("test"), data.model_transform(model))
     cal, rep = split(test, 32 if q else 128, 32 if q else 400, seed=1)
     r = study("dinov2-s+probe", model, loader_batches(cal, 64), loader_batches(rep, 64),
-              trials=3 if q else 16, points=3 if q else 4, base_atm=atmerge.ATM(similarity="centered"))
+              trials=3 if q else 16, points=3 if q else 6, base_atm=atmerge.ATM(similarity="centered"),
+              bisect_images=16 if q else 64, steps=2 if q else 6)
     report["dinov2_probe"] = r
     plots(r, figures, "dinov2", FIGURES[1][2].format(**r))
 
@@ -156,6 +181,8 @@ def main(argv=None) -> int:
 
     cols = ["model", "method", "calib_top1", "calib_gflops", "top1", "gflops", "gflops_saved", "top1_change"]
     print(table(report["cifar10_reference"]["stress"] + report["dinov2_probe"]["stress"], cols))
+    cols = ["model", "target", "method", "gflops", "gflops_share", "top1", "top1_change", "setting"]
+    print(table(report["cifar10_reference"]["matched"] + report["dinov2_probe"]["matched"], cols))
     write_json(report, args.out)
     return 0
 

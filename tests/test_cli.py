@@ -67,9 +67,10 @@ def test_bad_options_give_clear_errors(args, message, tmp_path, capsys):
 
 def test_search_results_match_a_re_evaluation(tmp_path):
     args = ["search", "--limit", "16", "--trials", "3", "--goal", "stress", "--compare", "tome", "--points", "2",
-            "--no-progress", "--out", str(tmp_path)]
+            "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
     assert main(args) == 0
     result = _json(tmp_path / "search.json")
+    assert result["baseline_from_cache"] is False and len(list((tmp_path / "cache").iterdir())) == 1
     assert len(result["trials"]) == 3 and (tmp_path / "search.png").exists()
     assert len(list(csv.DictReader((tmp_path / "search.csv").open()))) == 3
     assert len(result["baseline_curves"]["tome"]) == 2
@@ -82,8 +83,12 @@ def test_search_results_match_a_re_evaluation(tmp_path):
     model = zoo.cifar10_reference_vit()
     ds = data.subset(data.image_folder(data.cifar10_folder("test"), data.cifar10_transform()), 16, 0)
     atmerge.patch(model, atmerge.ATM(alpha=trial["alpha"], beta=trial["beta"], theta_min=trial["theta_min"]))
-    res, _ = evaluate(model, torch.utils.data.DataLoader(ds, batch_size=64))
+    res, outputs = evaluate(model, torch.utils.data.DataLoader(ds, batch_size=64), keep_outputs=True)
     assert res.gflops == pytest.approx(trial["gflops"]) and res.top1 == pytest.approx(trial["top1"])
+    atmerge.unpatch(model)
+    _, dense = evaluate(model, torch.utils.data.DataLoader(ds, batch_size=64), keep_outputs=True)
+    same = (torch.cat(outputs).argmax(-1) == torch.cat(dense).argmax(-1)).float().mean().item()
+    assert trial["agreement"] == pytest.approx(same)
     best = result["best"]
     assert best is None or best["top1"] >= result["baseline"]["top1"]
 
@@ -146,3 +151,43 @@ def test_probe_and_dinov2_probe_eval(tmp_path):
     assert main(args) == 0
     ev = _json(tmp_path / "e" / "eval.json")
     assert ev["baseline"]["tokens_per_block"][0] == 257 and ev["baseline"]["top1"] is not None
+
+
+def test_search_keeps_the_unpatched_predictions_on_disk(tmp_path):
+    from atmerge import data, zoo
+    from atmerge.experiments.search import search
+
+    model = zoo.cifar10_reference_vit()
+    ds = data.subset(data.image_folder(data.cifar10_folder("test"), data.cifar10_transform()), 12, 0)
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=6))
+    first = search(model, batches, trials=1, cache_dir=tmp_path)
+    again = search(model, batches, trials=1, cache_dir=tmp_path)
+    assert (first["baseline_from_cache"], again["baseline_from_cache"]) == (False, True)
+    assert again["baseline"] == first["baseline"] and again["images"] == 12
+    # other images or other weights: a new entry, not the old one
+    assert search(model, batches[:1], trials=1, cache_dir=tmp_path)["baseline_from_cache"] is False
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    assert search(model, batches, trials=1, cache_dir=tmp_path)["baseline_from_cache"] is False
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_batch_size_sweep_stops_at_what_fits():
+    from atmerge.experiments import analyze
+    from conftest import small_vit
+
+    model = small_vit()
+    real_forward = model.forward
+
+    def forward(x):  # a device that holds at most 4 images at once
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(x)
+
+    torch.manual_seed(0)
+    dataset = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))
+    model.forward = forward
+    result = analyze.batch_size_sweep(model, dataset, atmerge.ATM(), sizes=(1, 2, 4, 8, 16))
+    assert [r["batch_size"] for r in result["rows"]] == [1, 2, 4]
+    assert result["stopped"].startswith("batch size 8: out of memory")
+    assert not atmerge.is_patched(model)

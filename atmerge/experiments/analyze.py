@@ -96,18 +96,28 @@ def split_layer_sweep(model: nn.Module, batches, method: ATM) -> dict:
 
 
 def batch_size_sweep(model: nn.Module, dataset, method: Method, sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)) -> dict:
-    """Table A1: top-1 and GFLOPs of ``method`` for each batch size (sizes above the number of
-    images are skipped)."""
+    """Table A1: top-1 and GFLOPs of ``method`` for each batch size, bounded by what fits: sizes
+    above the number of images are skipped, and the sweep stops at the first size that runs out
+    of memory (recorded in ``stopped``)."""
     rows = []
+    stopped = None
     patch(model, method)
-    for size in sizes:
-        if size > len(dataset):
-            break
-        batches = torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)
-        res, _ = evaluate(model, batches)
-        rows.append({"batch_size": size, "top1": res.top1, "gflops": res.gflops})
-    unpatch(model)
-    return {"rows": rows, "images": len(dataset)}
+    try:
+        for size in sizes:
+            if size > len(dataset):
+                break
+            batches = torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)
+            try:
+                res, _ = evaluate(model, batches)
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                stopped = f"batch size {size}: out of memory ({type(e).__name__})"
+                break
+            rows.append({"batch_size": size, "top1": res.top1, "gflops": res.gflops})
+    finally:
+        unpatch(model)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"rows": rows, "images": len(dataset), "stopped": stopped}
 
 
 class _MergeRecorder(Method):
