@@ -16,8 +16,21 @@ def load_checkpoint(model_name: str, checkpoint: str | Path, **kwargs) -> nn.Mod
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a file; pass a .safetensors file")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a file in another format
+        raise ValueError(f"checkpoint {path} is not a safetensors file ({e}); convert it with safetensors.torch.save_file") from None
     model = timm.create_model(model_name, pretrained=False, **kwargs)
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split("\n\t")[1:2]) or str(e).splitlines()[0]
+        raise ValueError(
+            f"checkpoint {path} does not fit {model_name} with {kwargs or 'its default settings'} "
+            f"(pass the model's settings with --model-kwargs): {detail.strip()[:300]}"
+        ) from None
     return model.eval()
 
 

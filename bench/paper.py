@@ -1,6 +1,7 @@
 """The README's results (issue 4), one command:
 
     python bench/paper.py [--out bench/results/paper.json] [--figures docs/figures] [--quick]
+    python bench/paper.py --markdown     # the README's tables, from the JSON written above
 
 For the CIFAR-10 reference ViT and for DINOv2-S + linear probe (both from ../shared), on
 cifar10-test split into a calibration part and a disjoint report part:
@@ -127,15 +128,46 @@ FIGURES = (
 )
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def markdown(report: dict) -> str:
+    """The README's tables (stress test; every method at matched GFLOPs) from the JSON report."""
+    lines = ["| model | method | setting | calib top-1 | GFLOPs (saved) | top-1 on report images (change) |",
+             "|---|---|---|---|---|---|"]
+    for key, _, _ in FIGURES:
+        for r in report[key]["stress"]:
+            setting = ", ".join(f"{k}={v}" for k, v in (r.get("setting") or {}).items() if k != "method" and v is not None)
+            lines.append(f"| {r['model']} | {r['method']} | {setting} | {_pct(r['calib_top1'])} | "
+                         f"{r['gflops']:.3f} ({r['gflops_saved']:.0%}) | {_pct(r['top1'])} ({100 * r['top1_change']:+.2f}) |")
+    lines += ["", "| method | " + " | ".join(f"{name} {t:.0%}" for name in ("CIFAR-10 ViT", "DINOv2-S + probe") for t in TARGETS) + " |",
+              "|---|" + "---|" * (2 * len(TARGETS))]
+    cells: dict[str, dict] = {}
+    for key, _, _ in FIGURES:
+        for r in report[key]["matched"]:
+            cell = f"{_pct(r['top1'])} ({100 * r['top1_change']:+.2f}) · {r['gflops_share']:.0%}"
+            target = f"{TARGETS[0]:.0%}" if r["method"] == "unpatched" else r["target"]
+            cells.setdefault(r["method"], {})[(key, target)] = cell
+    for method, row in cells.items():
+        missing = "" if method == "unpatched" else "—"
+        lines.append(f"| {method} | " + " | ".join(row.get((key, f"{t:.0%}"), missing) for key, _, _ in FIGURES for t in TARGETS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/paper.json")
     ap.add_argument("--figures", default="docs/figures")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--replot", action="store_true", help="only redraw the figures from --out's JSON")
+    ap.add_argument("--markdown", action="store_true", help="only print the README's tables from --out's JSON")
     args = ap.parse_args(argv)
     if args.replot:
         replot(json.loads(Path(args.out).read_text()), Path(args.figures))
+        return 0
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
         return 0
     q = args.quick
     torch.manual_seed(0)

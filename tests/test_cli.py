@@ -56,6 +56,10 @@ def test_eval_other_method_and_settings(tmp_path):
         (["eval", "--model", "deit_tiny_patch16_224"], "no data given: pass --data"),
         (["eval", "--model-kwargs", "{oops"], "--model-kwargs must be a JSON object"),
         (["search", "--goal", "budget", "--limit", "4"], "goal 'budget' needs a positive budget"),
+        (["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", "/nonexistent.safetensors", "--data", "."],
+         "checkpoint /nonexistent.safetensors not found"),
+        (["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", "/", "--data", "."], "checkpoint / is not a file"),
+        (["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", __file__, "--data", "."], "is not a safetensors file"),
         (["analyze", "split-layer", "--method", "tome", "--limit", "4"], "split-layer studies ATM"),
     ],
 )
@@ -191,3 +195,35 @@ def test_batch_size_sweep_stops_at_what_fits():
     assert [r["batch_size"] for r in result["rows"]] == [1, 2, 4]
     assert result["stopped"].startswith("batch size 8: out of memory")
     assert not atmerge.is_patched(model)
+
+
+def test_eval_timm_name_with_local_checkpoint_and_image_folder(tmp_path, capsys):
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 3}
+    model = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+    save_file(model.state_dict(), str(tmp_path / "tiny.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b", "c"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    args = ["eval", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(kwargs),
+            "--checkpoint", str(tmp_path / "tiny.safetensors"), "--data", str(tmp_path / "data"),
+            "--method", "tome", "--r", "2", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    result = _json(tmp_path / "out" / "eval.json")
+    assert result["images"] == 6 and result["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert result["baseline"]["gflops"] == pytest.approx(atmerge.gflops(model, (3, 32, 32)))
+    assert result["merged"]["tokens_per_block"] == [17, 15]  # 16 patches + CLS, ToMe r = 2
+    for run in ("baseline", "merged"):
+        assert result[run]["top1"] <= result[run]["top5"] == 1.0  # 3 classes: top-5 holds them all
+    # the same weights with other settings: a one-line error naming what to pass
+    bad = args[:4] + [json.dumps({**kwargs, "embed_dim": 32})] + args[5:]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "does not fit vit_tiny_patch16_224" in err and "--model-kwargs" in err and "Traceback" not in err
