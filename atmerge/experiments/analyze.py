@@ -209,7 +209,9 @@ def plot_merge_profile(result: dict, out) -> str:
         twin = ax.twinx()
         twin.plot(result["blocks"], r["thresholds"], color="#e08a1e", marker="o", ms=3)
         twin.set_ylim(0, 1.05)
-    axes[0].set_ylabel("merged tokens (mean)")
+        ax.tick_params(labelleft=True)  # sharey hides the right panel's token scale otherwise
+    axes[0].set_ylabel("merged tokens (mean, bars)")
+    twin.set_ylabel("threshold (line)")
     return _save(fig, out)
 
 
