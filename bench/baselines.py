@@ -20,10 +20,7 @@ import torch
 
 import atmerge
 from atmerge import data, zoo
-from common import factories, imagenet_batches, loader_batches, matched_rows, table, warm_up, write_json
-
-TARGETS = (0.85, 0.75, 0.65)
-
+from common import TARGETS, factories, imagenet_batches, loader_batches, matched_rows, table, warm_up, write_json
 
 def run_model(name, model, calib, evaluation, steps, methods) -> dict:
     atmerge.unpatch(model)

@@ -13,6 +13,8 @@ from atmerge import data
 from atmerge.experiments.io import format_table
 from atmerge.methods.registry import knob_factory, method_settings
 
+TARGETS = (0.85, 0.75, 0.65)  # shares of the unpatched model's GFLOPs for matched comparisons
+
 # Every method variant, as (label, registry name, fixed settings) for knob_factory.
 METHOD_VARIANTS = (
     ("ATM", "atm", {}),

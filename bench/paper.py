@@ -33,10 +33,9 @@ from atmerge.experiments import analyze, search as search_mod
 from atmerge.experiments.probe import load_probe_classifier, run_probe
 from atmerge.experiments.visualize import draw
 from atmerge.methods.registry import knob_factory, method_settings
-from common import describe, factories, loader_batches, matched_rows, table, write_json
+from common import TARGETS, describe, factories, loader_batches, matched_rows, table, write_json
 
 BASELINES = ("constant", "tome", "topr", "evit", "mctf", "zerotp")
-TARGETS = (0.85, 0.75, 0.65)  # shares of the unpatched GFLOPs for the matched comparison
 
 
 def split(dataset, calib: int, report: int | None, seed: int = 0):
@@ -78,8 +77,7 @@ def study(name, model, calib, report, *, trials, points, base_atm, bisect_images
     atm_choice = None
     if no_drop:
         best = min(no_drop, key=lambda t: t["gflops"])
-        atm_choice = atmerge.ATM(alpha=best["alpha"], beta=best["beta"], theta_min=best["theta_min"],
-                                 split_layer=base_atm.split_layer, similarity=base_atm.similarity)
+        atm_choice = search_mod.trial_method(base_atm, best)
         rows.append(report_row("ATM", atm_choice, best))
     for method, curve in curves.items():
         ok = [p for p in curve if p["top1"] >= base_cal["top1"]]
@@ -99,8 +97,7 @@ def study(name, model, calib, report, *, trials, points, base_atm, bisect_images
             print(f"  {name} {share:.0%}: no searched ATM setting within budget", flush=True)
             continue
         best = max(under, key=lambda t: (t["top1"], -t["gflops"]))
-        method = atmerge.ATM(alpha=best["alpha"], beta=best["beta"], theta_min=best["theta_min"],
-                             split_layer=base_atm.split_layer, similarity=base_atm.similarity)
+        method = search_mod.trial_method(base_atm, best)
         row = report_row("ATM searched", method, best)
         matched.append({**row, "target": f"{share:.0%}", "gflops_share": row["gflops"] / base_rep.gflops,
                         "setting": describe(method)})

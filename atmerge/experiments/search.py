@@ -33,6 +33,11 @@ def _materialise(batches: Iterable) -> list:
     return [(x, y) for x, y in batches]
 
 
+def trial_method(base: ATM, trial: dict) -> ATM:
+    """The ATM of one trial row: ``base`` with the trial's α, β, θ_min."""
+    return replace(base, **{k: trial[k] for k in SPACE})
+
+
 def _digest(model: nn.Module, batches: list) -> str:
     """sha256 of the model's class, weights and buffers and of the images and labels."""
     h = hashlib.sha256(type(model).__qualname__.encode())
