@@ -11,28 +11,49 @@ from atmerge.runtime import MergeState
 from atmerge.stats import MergeStats
 
 
-def patch(model: nn.Module, method: Method, *, prop_attn: bool = True, trace_source: bool = False) -> nn.Module:
+def patch(
+    model: nn.Module,
+    method: Method,
+    *,
+    prop_attn: bool | None = None,
+    prune_last_block: bool | None = None,
+    trace_source: bool = False,
+) -> nn.Module:
     """Patch a timm VisionTransformer in place so that every block reduces tokens with ``method``.
 
-    prop_attn: add log(merge size) to the attention logits (proportional attention; the paper
-        turns it off for MAE).
+    prop_attn: add log(merge size) to the attention logits (proportional attention).  None = the
+        method's own default (``method.proportional_attention``: on for the merging methods, off
+        for EViT as released); the paper turns it off for MAE.
+    prune_last_block: in the last block only the protected tokens (CLS, distillation token,
+        registers) reach the MLP — the paper's rule (Appendix A).  It changes no output of a
+        CLS-pooled model and saves the last MLP's cost on the other tokens.  None = on for
+        CLS-pooled models (``global_pool='token'``), off otherwise; the same rule for every method.
     trace_source: track which original patches each token holds (``merge_source(model)``), for
         visualisation and dense outputs; costs an extra [B, N, N] tensor.
     Returns the same model object.  Patching a patched model replaces its method and options.
     """
     if not isinstance(method, Method):
         raise TypeError(f"method must be an atmerge method such as atmerge.ATM(...), got {type(method).__name__}")
+    for name, value in (("prop_attn", prop_attn), ("prune_last_block", prune_last_block)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True, False or None (the default), got {value!r}")
     timm_vit.check_supported(model)
     method.check_depth(len(model.blocks))
+    prop = method.proportional_attention if prop_attn is None else prop_attn
 
     def make_state(cost, num_protected: int, cls_pooled: bool) -> MergeState:
+        if prune_last_block and not cls_pooled:
+            raise ValueError(
+                "prune_last_block=True keeps only the CLS token in the last block, which changes the "
+                "output of a model that does not pool with CLS (global_pool='token'); pass None or False"
+            )
         return MergeState(
             method,
             cost,
             num_protected=num_protected,
-            prop_attn=bool(prop_attn),
+            prop_attn=bool(prop),
             trace_source=bool(trace_source),
-            prune_last=method.prune_last_block and cls_pooled,
+            prune_last=cls_pooled if prune_last_block is None else prune_last_block,
         )
 
     return timm_vit.patch_vit(model, make_state)

@@ -44,7 +44,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-kwargs", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 32}\'')
     g.add_argument("--pretrained", action="store_true", help="let timm download pretrained weights")
     g.add_argument("--probe", default=None, help="probe head file for --model dinov2-probe")
-    g.add_argument("--no-prop-attn", action="store_true", help="switch proportional attention off (MAE)")
+    g.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="proportional attention (+log size) on/off; default: the method's own (off for EViT; "
+                        "use --no-prop-attn for MAE)")
+    g.add_argument("--prune-last-block", action=argparse.BooleanOptionalAction, default=None,
+                   help="only CLS reaches the last MLP; default: on for CLS-pooled models, for every method")
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -92,7 +96,8 @@ def cmd_eval(args) -> int:
     method = method_from_args(args)
     setup, batches = _setup_and_batches(args)
     result = run_eval(
-        setup.model, method, batches, device=args.device, progress=not args.no_progress, prop_attn=not args.no_prop_attn
+        setup.model, method, batches, device=args.device, progress=not args.no_progress,
+        prop_attn=args.prop_attn, prune_last_block=args.prune_last_block,
     )
     result["setup"] = setup.description
     result["data"] = str(args.data or setup.default_data)

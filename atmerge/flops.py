@@ -19,8 +19,9 @@ class BlockCost:
 
     attn_linear: qkv + output projection (+ gate) per token.  attn_dim: heads × head_dim
     (each of QKᵀ and AV costs N² × attn_dim).  mlp: all MLP linears per token.
-    norm1 / norm2: LayerNorm cost per token before attention / MLP.  attn_norms: q/k norm and
-    attention-output norm cost per token.  qk_linear: the q and k projections per token.
+    norm1 / norm2: LayerNorm cost per token before attention / MLP.  qk_norms: q/k norms per
+    token; out_norm: the attention-output norm per token.  qk_linear: the q and k projections
+    per token.
     """
 
     attn_linear: int
@@ -28,20 +29,23 @@ class BlockCost:
     mlp: int
     norm1: int
     norm2: int
-    attn_norms: int = 0
+    qk_norms: int = 0
+    out_norm: int = 0
     qk_linear: int = 0
 
-    def attention_map_macs(self, tokens: float) -> float:
-        """Cost of computing this block's attention map alone (q, k projections and QKᵀ) on
-        ``tokens`` tokens, as a look-ahead method such as MCTF does."""
-        n = tokens
-        return n * (self.norm1 + self.qk_linear) + n * n * self.attn_dim
-
-    def macs(self, tokens_attn: float, tokens_mlp: float) -> float:
-        """Multiply-adds of the block: attention with the tokens entering it, MLP with the tokens
-        left after merging."""
-        n, m = tokens_attn, tokens_mlp
-        attention = n * (self.attn_linear + self.norm1 + self.attn_norms) + 2.0 * n * n * self.attn_dim
+    def macs(self, tokens_in: float, tokens_attended: float, tokens_mlp: float) -> float:
+        """Multiply-adds of the block.  ``tokens_in`` tokens enter it.  Where a method reduces
+        tokens before attention from the attention map of the tokens that entered (MCTF's
+        one-step-ahead attention), q, k and QKᵀ are computed on ``tokens_in`` tokens and the
+        values, AV and the output projection on ``tokens_attended``; otherwise the two are
+        equal.  The MLP runs on ``tokens_mlp`` tokens (after any reduction after attention)."""
+        n, a, m = tokens_in, tokens_attended, tokens_mlp
+        if a == n:
+            attention = n * (self.attn_linear + self.norm1 + self.qk_norms + self.out_norm) + 2.0 * n * n * self.attn_dim
+        else:
+            scores = n * (self.norm1 + self.qk_linear + self.qk_norms) + n * n * self.attn_dim
+            values = a * (self.norm1 + self.attn_linear - self.qk_linear + self.out_norm) + a * a * self.attn_dim
+            attention = scores + values
         return attention + m * (self.mlp + self.norm2)
 
 
@@ -69,14 +73,17 @@ class ModelCost:
         tokens_attn: Sequence[float],
         tokens_mlp: Sequence[float],
         tokens_out: float | None = None,
+        tokens_attended: Sequence[float] | None = None,
     ) -> float:
-        """GFLOPs of one image: tokens_attn[i] tokens enter block i, tokens_mlp[i] reach its MLP,
-        tokens_out leave the last block (default tokens_mlp[-1])."""
-        if len(tokens_attn) != self.depth or len(tokens_mlp) != self.depth:
+        """GFLOPs of one image: tokens_attn[i] tokens enter block i, tokens_attended[i] remain
+        after a reduction before its attention (default: tokens_attn), tokens_mlp[i] reach its
+        MLP, tokens_out leave the last block (default tokens_mlp[-1])."""
+        attended = tokens_attn if tokens_attended is None else tokens_attended
+        if not len(tokens_attn) == len(tokens_mlp) == len(attended) == self.depth:
             raise ValueError(f"need token counts for all {self.depth} blocks, got {len(tokens_attn)}/{len(tokens_mlp)}")
         out = tokens_mlp[-1] if tokens_out is None else tokens_out
         total = num_patches * self.patch_embed + tokens_attn[0] * self.norm_pre
-        total += sum(b.macs(n, m) for b, n, m in zip(self.blocks, tokens_attn, tokens_mlp))
+        total += sum(b.macs(n, a, m) for b, n, a, m in zip(self.blocks, tokens_attn, attended, tokens_mlp))
         total += out * self.final_norm + self.head
         return total / 1e9
 

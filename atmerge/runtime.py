@@ -4,13 +4,13 @@ what happened."""
 
 from __future__ import annotations
 
-from typing import Callable
+import math
 
 import torch
 
-from atmerge.core.merging import merge_source, merge_weighted_average
+from atmerge.core.merging import merge_attention, merge_source, merge_weighted_average
 from atmerge.flops import ModelCost
-from atmerge.methods.base import BlockContext, Method
+from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.stats import BlockRecord, MergeStats
 
 
@@ -42,6 +42,7 @@ class MergeState:
         self.records: list[BlockRecord] = []
         self.merged_any = False
         self.combined: MergeStats | None = None
+        self._before: tuple[int, Decision] | None = None
 
     def begin(self, x: torch.Tensor) -> None:
         """Start a forward pass with tokens x [B, N, C]: every token has size 1."""
@@ -54,6 +55,7 @@ class MergeState:
         self.records = []
         self.merged_any = False
         self.combined = None
+        self._before = None
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """log(size) as an additive attention bias [B, 1, 1, N], or None when it would be zero
@@ -62,44 +64,60 @@ class MergeState:
             return None
         return self.size.to(dtype).log()[:, None, None, :]
 
+    def _apply(self, decision: Decision, x: torch.Tensor) -> torch.Tensor:
+        """Apply a decision to x [B, N, C], the sizes and the sources."""
+        merge = decision.merge
+        if merge.r > 0 or getattr(merge, "value_weight", None) is not None:
+            x, self.size = merge_weighted_average(merge, x, self.size)
+            if self.source is not None:
+                self.source = merge_source(merge, self.source)
+            self.merged_any = self.merged_any or merge.r > 0
+        return x
+
+    def reduce_before(
+        self, block: int, x: torch.Tensor, metric: torch.Tensor, attention: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For a method whose stage is 'before_attention': reduce the tokens x [B, N, C] that enter
+        ``block`` from its attention map [B, H, N, N] computed on them; metric [B, N, C_h].
+
+        Returns (the reduced tokens, the attention map carried over the merge [B, H, N', N'] —
+        or None when nothing merged, so the block keeps its map as it is)."""
+        ctx = BlockContext(block, self.depth, metric, self.size, self.num_protected, x, attention)
+        decision = self.method.decide(ctx)
+        self._before = (x.shape[1], decision)
+        if decision.merge.r == 0:
+            return x, None
+        merge = decision.merge
+        weight = getattr(merge, "value_weight", None)
+        merged_attention = merge_attention(merge, attention, self.size if weight is None else weight)
+        return self._apply(decision, x), merged_attention
+
     def reduce(
         self,
         block: int,
         x: torch.Tensor,
-        metric: torch.Tensor,
+        metric: torch.Tensor | None,
         attention: torch.Tensor | None = None,
-        next_attention: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Apply the method's decision for ``block`` to x [B, N, C]; metric [B, N, C_h];
-        attention [B, H, N, N] when the method reads it; next_attention computes the next
-        block's attention map on demand (its cost is recorded)."""
-        n_in, p = x.shape[1], self.num_protected
+        """After attention: apply the method's decision for ``block`` to x [B, N, C] (metric
+        [B, N, C_h]; attention [B, H, N, N] when the method reads it), or keep only the protected
+        tokens in the last block (``prune_last``); record the block."""
+        n_attended, p = x.shape[1], self.num_protected
+        n_in, before = self._before if self._before is not None else (n_attended, None)
+        self._before = None
+        merged, threshold, macs, requested = 0, math.nan, 0.0, None
+        if before is not None:
+            merged, threshold, macs, requested = before.merge.r, before.threshold, before.matching_macs, before.requested
         if block == self.depth - 1 and self.prune_last:
             self.size = self.size[:, :p]
-            self.records.append(BlockRecord(n_in, p, 0))
-            return x[:, :p]
-        extra = [0.0]
-        counted_next = None
-        if next_attention is not None:
-            following = self.cost.blocks[block + 1]
-
-            def counted_next() -> torch.Tensor:
-                extra[0] += following.attention_map_macs(n_in)
-                return next_attention()
-
-        ctx = BlockContext(block, self.depth, metric, self.size, p, x, attention, counted_next)
-        decision = self.method.decide(ctx)
-        merge = decision.merge
-        if merge.r > 0:
-            x, self.size = merge_weighted_average(merge, x, self.size)
-            if self.source is not None:
-                self.source = merge_source(merge, self.source)
-            self.merged_any = True
-        self.records.append(
-            BlockRecord(
-                n_in, x.shape[1], merge.r, decision.threshold, decision.matching_macs, extra[0], decision.requested
+            x = x[:, :p]
+        elif self.method.stage == "after_attention":
+            decision = self.method.decide(BlockContext(block, self.depth, metric, self.size, p, x, attention))
+            x = self._apply(decision, x)
+            merged, threshold, macs, requested = (
+                decision.merge.r, decision.threshold, decision.matching_macs, decision.requested
             )
-        )
+        self.records.append(BlockRecord(n_in, x.shape[1], merged, threshold, macs, requested, n_attended))
         return x
 
     def combine(self, parts: list[MergeStats]) -> None:
@@ -115,17 +133,20 @@ class MergeState:
             raise RuntimeError("no complete forward pass of the patched model has run yet")
         tokens_in = [float(r.tokens_in) for r in self.records]
         tokens_mlp = [float(r.tokens_mlp) for r in self.records]
-        gflops = self.cost.gflops(tokens_in[0] - self.num_protected, tokens_in, tokens_mlp)
-        gflops += sum(r.extra_macs for r in self.records) / 1e9
+        attended = [float(r.tokens_attended) for r in self.records]
+        gflops = self.cost.gflops(tokens_in[0] - self.num_protected, tokens_in, tokens_mlp, tokens_attended=attended)
         return MergeStats(
             tokens_per_block=tokens_in,
             merged_per_block=[r.merged for r in self.records],
             tokens_mlp_per_block=tokens_mlp,
+            tokens_attended_per_block=attended,
             thresholds=[r.threshold for r in self.records],
             gflops=gflops,
             matching_gflops=sum(r.matching_macs for r in self.records) / 1e9,
             batch_size=int(self.size.shape[0]),
             requested_per_block=[r.requested for r in self.records],
+            prune_last_block=self.prune_last,
+            prop_attn=self.prop_attn,
         )
 
 
@@ -140,9 +161,12 @@ def mean_stats(parts: list[MergeStats]) -> MergeStats:
         tokens_per_block=mean([p.tokens_per_block for p in parts]),
         merged_per_block=mean([p.merged_per_block for p in parts]),
         tokens_mlp_per_block=mean([p.tokens_mlp_per_block for p in parts]),
+        tokens_attended_per_block=mean([p.tokens_attended_per_block for p in parts]),
         thresholds=parts[0].thresholds,
         gflops=sum(p.batch_size * p.gflops for p in parts) / total,
         matching_gflops=sum(p.batch_size * p.matching_gflops for p in parts) / total,
         batch_size=total,
         requested_per_block=parts[0].requested_per_block,
+        prune_last_block=parts[0].prune_last_block,
+        prop_attn=parts[0].prop_attn,
     )

@@ -15,8 +15,12 @@ class BlockRecord:
     merged: int
     threshold: float = math.nan
     matching_macs: float = 0.0
-    extra_macs: float = 0.0
     requested: int | None = None
+    tokens_attended: int | None = None  # after a reduction before attention (None: tokens_in)
+
+    def __post_init__(self) -> None:
+        if self.tokens_attended is None:
+            object.__setattr__(self, "tokens_attended", self.tokens_in)
 
 
 @dataclass(frozen=True)
@@ -24,16 +28,19 @@ class MergeStats:
     """Statistics of the last forward pass of a patched model.
 
     tokens_per_block: tokens entering each block (mean over the batch).
-    merged_per_block: r of each block (pairs merged after its attention; a mean over images
-        when a method merges per image).
+    merged_per_block: r of each block (tokens merged or pruned in it, before or after its
+        attention; a mean over images when a method merges per image).
     tokens_mlp_per_block: tokens reaching each block's MLP (after merging, and after keeping only
         the CLS token in the last block where the method does so).
     thresholds: θ of each block (nan for methods without one).
-    gflops: per-image GFLOPs of the forward (1e9 multiply-adds), from the token counts above,
-        including extra model work a method asks for (e.g. MCTF's look-ahead attention).
+    gflops: per-image GFLOPs of the forward (1e9 multiply-adds), from the token counts above.
     matching_gflops: per-image GFLOPs spent finding the pairs (not included in ``gflops``).
     batch_size: images in the batch.
     requested_per_block: r asked for by a fixed-count method (None elsewhere); see clipped_blocks.
+    tokens_attended_per_block: tokens whose values and outputs each block's attention computes
+        (fewer than tokens_per_block where a method merges before attention, as MCTF does).
+    prune_last_block: whether only the protected tokens reached the last block's MLP.
+    prop_attn: whether proportional attention (+log size) was on.
     """
 
     tokens_per_block: list[float]
@@ -44,6 +51,9 @@ class MergeStats:
     matching_gflops: float
     batch_size: int
     requested_per_block: list[int | None] | None = None
+    tokens_attended_per_block: list[float] | None = None
+    prune_last_block: bool = False
+    prop_attn: bool = True
 
     @property
     def clipped_blocks(self) -> list[int]:

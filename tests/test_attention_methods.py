@@ -37,7 +37,7 @@ def test_evit_fusion_by_hand():
     assert red.assign.tolist() == [[0, 3, 1, 2, 3]]  # tokens 2, 3 kept; 1 and 4 fused into slot 3
     x = torch.tensor([[[7.0], [1.0], [2.0], [3.0], [4.0]]])
     y, size = merge_weighted_average(red, x, torch.ones(1, 5))
-    fused = (0.1 * 1.0 + 0.05 * 4.0) / 0.15
+    fused = 0.1 * 1.0 + 0.05 * 4.0  # the release's rule: a weighted sum, not a weighted mean
     assert torch.allclose(y[0, :, 0], torch.tensor([7.0, 2.0, 3.0, fused]))
     assert size.tolist() == [[1.0, 1.0, 1.0, 2.0]]
 
@@ -88,7 +88,9 @@ def test_no_reduction_reproduces_the_unpatched_model(method):
         atmerge.patch(model, method)
         got = model(x)
     assert (got - expected).abs().max() < 1e-5
-    assert atmerge.last_stats(model).tokens_mlp_per_block[-1] == 65
+    stats = atmerge.last_stats(model)
+    assert stats.tokens_mlp_per_block[:-1] == [65] * 5
+    assert stats.prune_last_block and stats.tokens_mlp_per_block[-1] == 1  # the same rule for every method
 
 
 @pytest.mark.parametrize(
@@ -109,7 +111,7 @@ def test_cls_is_never_pruned_or_merged(method):
     [
         atmerge.EViT(keep_rate=0.6, locations=(4, 7, 10)),
         atmerge.MCTF(r=8),
-        atmerge.MCTF(r=8, one_step_ahead=False),
+        atmerge.MCTF(r=0.3, blocks=(2, 5, 9)),
         atmerge.ZeroTP(r=8),
     ],
 )
@@ -125,16 +127,22 @@ def test_gflops_match_fvcore_trace(method):
     assert s.gflops + s.matching_gflops == pytest.approx(fvcore_gflops(model, x), rel=1e-3)
 
 
-def test_mctf_look_ahead_costs_extra():
-    x = blocky_images(2)
-    costs = {}
-    for ahead in (True, False):
-        model = atmerge.patch(small_vit(), atmerge.MCTF(r=8, one_step_ahead=ahead))
-        with torch.no_grad():
-            model(x)
-        costs[ahead] = atmerge.last_stats(model)
-    assert costs[True].tokens_per_block == costs[False].tokens_per_block
-    assert costs[True].gflops > costs[False].gflops
+def test_mctf_fuses_before_attention_of_every_block_but_the_first():
+    model = atmerge.patch(small_vit(), atmerge.MCTF(r=8), prune_last_block=False)
+    with torch.no_grad():
+        model(blocky_images(2))
+    s = atmerge.last_stats(model)
+    # block 1 fuses nothing; blocks 2.. fuse 8 at their start, until the release's 10-token floor
+    assert s.merged_per_block == [0, 8, 8, 8, 8, 8]
+    assert s.tokens_per_block == [65, 65, 57, 49, 41, 33]
+    assert s.tokens_attended_per_block == [65, 57, 49, 41, 33, 25] == s.tokens_mlp_per_block
+    model = atmerge.patch(small_vit(), atmerge.MCTF(r=0.5, blocks=(2, 3, 4, 5, 6)))
+    with torch.no_grad():
+        model(blocky_images(1))
+    s = atmerge.last_stats(model)
+    # r = ⌊share × free⌋ clipped to free // 2 and n − 10: 65 → 33 → 17 → 10 (7, not 8) → 10 → 10
+    assert s.merged_per_block == [0, 32, 16, 7, 0, 0]
+    assert s.tokens_mlp_per_block == [65, 33, 17, 10, 10, 1]  # CLS only in the last block
 
 
 def test_fixed_counts_above_the_limit_are_clipped_and_reported():
@@ -142,7 +150,7 @@ def test_fixed_counts_above_the_limit_are_clipped_and_reported():
     with torch.no_grad():
         model(blocky_images(1))
     s = atmerge.last_stats(model)
-    assert s.requested_per_block == [40] * 6
+    assert s.requested_per_block == [40] * 5 + [None]  # the last block keeps CLS only
     assert s.merged_per_block[0] == 32 and 0 in s.clipped_blocks
 
 
@@ -153,6 +161,8 @@ def test_fixed_counts_above_the_limit_are_clipped_and_reported():
         (lambda: atmerge.EViT(keep_rate=1.5), r"keep_rate=1.5 is out of range"),
         (lambda: atmerge.EViT(locations=(0, 3)), "locations must be block numbers counted from 1"),
         (lambda: atmerge.MCTF(tau_info=-1), r"tau_info=-1 is out of range"),
+        (lambda: atmerge.MCTF(r=1.5), r"r must be an integer >= 0 or a share in \(0, 1\), got 1.5"),
+        (lambda: atmerge.MCTF(blocks=(0,)), "blocks must be block numbers counted from 1"),
         (lambda: atmerge.ZeroTP(importance_share=2), r"importance_share=2 is out of range"),
         (lambda: atmerge.ZeroTP(iterations=0), "iterations must be an integer >= 1, got 0"),
     ],

@@ -67,7 +67,10 @@ def test_patched_gflops_match_fvcore_trace_of_the_merging_forward(kwargs):
 def test_block_cost_hand_computed():
     # N=3 tokens, 1 left for the MLP: attention 3*(10+2) + 2*9*4, MLP 1*(20+3)
     b = BlockCost(attn_linear=10, attn_dim=4, mlp=20, norm1=2, norm2=3)
-    assert b.macs(3, 1) == 3 * 12 + 72 + 23
+    assert b.macs(3, 3, 1) == 3 * 12 + 72 + 23
+    # reduced before attention (MCTF): q, k, QKᵀ on 5 tokens; v, AV, proj on 3
+    b = BlockCost(attn_linear=10, attn_dim=4, mlp=20, norm1=2, norm2=3, qk_linear=6)
+    assert b.macs(5, 3, 1) == 5 * (2 + 6) + 25 * 4 + 3 * (2 + 4) + 9 * 4 + 23
 
 
 def test_model_cost_hand_computed():

@@ -52,13 +52,17 @@ def test_tome_equals_reference(cifar_model, cifar_images):
     schedule = tome_r_schedule(12, (4, 0.5))
     with torch.no_grad():
         ref_out, ref_groups, ref_r = reference_forward(model, x, split_layer=12, fixed_r=schedule, prune_last=False)
-        atmerge.patch(model, atmerge.ToMe(r=(4, 0.5)), trace_source=True)
+        atmerge.patch(model, atmerge.ToMe(r=(4, 0.5)), trace_source=True, prune_last_block=False)
         out = model(x)
-    stats = atmerge.last_stats(model)
+        stats, groups = atmerge.last_stats(model), _groups(atmerge.merge_source(model))
+        atmerge.patch(model, atmerge.ToMe(r=(4, 0.5)))  # default: only CLS reaches the last MLP
+        pruned_out = model(x)
     assert stats.merged_per_block == ref_r == schedule
-    assert _groups(atmerge.merge_source(model)) == [sorted(tuple(sorted(g)) for g in img) for img in ref_groups]
+    assert groups == [sorted(tuple(sorted(g)) for g in img) for img in ref_groups]
     assert (out - ref_out).abs().max() < 1e-9
-    assert stats.tokens_mlp_per_block[-1] == 65 - sum(schedule)  # ToMe keeps every token to the end
+    assert stats.tokens_mlp_per_block[-1] == 65 - sum(schedule)  # ToMe as released keeps every token
+    assert (pruned_out - out).abs().max() < 1e-9  # the CLS-only last block changes no output
+    assert atmerge.last_stats(model).tokens_mlp_per_block[-1] == 1
 
 
 def test_tome_r_above_half_is_clipped_to_set_a():

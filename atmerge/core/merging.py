@@ -106,11 +106,16 @@ def merge_weighted_average(
     merge: "Merge | Assignment", x: torch.Tensor, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of each merged group; sizes add up (Definition 1).  A reduction with
-    ``value_weight`` averages with those weights instead (sizes still add up).
+    ``value_weight`` averages with those weights instead (sizes still add up), or, with
+    ``weighted_sum``, sums the weighted values without dividing by the weights (EViT's fusion).
 
     x [B, N, C], size [B, N] → (x [B, N', C], size [B, N']).
     """
     value_weight = getattr(merge, "value_weight", None)
+    if getattr(merge, "weighted_sum", False):
+        weight = value_weight.unsqueeze(-1).to(x.dtype)
+        merged = merge(torch.cat([x * weight, size.unsqueeze(-1).to(x.dtype)], dim=-1), "sum")
+        return merged[..., :-1], merged[..., -1].to(size.dtype)
     if merge.r == 0 and value_weight is None:
         return x, size
     if value_weight is None:
@@ -121,6 +126,23 @@ def merge_weighted_average(
     weight = value_weight.unsqueeze(-1).to(x.dtype)
     merged = merge(torch.cat([x * weight, weight, size.unsqueeze(-1).to(x.dtype)], dim=-1), "sum")
     return merged[..., :-2] / merged[..., -2:-1], merged[..., -1].to(size.dtype)
+
+
+def merge_attention(merge: "Merge | Assignment", attention: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Carry an attention map over a merge, as MCTF reuses its one-step-ahead attention: the
+    columns (keys) of a merged group add up, its rows (queries) are averaged with ``weight``
+    (the weights its tokens were fused with), so every row still sums to 1.
+
+    attention [B, H, N, N], weight [B, N] → [B, H, N', N'].
+    """
+    batch, heads, n, _ = attention.shape
+    keys = merge(attention.permute(0, 3, 1, 2).reshape(batch, n, heads * n), "sum")  # [B, N', H·N]
+    n_out = keys.shape[1]
+    rows = keys.reshape(batch, n_out, heads, n).permute(0, 3, 2, 1).reshape(batch, n, heads * n_out)
+    w = weight.to(attention.dtype).unsqueeze(-1)
+    merged = merge(torch.cat([rows * w, w], dim=-1), "sum")  # [B, N', H·N' + 1]
+    rows = merged[..., :-1] / merged[..., -1:]
+    return rows.reshape(batch, n_out, heads, n_out).permute(0, 2, 1, 3)
 
 
 def merge_source(merge: Merge, source: torch.Tensor) -> torch.Tensor:
@@ -165,11 +187,14 @@ class Assignment:
 
     assign [B, N] int64 with values in [−1, num_out); every slot receives at least one token.
     value_weight [B, N]: weights of the average within a slot (None = merge sizes).
+    weighted_sum: a slot's value is Σ value_weight · x, not divided by Σ value_weight (needs
+        value_weight; EViT's fused token).
     """
 
     assign: torch.Tensor
     num_out: int
     value_weight: torch.Tensor | None = None
+    weighted_sum: bool = False
 
     @classmethod
     def identity(cls, batch: int, num_tokens: int, device: torch.device | None = None) -> "Assignment":

@@ -126,7 +126,7 @@ class _MergeRecorder(Method):
 
     def __init__(self, inner: Method) -> None:
         self.inner = inner
-        self.prune_last_block = inner.prune_last_block
+        self.proportional_attention = inner.proportional_attention
         self.attention = inner.attention
         self.batch_adaptive = inner.batch_adaptive
         self.rows: list[dict] = []

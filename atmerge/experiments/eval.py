@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atmerge.api import patch, unpatch
+from atmerge.api import last_stats, patch, unpatch
 from atmerge.evaluate import evaluate
 from atmerge.experiments.setup import count_params
 from atmerge.methods.base import Method
@@ -19,19 +19,23 @@ def run_eval(
     *,
     device: str = "cpu",
     progress: bool = True,
-    prop_attn: bool = True,
+    prop_attn: bool | None = None,
+    prune_last_block: bool | None = None,
 ) -> dict:
     """Evaluate the unpatched model, then ``model`` patched with ``method``, on ``batches``
     (a re-iterable of (images, labels)); returns both results and their differences.
 
     The baseline's outputs are kept so that the merged model's output cosine to them is reported.
+    prop_attn, prune_last_block: patch options (None = defaults, see :func:`atmerge.patch`); the
+    values used are reported.
     """
     model = model.to(device).eval()
     unpatch(model)
     base, ref = evaluate(model, batches, keep_outputs=True, progress=progress, desc="baseline", device=device)
-    patch(model, method, prop_attn=prop_attn)
+    patch(model, method, prop_attn=prop_attn, prune_last_block=prune_last_block)
     try:
         merged, _ = evaluate(model, batches, reference=ref, progress=progress, desc="merged", device=device)
+        used = last_stats(model)
     finally:
         unpatch(model)
     diff = {
@@ -43,7 +47,8 @@ def run_eval(
     }
     return {
         "method": method_settings(method),
-        "prop_attn": prop_attn,
+        "prop_attn": used.prop_attn,
+        "prune_last_block": used.prune_last_block,
         "device": str(device),
         "params_m": count_params(model),
         "images": base.images,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -25,9 +24,12 @@ class BlockContext:
     num_protected: leading tokens that are never merged (CLS, distillation token, registers).
     tokens: [B, N, C] the tokens after attention (before the MLP).
     attention: [B, H, N, N] this block's attention probabilities, given to methods whose
-        ``attention`` is 'current' (None otherwise).
-    next_attention: for methods whose ``attention`` is 'next': computes the next block's
-        attention [B, H, N, N] on these tokens (its cost is added to the forward's GFLOPs).
+        ``attention`` is 'current' and to every method whose ``stage`` is 'before_attention'
+        (None otherwise).
+
+    For a method whose ``stage`` is 'before_attention' the context describes the tokens that
+    *enter* the block (tokens = the residual stream before norm1) and the attention map computed
+    on them; otherwise the tokens after attention.
     """
 
     block: int
@@ -37,7 +39,6 @@ class BlockContext:
     num_protected: int
     tokens: torch.Tensor | None = None
     attention: torch.Tensor | None = None
-    next_attention: Callable[[], torch.Tensor] | None = None
 
     @property
     def layer(self) -> int:
@@ -76,16 +77,24 @@ def check_number(name: str, value: object, low: float, high: float, *, low_open:
 class Method(ABC):
     """A token-reduction policy.  Subclasses implement :meth:`decide`.
 
-    prune_last_block: in the last block keep only the protected tokens (CLS) before the MLP, as
-    ATM does (Appendix A); only applied to CLS-pooled models.
-    attention: which attention map the method reads: 'none', 'current' (this block's; the block
-    then runs attention unfused) or 'next' (the next block's, computed on this block's tokens).
+    proportional_attention: the method's default for ``patch(..., prop_attn=None)``: whether the
+    log merge size is added to the attention logits (True for the merging methods, as their
+    papers do; False where the release has no size bias, e.g. EViT).
+    attention: whether the method reads this block's attention map: 'none' or 'current' (the
+        block then runs attention unfused and hands the map over).
+    stage: where the method reduces tokens: 'after_attention' (after the attention residual,
+        before the MLP: ATM, ToMe, EViT, Zero-TP) or 'before_attention' (from the attention map
+        of the tokens entering the block, which is then merged and reused for the block's
+        attention: MCTF's one-step-ahead attention).
+    display_name: how result tables and plots name the method.
     batch_adaptive: False makes the patched model run a batch one image at a time, so that token
     counts may differ between images.
     """
 
-    prune_last_block: bool = True
+    proportional_attention: bool = True
     attention: str = "none"
+    stage: str = "after_attention"
+    display_name: str = ""
     batch_adaptive: bool = True
 
     def check_depth(self, depth: int) -> None:

@@ -15,7 +15,8 @@ from atmerge.methods.base import BlockContext, Decision, Method, check_number
 
 def attentive_fusion(score: torch.Tensor, keep: int, num_protected: int) -> Assignment:
     """Keep the ``keep`` unprotected tokens with the highest score (in token order) and fuse the
-    rest into one token, averaged with the scores as weights (EViT's inattentive-token fusion).
+    rest into one token, Σ score_i · x_i over the inattentive tokens (EViT's fusion: a weighted
+    sum, not divided by the weights; kept and protected tokens are unchanged).
 
     score [B, N] (CLS attention).  Output: [protected, kept, fused].
     """
@@ -29,23 +30,28 @@ def attentive_fusion(score: torch.Tensor, keep: int, num_protected: int) -> Assi
     assign.scatter_(1, top, torch.arange(p, p + keep, device=score.device).expand(batch, -1))
     weight = score.clone()
     weight[:, :p] = 1.0
-    return Assignment(assign, p + keep + 1, weight)
+    weight.scatter_(1, top, torch.ones_like(top, dtype=weight.dtype))
+    return Assignment(assign, p + keep + 1, weight, weighted_sum=True)
 
 
 @dataclass(frozen=True)
 class EViT(Method):
-    """EViT without training: after attention in the blocks of ``locations`` (counted from 1),
-    keep the ⌈keep_rate × n⌉ patch tokens that the CLS token attends to most (mean over heads)
-    and fuse the other ones into a single token, weighted by that attention (Eq. 3 of the paper).
+    """EViT without training, as released (youweiliang/evit, ``evit.py``): after attention in the
+    blocks of ``locations`` (counted from 1), keep the ⌈keep_rate × n⌉ tokens (n = tokens after
+    the protected ones, an earlier fused token included) that the CLS token attends to most
+    (mean over heads) and fuse the others into one token, their sum weighted by that attention.
 
-    keep_rate in (0, 1]; locations: blocks counted from 1 (DeiT default: 4, 7, 10).  EViT keeps
-    every remaining token to the end.  Requires a CLS token.
+    keep_rate in (0, 1]; locations: blocks counted from 1.  Defaults are the release's for DeiT
+    (``--base_keep_rate 0.7``, ``drop_loc`` (3, 6, 9) counted from 0).  No proportional attention
+    (the release has no size bias; ``patch(..., prop_attn=True)`` turns it on).  Kept tokens stay
+    in token order where the release orders them by attention: the same outputs, as attention
+    and the MLP do not depend on token order.  Requires a CLS token.
     """
 
     keep_rate: float = 0.7
     locations: tuple[int, ...] = (4, 7, 10)
-    prune_last_block = False
     attention = "current"
+    proportional_attention = False
 
     def __post_init__(self) -> None:
         check_number("keep_rate", self.keep_rate, 0.0, 1.0, low_open=True)

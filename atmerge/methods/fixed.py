@@ -21,7 +21,6 @@ class ToMe(Method):
     """
 
     r: int | list[int] | tuple[int, float] = 8
-    prune_last_block = False
 
     def __post_init__(self) -> None:
         tome_r_schedule(1 if not isinstance(self.r, list) else len(self.r), self.r)  # validates

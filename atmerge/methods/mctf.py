@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from atmerge.core.importance import attention_received
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment
-from atmerge.core.schedules import tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 
 
@@ -80,48 +79,77 @@ def bidirectional_assignment(weights: torch.Tensor, a_idx, b_idx, r: int, num_pr
     return Assignment(assign, num_tokens - r)
 
 
+MIN_TOKENS = 10  # the release never reduces a block's input below 10 tokens (utils/mctf.py)
+
+
 @dataclass(frozen=True)
 class MCTF(Method):
-    """Multi-criteria token fusion, training-free.
+    """Multi-criteria token fusion, training-free, as released (mlvlab/MCTF: ``models/modules/
+    blocks.py`` ``Block_DEIT``, ``utils/mctf.py``; one-step-ahead attention, ``one_step_ahead=1``).
 
-    In every block, tokens split alternately into A and B; pairs are scored by the product of
-    three criteria (similarity of the tokens, informativeness from attention, size; see
-    :func:`multi_criteria_weights`), matched bidirectionally (:func:`bidirectional_assignment`)
-    and fused with weights informativeness × size (attentive size-weighted fusion).
-    Informativeness is the mean attention a token receives; with ``one_step_ahead`` it comes from
-    the *next* block's attention computed on the current tokens (the cost of that extra attention
-    map is added to the GFLOPs), else from the current block's.
+    At the start of every block of ``blocks`` the block's attention map is computed once on the
+    tokens entering it (q, k only; +log size with proportional attention).  From it, MCTF scores
+    pairs of the alternate split (A = even, B = odd positions after CLS) by the product of three
+    criteria (:func:`multi_criteria_weights`: cosine of the tokens themselves — the residual
+    stream, not keys —, informativeness = inverse attention received, inverse size), matches
+    bidirectionally (:func:`bidirectional_assignment`: ⌊r/2⌋ A→B, then ⌈r/2⌉ B→A) and fuses each
+    group weighted by attention received × size.  The attention map is carried over the merge
+    (key columns summed, query rows averaged with the same weights) and reused for the block's
+    attention with the values of the fused tokens — so no extra attention map is computed.
 
-    r: tokens fused per block (int, list, or ToMe-style (r, inflection)); defaults follow the
-    paper's DeiT setting as we read it: tau_sim=1, tau_info=20, tau_size=40, bidirectional
-    matching, one-step-ahead attention.  MCTF keeps every token to the end.
+    r: tokens fused per block, an int, or a float in (0, 1) for a share of the block's unprotected
+        tokens (the release's ``r < 1``, truncated).  Clipped as the release does: at most half
+        of the unprotected tokens, and never below 10 tokens (``MIN_TOKENS``).
+    blocks: where it fuses, counted from 1; None = every block but the first (the release's
+        ``--activate_layer 1 … 11`` counted from 0 on DeiT).
+    Defaults (r=16, tau_sim=1, tau_info=20, tau_size=40, bidirectional matching, attentive
+    fusion, proportional attention) are the release's DeiT-T/S evaluation settings
+    (``run/eval_deit_{t,s}_mctf.sh``: ``--mctf_type [16,0,0,1,1,1,20,40,1,1,0]``); its "fast"
+    variant is ``MCTF(r=0.35, blocks=(4, 7, 10))``.
     """
 
-    r: int | list[int] | tuple[int, float] = 16
+    r: int | float = 16
     tau_sim: float = 1.0
     tau_info: float = 20.0
     tau_size: float = 40.0
-    one_step_ahead: bool = True
-    prune_last_block = False
+    blocks: tuple[int, ...] | None = None
+    attention = "current"
+    stage = "before_attention"
+    display_name = "MCTF"
 
     def __post_init__(self) -> None:
-        tome_r_schedule(1 if not isinstance(self.r, list) else len(self.r), self.r)
+        r = self.r
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (isinstance(r, int) and r >= 0 or 0 < r < 1):
+            raise ValueError(f"r must be an integer >= 0 or a share in (0, 1), got {r!r}")
         for name in ("tau_sim", "tau_info", "tau_size"):
             check_number(name, getattr(self, name), 0.0, 1e6)
-        object.__setattr__(self, "attention", "next" if self.one_step_ahead else "current")
+        if self.blocks is not None:
+            blocks = tuple(self.blocks)
+            if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+                raise ValueError(f"blocks must be block numbers counted from 1, got {self.blocks!r}")
+            object.__setattr__(self, "blocks", blocks)
 
     def check_depth(self, depth: int) -> None:
-        tome_r_schedule(depth, self.r)
+        if self.blocks and max(self.blocks) > depth:
+            raise ValueError(f"blocks {self.blocks} go beyond the model's depth; allowed 1..{depth}")
+
+    def fuses_in(self, layer: int) -> bool:
+        """Whether MCTF fuses at the start of block ``layer`` (counted from 1)."""
+        return layer > 1 if self.blocks is None else layer in self.blocks
+
+    def count(self, num_tokens: int, num_protected: int) -> int:
+        """r for a block entered by ``num_tokens`` tokens, clipped as the release clips it."""
+        free = num_tokens - num_protected
+        r = int(free * self.r) if isinstance(self.r, float) else self.r
+        return max(0, min(r, num_tokens - MIN_TOKENS, free // 2))
 
     def decide(self, ctx: BlockContext) -> Decision:
-        n = ctx.metric.shape[1]
-        r = tome_r_schedule(ctx.depth, self.r)[ctx.block]
-        if r == 0:  # nothing to fuse: no look-ahead attention either
-            return Decision(Assignment.identity(ctx.metric.shape[0], n, ctx.metric.device), requested=0)
-        a_idx, b_idx = alternate_split(n, ctx.num_protected, ctx.metric.device)
-        # one-step-ahead: the next block's attention (the last block has none: its own instead)
-        attention = ctx.next_attention() if ctx.next_attention is not None else ctx.attention
-        info = attention_received(attention)
+        batch, n = ctx.tokens.shape[:2]
+        r = self.count(n, ctx.num_protected) if self.fuses_in(ctx.layer) else 0
+        if r == 0:
+            return Decision(Assignment.identity(batch, n, ctx.tokens.device), requested=0)
+        a_idx, b_idx = alternate_split(n, ctx.num_protected, ctx.tokens.device)
+        info = attention_received(ctx.attention)
         weights = multi_criteria_weights(
             ctx.tokens, info, ctx.size, a_idx, b_idx, self.tau_sim, self.tau_info, self.tau_size
         )

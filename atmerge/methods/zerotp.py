@@ -62,7 +62,6 @@ class ZeroTP(Method):
     r: int | list[int] | tuple[int, float] = 8
     importance_share: float = 0.5
     iterations: int = 30
-    prune_last_block = False
     attention = "current"
 
     def __post_init__(self) -> None:

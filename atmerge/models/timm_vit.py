@@ -20,7 +20,6 @@ SUPPORTED_POOLS = ("token", "avg", "")
 _STATE = "_atmerge_state"
 _INDEX = "_atmerge_block"
 _ORIGINAL = "_atmerge_original_class"
-_NEXT = "_atmerge_next_block"
 
 
 class UnsupportedModelError(TypeError):
@@ -107,8 +106,6 @@ def model_cost(model: VisionTransformer) -> ModelCost:
         attn_linear = attn.qkv.weight.numel() + attn.proj.weight.numel()
         if getattr(attn, "gate", None) is not None:
             attn_linear += attn.gate.weight.numel()
-        attn_norms = attn.num_heads * (_layer_norm_macs(attn.q_norm) + _layer_norm_macs(attn.k_norm))
-        attn_norms += _layer_norm_macs(getattr(attn, "norm", nn.Identity()))
         blocks.append(
             BlockCost(
                 attn_linear=attn_linear,
@@ -116,7 +113,8 @@ def model_cost(model: VisionTransformer) -> ModelCost:
                 mlp=_linear_macs(block.mlp),
                 norm1=_layer_norm_macs(block.norm1),
                 norm2=_layer_norm_macs(block.norm2),
-                attn_norms=attn_norms,
+                qk_norms=attn.num_heads * (_layer_norm_macs(attn.q_norm) + _layer_norm_macs(attn.k_norm)),
+                out_norm=_layer_norm_macs(getattr(attn, "norm", nn.Identity())),
                 qk_linear=2 * attn.qkv.weight.numel() // 3,
             )
         )
@@ -178,8 +176,9 @@ def attention_with_keys(
     return attn.proj_drop(attn.proj(x)), metric, (probs if return_attention else None)
 
 
-def attention_map(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Attention probabilities [B, H, N, N] of ``attn`` on x [B, N, C] (only q and k are projected)."""
+def attention_map(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities [B, H, N, N] of ``attn`` on x [B, N, C] and the keys' head-mean
+    [B, N, C_h]; only q and k are projected (the values follow in :func:`attend`)."""
     B, N, _ = x.shape
     d = attn.num_heads * attn.head_dim
     qk_bias = attn.qkv.bias[: 2 * d] if attn.qkv.bias is not None else None
@@ -187,7 +186,21 @@ def attention_map(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -
     q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     scores = (q * attn.scale) @ k.transpose(-2, -1)
-    return (scores if bias is None else scores + bias).softmax(dim=-1)
+    return (scores if bias is None else scores + bias).softmax(dim=-1), k.mean(1)
+
+
+def attend(attn: Attention, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The rest of ``attn``'s forward given its probabilities [B, H, N, N]: values of x [B, N, C]
+    (only v is projected), AV, output norm, gate and projection → [B, N, C]."""
+    B, N, _ = x.shape
+    d = attn.num_heads * attn.head_dim
+    v_bias = attn.qkv.bias[2 * d :] if attn.qkv.bias is not None else None
+    v = F.linear(x, attn.qkv.weight[2 * d :], v_bias).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, d)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
 
 
 def _merging_block_forward(
@@ -199,21 +212,22 @@ def _merging_block_forward(
         state.begin(x)
     elif attn_mask is not None and state.merged_any:
         raise ValueError("attn_mask is defined on the original tokens and cannot follow merged tokens")
-    wants = state.method.attention
-    following = getattr(self, _NEXT)
+    method = state.method
     bias = state.attention_bias(x.dtype)
-    # A look-ahead method reads the current block's attention in the last block.
-    current = wants == "current" or (wants == "next" and following is None)
-    out, metric, probs = attention_with_keys(self.attn, self.norm1(x), bias, attn_mask, is_causal, current)
+    h = self.norm1(x)
+    if method.stage == "before_attention":
+        if attn_mask is not None or is_causal:
+            raise ValueError(f"{type(method).__name__} reduces tokens before attention and takes no attn_mask")
+        probs, metric = attention_map(self.attn, h, bias)
+        x, merged_probs = state.reduce_before(index, x, metric, probs)
+        if merged_probs is not None:
+            h, probs = self.norm1(x), merged_probs
+        out, metric, probs = attend(self.attn, h, probs), None, None
+    else:
+        current = method.attention == "current"
+        out, metric, probs = attention_with_keys(self.attn, h, bias, attn_mask, is_causal, current)
     x = x + self.drop_path1(self.ls1(out))
-    next_attention = None
-    if wants == "next" and following is not None:
-        tokens = x
-
-        def next_attention() -> torch.Tensor:
-            return attention_map(following.attn, following.norm1(tokens), state.attention_bias(tokens.dtype))
-
-    x = state.reduce(index, x, metric, probs, next_attention)
+    x = state.reduce(index, x, metric, probs)
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -277,12 +291,9 @@ def patch_vit(model: VisionTransformer, state_factory) -> VisionTransformer:
         model, {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool}
     )
     setattr(model, _STATE, state)
-    blocks = list(model.blocks)
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(model.blocks):
         _swap_class(block, {"forward": _merging_block_forward})
-        # Plain attributes, not submodules: the state and the next block are not children.
-        object.__setattr__(block, _STATE, state)
-        object.__setattr__(block, _NEXT, blocks[i + 1] if i + 1 < len(blocks) else None)
+        object.__setattr__(block, _STATE, state)  # a plain attribute, not a submodule
         setattr(block, _INDEX, i)
     return model
 
@@ -293,7 +304,7 @@ def unpatch_vit(model: nn.Module) -> nn.Module:
         return model
     for module in [model, *model.blocks]:
         module.__class__ = getattr(module, _ORIGINAL)
-        for name in (_ORIGINAL, _STATE, _INDEX, _NEXT):
+        for name in (_ORIGINAL, _STATE, _INDEX):
             if name in module.__dict__:
                 delattr(module, name)
     return model
