@@ -128,28 +128,30 @@ def _write(result: dict, out: Path, name: str, rows: list[dict] | None = None) -
 def cmd_search(args) -> int:
     from atmerge import data
     from atmerge.experiments.io import format_table
-    from atmerge.experiments.search import baseline_curves, plot_search, search
+    from atmerge.experiments.search import plot_search, search_methods
 
     base = method_from_args(args)
-    if args.method != "atm":
-        raise ValueError("search tunes ATM's alpha, beta and theta_min: use --method atm")
     setup, batches = _setup_and_batches(args)
     batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
     setup.model.to(args.device)
-    result = search(setup.model, batches, goal=args.goal, budget=args.budget, trials=args.trials, seed=args.seed,
-                    base=base, progress=not args.no_progress,
-                    cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"))
+    others = [m for m in (args.compare or []) if m != args.method]
+    results = search_methods(setup.model, batches, [base, *others], goal=args.goal, budget=args.budget,
+                             trials=args.trials, seed=args.seed, metric=args.metric, progress=not args.no_progress,
+                             cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"))
+    result = next(iter(results.values()))
     result["setup"] = setup.description
-    curves = baseline_curves(setup.model, batches, args.compare, points=args.points) if args.compare else {}
-    result["baseline_curves"] = curves
+    result["compared"] = {label: r for label, r in results.items() if r is not result}
     out = Path(args.out)
-    result["plot"] = plot_search(result, out / "search.png", curves)
-    cols = ["trial", "alpha", "beta", "theta_min", "top1", "gflops", "agreement", "feasible"]
-    print(format_table(result["pareto_front"], cols))
+    result["plot"] = plot_search(results, out / "search.png")
+    for label, r in results.items():
+        cols = ["trial", *r["space"], "top1", "agreement", "gflops", "feasible"]
+        print(f"{label}: Pareto front of {len(r['trials'])} trials")
+        print(format_table(r["pareto_front"], cols))
     b = result["baseline"]
-    print(f"unpatched: top-1 {b['top1']:.4f}, {b['gflops']:.4g} GFLOPs on {result['images']} images")
+    top1 = "n/a" if b["top1"] is None else f"{b['top1']:.4f}"
+    print(f"unpatched: top-1 {top1}, {b['gflops']:.4g} GFLOPs on {result['images']} images")
     if result["best"]:
-        print(f"best ({args.goal}):", {k: result["best"][k] for k in cols})
+        print(f"best ({args.goal}):", {k: result["best"][k] for k in [*result["space"], "top1", "agreement", "gflops"]})
     elif args.goal != "pareto":
         print(f"no trial met the {args.goal} constraint; try more --trials")
     _write(result, out, "search", result["trials"])
@@ -264,16 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/eval", help="folder for eval.json and eval.csv")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("search", help="Optuna search of ATM's alpha, beta, theta_min on a calibration set")
+    p = sub.add_parser("search", help="Optuna search of a method's settings on a calibration set (same trials for --compare)")
     add_model_options(p)
     add_data_options(p)
     add_method_options(p)
     p.add_argument("--goal", default="pareto", choices=["budget", "stress", "pareto"])
     p.add_argument("--budget", type=float, default=None, help="GFLOPs per image (goal budget)")
     p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--compare", nargs="*", default=["tome", "evit", "mctf", "zerotp"],
-                   help="baseline methods drawn on the same axes (none: --compare)")
-    p.add_argument("--points", type=int, default=5, help="points per baseline curve")
+    p.add_argument("--metric", default="top1", choices=["top1", "agreement"],
+                   help="trial quality: top-1, or agreement with the unpatched model's predictions (no labels)")
+    p.add_argument("--compare", nargs="*", default=[], choices=method_names(), metavar="METHOD",
+                   help="also search these methods, each with the same number of trials, drawn on the same axes")
     p.add_argument("--cache-dir", default=None,
                    help="where the unpatched model's predictions are kept between runs (default: $ATMERGE_CACHE/predictions)")
     p.add_argument("--no-cache", action="store_true", help="always recompute the unpatched model's predictions")

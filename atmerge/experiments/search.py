@@ -1,8 +1,10 @@
-"""`atmerge search`: ATM's α, β, θ_min found with Optuna (TPE, seeded) on a calibration set.
+"""`atmerge search`: any method's settings found with Optuna (TPE, seeded) on a calibration set.
 
-The paper sweeps α ∈ [0.945, 1.0], β ∈ [0.015, 0.05], θ_min ∈ [0.80, 0.945] on a 0.005 grid.
-Goals: 'budget' (best top-1 with mean GFLOPs ≤ budget), 'stress' (lowest GFLOPs with top-1 no
-lower than the unpatched model's, Table 1), 'pareto' (the accuracy–GFLOPs front).
+Each method declares its search space (``Method.search_space``; ATM: the paper's sweep of α,
+β, θ_min on a 0.005 grid), so every method is tuned by the same machinery with the same number
+of trials.  Goals: 'budget' (best quality with mean GFLOPs ≤ budget), 'stress' (lowest GFLOPs
+with top-1 no lower than the unpatched model's, Table 1), 'pareto' (the quality–GFLOPs front).
+Quality is top-1 or, without labels, agreement with the unpatched model's predictions.
 
 The unpatched model's predictions are computed once per study and, given ``cache_dir``, kept on
 disk under a key made of the model's weights and the calibration images, so a second search on
@@ -13,29 +15,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from atmerge.api import patch, unpatch
 from atmerge.evaluate import evaluate
-from atmerge.methods.atm import ATM
-from atmerge.methods.registry import knob_factory
+from atmerge.methods.base import Method
+from atmerge.methods.registry import build_method, method_settings
 
-SPACE = {"alpha": (0.945, 1.0), "beta": (0.015, 0.05), "theta_min": (0.80, 0.945)}
 GOALS = ("budget", "stress", "pareto")
+METRICS = ("top1", "agreement")
 
 
 def _materialise(batches: Iterable) -> list:
     return [(x, y) for x, y in batches]
 
 
-def trial_method(base: ATM, trial: dict) -> ATM:
-    """The ATM of one trial row: ``base`` with the trial's α, β, θ_min."""
-    return replace(base, **{k: trial[k] for k in SPACE})
+def trial_method(base: Method, trial: dict, num_blocks: int, num_patches: int) -> Method:
+    """The method of one trial row: ``base`` with the trial's searched settings."""
+    space = type(base).search_space(num_blocks, num_patches)
+    return base.with_params({k: trial[k] for k in space})
 
 
 def _digest(model: nn.Module, batches: list) -> str:
@@ -71,46 +73,64 @@ def unpatched_predictions(model: nn.Module, batches: list, cache_dir: str | Path
     return summary, predictions, False
 
 
+def _as_method(method: Method | str) -> Method:
+    return build_method(method) if isinstance(method, str) else method
+
+
 def search(
     model: nn.Module,
     batches,
     *,
+    method: Method | str = "atm",
     goal: str = "pareto",
     budget: float | None = None,
     trials: int = 40,
     seed: int = 0,
-    base: ATM | None = None,
-    step: float = 0.005,
+    base: Method | None = None,
+    metric: str = "top1",
     progress: bool = False,
     cache_dir: str | Path | None = None,
+    reference: tuple[dict, torch.Tensor, bool] | None = None,
 ) -> dict:
-    """Run the Optuna study; returns the trials, the chosen trial(s) and the baseline.
+    """Run an Optuna study (TPE, seeded) over ``method``'s own search space
+    (``type(method).search_space``); returns the trials, the chosen trial(s) and the baseline.
 
-    budget: GFLOPs per image (required for goal 'budget').  base: ATM settings kept fixed
-    (split_layer, similarity).  Each trial is one evaluation of the calibration batches.
-    cache_dir: where the unpatched model's predictions are kept between runs (None: not kept).
+    method: a registry name or a method whose other settings stay fixed (``base`` is the older
+        name of the same argument).  metric: what a trial's quality is — 'top1' (needs labels)
+        or 'agreement' (share of images whose predicted class is the unpatched model's; no
+        labels needed).  goal 'budget': best quality with mean GFLOPs ≤ budget; 'stress':
+        lowest GFLOPs with top-1 no lower than the unpatched model's; 'pareto': the front of
+        (quality, GFLOPs).  Each trial is one evaluation of the calibration batches.
+    cache_dir: where the unpatched model's predictions are kept between runs (None: not kept);
+    reference: what :func:`unpatched_predictions` returned for these batches, to skip that pass.
     """
     import optuna
 
     if goal not in GOALS:
         raise ValueError(f"goal={goal!r}; choose one of {GOALS}")
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; choose one of {METRICS}")
     if goal == "budget" and (budget is None or budget <= 0):
         raise ValueError("goal 'budget' needs a positive budget in GFLOPs (--budget)")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    base = _as_method(base if base is not None else method)
     batches = _materialise(batches)
-    base = base or ATM()
-    baseline, reference, cached = unpatched_predictions(model, batches, cache_dir)  # every trial compares with it
+    baseline, predictions, cached = reference if reference else unpatched_predictions(model, batches, cache_dir)
+    if (goal == "stress" or metric == "top1") and baseline["top1"] is None:
+        raise ValueError("these images have no labels: use metric='agreement' (and goal 'pareto' or 'budget')")
+    space = type(base).search_space(len(model.blocks), model.patch_embed.num_patches)
     rows: list[dict] = []
 
     def run(trial) -> tuple[float, float]:
-        params = {k: round(trial.suggest_float(k, lo, hi, step=step), 6) for k, (lo, hi) in SPACE.items()}
-        patch(model, replace(base, **params))
+        params = {name: knob.suggest(trial, name) for name, knob in space.items()}
+        patch(model, base.with_params(params))
         res, outputs = evaluate(model, batches, keep_outputs=True)
-        agreement = (_predictions(outputs) == reference).float().mean().item()
+        agreement = (_predictions(outputs) == predictions).float().mean().item()
+        quality = res.top1 if metric == "top1" else agreement
         feasible = {
             "budget": res.gflops <= (budget or 0),
-            "stress": res.top1 >= baseline["top1"],
+            "stress": res.top1 is not None and res.top1 >= baseline["top1"],
             "pareto": True,
         }[goal]
         if goal == "budget":
@@ -118,8 +138,8 @@ def search(
         elif goal == "stress":
             trial.set_constraint("top1_drop", baseline["top1"] - res.top1)
         rows.append({"trial": trial.number, **params, "top1": res.top1, "gflops": res.gflops,
-                     "agreement": agreement, "feasible": feasible})
-        return res.top1, res.gflops
+                     "agreement": agreement, "quality": quality, "feasible": feasible})
+        return quality, res.gflops
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed)
@@ -132,79 +152,79 @@ def search(
         study.optimize(objective, n_trials=trials, show_progress_bar=progress)
     unpatch(model)
 
-    front = pareto_front(rows)
     feasible = [r for r in rows if r["feasible"]]
     if goal == "budget":
-        best = max(feasible, key=lambda r: (r["top1"], -r["gflops"]), default=None)
+        best = max(feasible, key=lambda r: (r["quality"], -r["gflops"]), default=None)
     elif goal == "stress":
         best = min(feasible, key=lambda r: (r["gflops"], -r["top1"]), default=None)
     else:
         best = None
     return {
+        "method": method_settings(base),
+        "label": base.display_name or type(base).__name__,
         "goal": goal,
+        "metric": metric,
         "budget": budget,
         "trials": rows,
         "best": best,
-        "pareto_front": front,
+        "pareto_front": pareto_front(rows, "quality"),
         "baseline": {"top1": baseline["top1"], "top5": baseline["top5"], "gflops": baseline["gflops"]},
         "baseline_from_cache": cached,
         "images": baseline["images"],
         "seed": seed,
-        "space": {k: list(v) for k, v in SPACE.items()},
-        "step": step,
-        "fixed": {"split_layer": base.split_layer, "similarity": base.similarity},
+        "space": {name: knob.describe() for name, knob in space.items()},
     }
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows not dominated in (higher top-1, lower GFLOPs), sorted by GFLOPs."""
+def search_methods(model: nn.Module, batches, methods: Sequence[Method | str], **options) -> dict[str, dict]:
+    """:func:`search` for several methods with the same options and number of trials (equal
+    tuning effort); the unpatched model runs once for all.  Returns {label: result}."""
+    batches = _materialise(batches)
+    reference = options.pop("reference", None)
+    if reference is None:
+        reference = unpatched_predictions(model, batches, options.get("cache_dir"))
+    results = {}
+    for m in methods:
+        result = search(model, batches, method=m, reference=reference, **options)
+        results[result["label"]] = result
+    return results
+
+
+def pareto_front(rows: list[dict], key: str = "top1") -> list[dict]:
+    """Rows not dominated in (higher ``key``, lower GFLOPs), sorted by GFLOPs."""
     front = [
         r for r in rows
-        if not any(o["top1"] >= r["top1"] and o["gflops"] <= r["gflops"] and (o["top1"] > r["top1"] or o["gflops"] < r["gflops"]) for o in rows)
+        if not any(o[key] >= r[key] and o["gflops"] <= r["gflops"] and (o[key] > r[key] or o["gflops"] < r["gflops"]) for o in rows)
     ]
     return sorted(front, key=lambda r: r["gflops"])
 
 
-@torch.no_grad()
-def baseline_curves(model: nn.Module, batches, methods=("tome", "evit", "mctf", "zerotp"), points: int = 5) -> dict:
-    """Accuracy–GFLOPs curves of baseline methods: each method's knob at ``points`` values."""
-    batches = _materialise(batches)
-    depth = len(model.blocks)
-    num_patches = model.patch_embed.num_patches
-    curves = {}
-    for name in methods:
-        factory = knob_factory(name, depth, num_patches)
-        curve = []
-        for i in range(points):
-            t = i / max(points - 1, 1)
-            patch(model, factory(0.2 + 0.8 * t))
-            res, _ = evaluate(model, batches)
-            curve.append({"knob": 0.2 + 0.8 * t, "top1": res.top1, "gflops": res.gflops})
-        curves[name] = sorted(curve, key=lambda r: r["gflops"])
-    unpatch(model)
-    return curves
-
-
-def plot_search(result: dict, out, curves: dict | None = None, title: str | None = None) -> str:
-    """Figure 4-style: top-1 vs GFLOPs, ATM trials with their Pareto front and baseline curves."""
+def plot_search(results: dict[str, dict], out, title: str | None = None) -> str:
+    """Figure 4-style: quality (top-1 or agreement, %) vs GFLOPs; per method its trials (dots)
+    and their Pareto front (line), all searched with the same number of trials."""
     from atmerge.experiments.analyze import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    colours = iter(plt.get_cmap("tab10").colors[1:])
-    ax.scatter([r["gflops"] for r in result["trials"]], [100 * r["top1"] for r in result["trials"]],
-               s=8, alpha=0.35, color="#1f77b4", label="ATM trials")
-    front = result["pareto_front"]
-    ax.plot([r["gflops"] for r in front], [100 * r["top1"] for r in front], "-o", ms=3, color="#1f77b4", label="ATM")
-    for name, curve in (curves or {}).items():
-        ax.plot([r["gflops"] for r in curve], [100 * r["top1"] for r in curve], "-s", ms=3, label=name,
-                color=next(colours))
-    b = result["baseline"]
-    ax.scatter([b["gflops"]], [100 * b["top1"]], marker="*", s=80, color="k", label="unpatched", zorder=3)
-    if result.get("best"):
-        ax.scatter([result["best"]["gflops"]], [100 * result["best"]["top1"]], marker="D", s=40, color="red",
-                   label=f"best ({result['goal']})", zorder=3)
-    ax.set_xlabel("GFLOPs per image"), ax.set_ylabel("top-1 (%)"), ax.legend(fontsize=7)
+    colours = iter(plt.get_cmap("tab10").colors)
+    first = next(iter(results.values()))
+    metric = first["metric"]
+    for label, result in results.items():
+        colour = next(colours)
+        ax.scatter([r["gflops"] for r in result["trials"]], [100 * r["quality"] for r in result["trials"]],
+                   s=6, alpha=0.25, color=colour)
+        front = result["pareto_front"]
+        ax.plot([r["gflops"] for r in front], [100 * r["quality"] for r in front], "-o", ms=3, color=colour,
+                label=f"{label} ({len(result['trials'])} trials)")
+        if result.get("best"):
+            ax.scatter([result["best"]["gflops"]], [100 * result["best"]["quality"]], marker="D", s=40,
+                       color=colour, edgecolors="k", zorder=3)
+    b = first["baseline"]
+    ax.scatter([b["gflops"]], [100 * (b["top1"] if metric == "top1" else 1.0)], marker="*", s=80, color="k",
+               label="unpatched", zorder=3)
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("top-1 (%)" if metric == "top1" else "agreement with the unpatched model (%)")
+    ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, out)

@@ -9,6 +9,7 @@ from atmerge.core.matching import SIMILARITIES
 from atmerge.core.schedules import batch_adaptive_r, layer_threshold, threshold_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.bipartite import match_tokens
+from atmerge.methods.space import Knob, floats
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ class ATM(Method):
     split_layer: int | None = None
     similarity: str = "raw"
     batch_adaptive: bool = True
+    display_name = "ATM"
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+        """The paper's sweep (Appendix A): α ∈ [0.945, 1], β ∈ [0.015, 0.05], θ_min ∈ [0.80,
+        0.945] on a 0.005 grid."""
+        return {"alpha": floats(0.945, 1.0, 0.005), "beta": floats(0.015, 0.05, 0.005),
+                "theta_min": floats(0.80, 0.945, 0.005)}
 
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, 0.0, 1.0)

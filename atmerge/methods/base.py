@@ -5,6 +5,7 @@ A method never touches modules; a model adapter never decides what merges.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from atmerge.core.merging import Assignment, Merge
+from atmerge.methods.space import Knob
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,16 @@ class Method(ABC):
 
     def check_depth(self, depth: int) -> None:
         """Validate settings that depend on the model's depth; raise ValueError if they don't fit."""
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+        """The settings a tuner varies for a model of ``depth`` blocks and ``num_patches``
+        patches, with their ranges (see :mod:`atmerge.methods.space`)."""
+        return {}
+
+    def with_params(self, params: dict) -> "Method":
+        """This method with the searched settings ``params`` (names of :meth:`search_space`)."""
+        return dataclasses.replace(self, **params)
 
     @abstractmethod
     def decide(self, ctx: BlockContext) -> Decision:

@@ -4,13 +4,14 @@ Token Reorganizations", ICLR 2022), training-free."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from atmerge.core.importance import cls_attention
 from atmerge.core.merging import Assignment
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.methods.space import Knob, floats, ints
 
 
 def attentive_fusion(score: torch.Tensor, keep: int, num_protected: int) -> Assignment:
@@ -52,6 +53,20 @@ class EViT(Method):
     locations: tuple[int, ...] = (4, 7, 10)
     attention = "current"
     proportional_attention = False
+    display_name = "EViT"
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+        """keep_rate, and three locations (first, first + every, first + 2·every) — the release's
+        are 4, 7, 10 — within the depth."""
+        return {"keep_rate": floats(0.3, 1.0, 0.05), "first": ints(2, max(2, depth // 2)), "every": ints(1, max(1, depth // 4))}
+
+    def with_params(self, params: dict) -> "EViT":
+        params = dict(params)
+        first, every = params.pop("first", None), params.pop("every", None)
+        if first is not None:
+            params["locations"] = tuple(first + i * (every or 1) for i in range(3))
+        return replace(self, **params)
 
     def __post_init__(self) -> None:
         check_number("keep_rate", self.keep_rate, 0.0, 1.0, low_open=True)

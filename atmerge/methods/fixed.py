@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from atmerge.core.schedules import linear_r_schedule, tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.methods.bipartite import match_tokens
+from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,16 @@ class ToMe(Method):
     """
 
     r: int | list[int] | tuple[int, float] = 8
+    display_name = "ToMe"
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+        """r and ToMe's schedule: inflection −1 (decreasing) … 0 (constant) … +1 (increasing)."""
+        return {"r": ints(0, fixed_count_limit(depth, num_patches)), "inflection": choice(-1.0, -0.5, 0.0, 0.5, 1.0)}
+
+    def with_params(self, params: dict) -> "ToMe":
+        inflection = params.get("inflection", 0.0)
+        return replace(self, r=params["r"] if not inflection else (params["r"], inflection))
 
     def __post_init__(self) -> None:
         tome_r_schedule(1 if not isinstance(self.r, list) else len(self.r), self.r)  # validates
@@ -44,6 +55,11 @@ class TopR(Method):
 
     schedule: str = "constant"
     r: int = 8
+    display_name = "top-r"
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+        return {"schedule": choice("constant", "increasing", "decreasing"), "r": ints(0, fixed_count_limit(depth, num_patches))}
 
     def __post_init__(self) -> None:
         linear_r_schedule(1, self.r, self.schedule)  # validates

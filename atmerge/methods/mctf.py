@@ -12,6 +12,7 @@ from atmerge.core.importance import attention_received
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 
 def multi_criteria_weights(
@@ -116,6 +117,12 @@ class MCTF(Method):
     attention = "current"
     stage = "before_attention"
     display_name = "MCTF"
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+        """r and the three temperatures, log-uniform around the release's 1, 20, 40."""
+        return {"r": ints(0, fixed_count_limit(depth, num_patches)), "tau_sim": floats(0.25, 4.0, log=True),
+                "tau_info": floats(1.0, 100.0, log=True), "tau_size": floats(1.0, 100.0, log=True)}
 
     def __post_init__(self) -> None:
         r = self.r

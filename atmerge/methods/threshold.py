@@ -8,6 +8,7 @@ from atmerge.core.merging import Assignment
 from atmerge.core.schedules import batch_adaptive_r
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.bipartite import match_tokens
+from atmerge.methods.space import Knob, floats
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,11 @@ class ConstantThreshold(Method):
 
     theta: float = 0.9
     blocks: tuple[int, ...] | None = None
+    display_name = "constant θ"
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+        return {"theta": floats(0.5, 1.0, 0.005)}
 
     def __post_init__(self) -> None:
         check_number("theta", self.theta, 0.0, 1.0)

@@ -12,6 +12,7 @@ from atmerge.core.matching import best_match
 from atmerge.core.merging import Assignment
 from atmerge.core.schedules import tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 
 def importance_then_similarity_pruning(
@@ -63,6 +64,11 @@ class ZeroTP(Method):
     importance_share: float = 0.5
     iterations: int = 30
     attention = "current"
+    display_name = "Zero-TP (simplified)"
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+        return {"r": ints(0, fixed_count_limit(depth, num_patches)), "importance_share": floats(0.0, 1.0, 0.1)}
 
     def __post_init__(self) -> None:
         tome_r_schedule(1 if not isinstance(self.r, list) else len(self.r), self.r)
