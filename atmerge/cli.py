@@ -11,30 +11,53 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from atmerge.methods.registry import build_method, method_names
+from atmerge.methods.registry import METHODS, build_method, method_names
 
-METHOD_FLAGS = {
-    "alpha": float,
-    "beta": float,
-    "theta_min": float,
-    "split_layer": int,
-    "similarity": str,
-    "theta": float,
-    "r": int,
-    "schedule": str,
-    "keep_rate": float,
-    "locations": int,
-    "tau_sim": float,
-    "tau_info": float,
-    "tau_size": float,
-    "importance_share": float,
-}
+def _number(text: str) -> int | float:
+    """An int where the text is one, else a float (MCTF's r: a count or a share)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _flag_kind(annotations: list[str]) -> tuple[object, str | None]:
+    """argparse type and nargs of a method setting, from its dataclass annotations."""
+    text = " ".join(annotations)
+    if "tuple[int, ...]" in text:
+        return int, "+"
+    if "float" in text and "int" in text:
+        return _number, None
+    for name, kind in (("bool", _boolean), ("float", float), ("int", int)):
+        if name in text:
+            return kind, None
+    return str, None
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def method_flags() -> dict[str, tuple[object, str | None]]:
+    """Every setting of every registered method, as {field name: (argparse type, nargs)}:
+    derived from the methods' dataclass fields, so a new method's settings are flags at once."""
+    annotations: dict[str, list[str]] = {}
+    for cls in METHODS.values():
+        for f in dataclasses.fields(cls):
+            annotations.setdefault(f.name, []).append(str(f.type))
+    return {name: _flag_kind(kinds) for name, kinds in annotations.items()}
+
+
+METHOD_FLAGS = method_flags()
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -65,18 +88,15 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None:
     g = p.add_argument_group("method (settings left out keep the method's defaults)")
     g.add_argument("--method", default=default, choices=method_names())
-    for name, kind in METHOD_FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        if name == "locations":
-            g.add_argument(flag, type=int, nargs="+", default=None)
-        else:
-            g.add_argument(flag, type=kind, default=None)
+    for name, (kind, nargs) in METHOD_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, nargs=nargs, default=None)
 
 
 def method_from_args(args) -> object:
     settings = {name: getattr(args, name) for name in METHOD_FLAGS}
-    if settings.get("locations") is not None:
-        settings["locations"] = tuple(settings["locations"])
+    for name, (_, nargs) in METHOD_FLAGS.items():
+        if nargs and settings[name] is not None:
+            settings[name] = tuple(settings[name])
     return build_method(args.method, **settings)
 
 

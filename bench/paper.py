@@ -5,14 +5,12 @@
 
 For the CIFAR-10 reference ViT and for DINOv2-S + linear probe (both from ../shared), on
 cifar10-test split into a calibration part and a disjoint report part:
-  * ATM's α, β, θ_min by Optuna (Pareto goal) and every baseline's knob on a grid, on the
-    calibration images → Figure 4-style plot (top-1 vs GFLOPs);
-  * stress test (Table 1): per method the cheapest setting whose calibration top-1 is no lower
-    than the unpatched model's, then evaluated on the report images;
-  * every method at matched GFLOPs: each knob bisected (atmerge.match_gflops, on calibration
-    images) to 85%, 75% and 65% of the unpatched model's GFLOPs, top-1 on the report images;
+  * ATM's α, β, θ_min by Optuna (Pareto goal) on the calibration images → Figure 4-style plot;
+  * stress test (Table 1): ATM's cheapest setting whose calibration top-1 is no lower than the
+    unpatched model's, then evaluated on the report images;
   * Figure 6-style merge profile of that ATM setting vs a constant threshold at the same GFLOPs;
 and a Figure 7-style picture of ToMe vs ATM (centred keys) on the shared ImageNet photos.
+Every method against every other, with equal tuning effort, is bench/baselines.py.
 """
 
 from __future__ import annotations
@@ -33,9 +31,7 @@ from atmerge.experiments import analyze, search as search_mod
 from atmerge.experiments.probe import load_probe_classifier, run_probe
 from atmerge.experiments.visualize import draw
 from atmerge.methods.registry import knob_factory, method_settings
-from common import TARGETS, describe, factories, loader_batches, matched_rows, table, write_json
-
-BASELINES = ("constant", "tome", "topr", "evit", "mctf", "zerotp")
+from common import loader_batches, table, write_json
 
 
 def split(dataset, calib: int, report: int | None, seed: int = 0):
@@ -44,22 +40,11 @@ def split(dataset, calib: int, report: int | None, seed: int = 0):
     return torch.utils.data.Subset(dataset, sorted(order[:calib])), torch.utils.data.Subset(dataset, sorted(rest))
 
 
-def study(name, model, calib, report, *, trials, points, base_atm, bisect_images, steps, seed=0) -> dict:
+def study(name, model, calib, report, *, trials, base_atm, seed=0) -> dict:
     atmerge.unpatch(model)
-    result = search_mod.search(model, calib, goal="pareto", trials=trials, seed=seed, base=base_atm)
+    result = search_mod.search(model, calib, method=base_atm, goal="pareto", trials=trials, seed=seed)
     base_cal = result["baseline"]
     depth, patches = len(model.blocks), model.patch_embed.num_patches
-    curves = {}
-    for method in BASELINES:
-        factory = knob_factory(method, depth, patches, **({"similarity": base_atm.similarity} if method == "atm" else {}))
-        curve = []
-        for i in range(points):
-            t = i / (points - 1)
-            m = factory(t)
-            atmerge.patch(model, m)
-            res, _ = atmerge.evaluate(model, calib)
-            curve.append({"knob": t, "setting": method_settings(m), "top1": res.top1, "gflops": res.gflops})
-        curves[method] = sorted(curve, key=lambda r: r["gflops"])
     atmerge.unpatch(model)
     base_rep, _ = atmerge.evaluate(model, report)
 
@@ -77,39 +62,15 @@ def study(name, model, calib, report, *, trials, points, base_atm, bisect_images
     atm_choice = None
     if no_drop:
         best = min(no_drop, key=lambda t: t["gflops"])
-        atm_choice = search_mod.trial_method(base_atm, best)
+        atm_choice = search_mod.trial_method(base_atm, best, depth, patches)
         rows.append(report_row("ATM", atm_choice, best))
-    for method, curve in curves.items():
-        ok = [p for p in curve if p["top1"] >= base_cal["top1"]]
-        if ok:
-            best = min(ok, key=lambda p: p["gflops"])
-            rows.append(report_row(method, knob_factory(method, depth, patches)(best["knob"]), best))
     profile = analyze.merge_profile(model, calib, atm_choice) if atm_choice else None
-    print(f"  {name}: every method at matched GFLOPs", flush=True)
-    calib_x = [x for x, _ in calib]
-    bisect_on = list(torch.cat(calib_x)[:bisect_images].split(calib_x[0].shape[0]))
-    matched = [{"model": name, "target": "100%", "method": "unpatched", "setting": "", "gflops": base_rep.gflops,
-                "gflops_share": 1.0, "top1": base_rep.top1, "top1_change": 0.0}]
-    matched += matched_rows(name, model, factories(depth, patches), base_rep, bisect_on, report, TARGETS, steps=steps)
-    for share in TARGETS:  # the paper's way: the best calibration top-1 among the searched α, β, θ_min under budget
-        under = [t for t in result["trials"] if t["gflops"] <= share * base_cal["gflops"]]
-        if not under:
-            print(f"  {name} {share:.0%}: no searched ATM setting within budget", flush=True)
-            continue
-        best = max(under, key=lambda t: (t["top1"], -t["gflops"]))
-        method = search_mod.trial_method(base_atm, best)
-        row = report_row("ATM searched", method, best)
-        matched.append({**row, "target": f"{share:.0%}", "gflops_share": row["gflops"] / base_rep.gflops,
-                        "setting": describe(method)})
-    order = {t: i for i, t in enumerate(["100%"] + [f"{s:.0%}" for s in TARGETS])}
-    matched.sort(key=lambda r: order[r["target"]])  # stable: methods keep their order within a target
-    return {"search": result, "curves": curves, "stress": rows, "profile": profile, "matched": matched,
-            "calib_images": result["images"], "report_images": base_rep.images, "bisect_images": bisect_images,
-            "bisect_steps": steps}
+    return {"search": result, "stress": rows, "profile": profile,
+            "calib_images": result["images"], "report_images": base_rep.images}
 
 
 def plots(r: dict, figures: Path, prefix: str, title: str) -> None:
-    search_mod.plot_search(r["search"], figures / f"{prefix}_accuracy_vs_gflops.png", r["curves"], title)
+    search_mod.plot_search({"ATM": r["search"]}, figures / f"{prefix}_accuracy_vs_gflops.png", title)
     if r["profile"]:
         analyze.plot_merge_profile(r["profile"], figures / f"{prefix}_merge_profile.png")
 
@@ -130,7 +91,7 @@ def _pct(x: float) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The README's tables (stress test; every method at matched GFLOPs) from the JSON report."""
+    """The README's stress-test table from the JSON report."""
     lines = ["| model | method | setting | calib top-1 | GFLOPs (saved) | top-1 on report images (change) |",
              "|---|---|---|---|---|---|"]
     for key, _, _ in FIGURES:
@@ -138,17 +99,6 @@ def markdown(report: dict) -> str:
             setting = ", ".join(f"{k}={v}" for k, v in (r.get("setting") or {}).items() if k != "method" and v is not None)
             lines.append(f"| {r['model']} | {r['method']} | {setting} | {_pct(r['calib_top1'])} | "
                          f"{r['gflops']:.3f} ({r['gflops_saved']:.0%}) | {_pct(r['top1'])} ({100 * r['top1_change']:+.2f}) |")
-    lines += ["", "| method | " + " | ".join(f"{name} {t:.0%}" for name in ("CIFAR-10 ViT", "DINOv2-S + probe") for t in TARGETS) + " |",
-              "|---|" + "---|" * (2 * len(TARGETS))]
-    cells: dict[str, dict] = {}
-    for key, _, _ in FIGURES:
-        for r in report[key]["matched"]:
-            cell = f"{_pct(r['top1'])} ({100 * r['top1_change']:+.2f}) · {r['gflops_share']:.0%}"
-            target = f"{TARGETS[0]:.0%}" if r["method"] == "unpatched" else r["target"]
-            cells.setdefault(r["method"], {})[(key, target)] = cell
-    for method, row in cells.items():
-        missing = "" if method == "unpatched" else "—"
-        lines.append(f"| {method} | " + " | ".join(row.get((key, f"{t:.0%}"), missing) for key, _, _ in FIGURES for t in TARGETS) + " |")
     return "\n".join(lines)
 
 
@@ -177,8 +127,7 @@ def main(argv=None) -> int:
     test = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
     cal, rep = split(test, 64 if q else 1000, 64 if q else None)
     r = study("cifar10-vit", model, loader_batches(cal, 250), loader_batches(rep, 250),
-              trials=4 if q else 40, points=3 if q else 9, base_atm=atmerge.ATM(),
-              bisect_images=64 if q else 500, steps=3 if q else 7)
+              trials=4 if q else 40, base_atm=atmerge.ATM())
     report["cifar10_reference"] = r
     plots(r, figures, "cifar10", FIGURES[0][2].format(**r))
 
@@ -188,8 +137,7 @@ def main(argv=None) -> int:
     test = data.image_folder(data.cifar10_folder("test"), data.model_transform(model))
     cal, rep = split(test, 32 if q else 128, 32 if q else 400, seed=1)
     r = study("dinov2-s+probe", model, loader_batches(cal, 64), loader_batches(rep, 64),
-              trials=3 if q else 16, points=3 if q else 6, base_atm=atmerge.ATM(similarity="centered"),
-              bisect_images=16 if q else 64, steps=2 if q else 6)
+              trials=3 if q else 16, base_atm=atmerge.ATM(similarity="centered"))
     report["dinov2_probe"] = r
     plots(r, figures, "dinov2", FIGURES[1][2].format(**r))
 
@@ -210,8 +158,6 @@ def main(argv=None) -> int:
 
     cols = ["model", "method", "calib_top1", "calib_gflops", "top1", "gflops", "gflops_saved", "top1_change"]
     print(table(report["cifar10_reference"]["stress"] + report["dinov2_probe"]["stress"], cols))
-    cols = ["model", "target", "method", "gflops", "gflops_share", "top1", "top1_change", "setting"]
-    print(table(report["cifar10_reference"]["matched"] + report["dinov2_probe"]["matched"], cols))
     write_json(report, args.out)
     return 0
 

@@ -31,6 +31,15 @@ def small_vit(**kwargs) -> torch.nn.Module:
     return timm.models.vision_transformer.VisionTransformer(**defaults).eval()
 
 
+# small_vit variants that every reference comparison runs on
+SMALL_MODEL_VARIANTS = [
+    dict(),  # CLS token, token pooling
+    dict(class_token=False, global_pool="avg"),  # no prefix token, size-weighted average pooling
+    dict(reg_tokens=2, global_pool="avg", fc_norm=True),  # three protected tokens
+    dict(init_values=1e-1, qk_norm=True),  # LayerScale and q/k norm
+]
+
+
 def blocky_images(batch: int, size: int = 32, cells: int = 4, noise: float = 0.02, seed: int = 0) -> torch.Tensor:
     """Images made of cells×cells flat colour squares plus a little noise: many near-identical
     patches, so threshold merging has something to merge even in a random-init model."""

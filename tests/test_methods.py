@@ -9,8 +9,7 @@ import atmerge
 from atmerge.core.schedules import linear_r_schedule, tome_r_schedule
 from atmerge.methods.base import BlockContext
 from conftest import blocky_images, small_vit
-from reference import reference_forward
-from test_reference import _groups
+from reference import reference_forward, source_groups
 
 
 def test_tome_r_schedules_by_hand():
@@ -54,7 +53,7 @@ def test_tome_equals_reference(cifar_model, cifar_images):
         ref_out, ref_groups, ref_r = reference_forward(model, x, split_layer=12, fixed_r=schedule, prune_last=False)
         atmerge.patch(model, atmerge.ToMe(r=(4, 0.5)), trace_source=True, prune_last_block=False)
         out = model(x)
-        stats, groups = atmerge.last_stats(model), _groups(atmerge.merge_source(model))
+        stats, groups = atmerge.last_stats(model), source_groups(atmerge.merge_source(model))
         atmerge.patch(model, atmerge.ToMe(r=(4, 0.5)))  # default: only CLS reaches the last MLP
         pruned_out = model(x)
     assert stats.merged_per_block == ref_r == schedule

@@ -4,12 +4,8 @@ import pytest
 import torch
 
 import atmerge
-from reference import reference_forward
-from conftest import blocky_images, small_vit
-
-
-def _groups(source):
-    return [sorted(tuple(sorted(torch.nonzero(row).flatten().tolist())) for row in img) for img in source]
+from reference import reference_forward, source_groups
+from conftest import SMALL_MODEL_VARIANTS, blocky_images, small_vit
 
 
 def _compare(model, images, **atm):
@@ -20,7 +16,7 @@ def _compare(model, images, **atm):
         atmerge.patch(model, atmerge.ATM(**atm), trace_source=True)
         out = model(images)
         stats = atmerge.last_stats(model)
-        groups = _groups(atmerge.merge_source(model))
+        groups = source_groups(atmerge.merge_source(model))
         atmerge.unpatch(model)
     assert stats.merged_per_block == ref_r
     assert groups == [sorted(tuple(sorted(g)) for g in img) for img in ref_groups]
@@ -38,12 +34,7 @@ def test_reference_cifar_model_real_images(cifar_model, cifar_images):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [
-        dict(),  # CLS token, token pooling
-        dict(class_token=False, global_pool="avg"),  # no prefix token, size-weighted average pooling
-        dict(reg_tokens=2, global_pool="avg", fc_norm=True),  # three protected tokens
-        dict(init_values=1e-1, qk_norm=True),  # LayerScale and q/k norm
-    ],
+    SMALL_MODEL_VARIANTS,
 )
 def test_reference_small_models(kwargs):
     model = small_vit(**kwargs)

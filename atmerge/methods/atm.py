@@ -42,10 +42,10 @@ class ATM(Method):
 
     @classmethod
     def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
-        """The paper's sweep (Appendix A): α ∈ [0.945, 1], β ∈ [0.015, 0.05], θ_min ∈ [0.80,
-        0.945] on a 0.005 grid."""
+        """The paper's sweep (Appendix A: α ∈ [0.945, 1], β ∈ [0.015, 0.05], θ_min ∈ [0.80, 0.945]
+        on a 0.005 grid) with θ_min extended to 1, so that light budgets are reachable too."""
         return {"alpha": floats(0.945, 1.0, 0.005), "beta": floats(0.015, 0.05, 0.005),
-                "theta_min": floats(0.80, 0.945, 0.005)}
+                "theta_min": floats(0.80, 1.0, 0.005)}
 
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, 0.0, 1.0)
