@@ -18,7 +18,7 @@ def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[fl
     centre = p + z * z / (2 * total)
     spread = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
     denominator = 1 + z * z / total
-    return (centre - spread) / denominator, (centre + spread) / denominator
+    return max(0.0, (centre - spread) / denominator), min(1.0, (centre + spread) / denominator)
 
 
 def paired_fidelity(outputs: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None = None) -> dict:

@@ -161,7 +161,7 @@ def search(
         best = None
     return {
         "method": method_settings(base),
-        "label": base.display_name or type(base).__name__,
+        "label": base.label(tuple(space)),
         "goal": goal,
         "metric": metric,
         "budget": budget,

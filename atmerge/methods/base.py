@@ -108,6 +108,17 @@ class Method(ABC):
         patches, with their ranges (see :mod:`atmerge.methods.space`)."""
         return {}
 
+    def label(self, varied: tuple[str, ...] = ()) -> str:
+        """The display name plus the settings that differ from the defaults (except ``varied``
+        ones), e.g. 'ATM (similarity=centered)'."""
+        name = self.display_name or type(self).__name__
+        changed = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if f.name not in varied and f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default
+        ]
+        return f"{name} ({', '.join(changed)})" if changed else name
+
     def with_params(self, params: dict) -> "Method":
         """This method with the searched settings ``params`` (names of :meth:`search_space`)."""
         return dataclasses.replace(self, **params)
