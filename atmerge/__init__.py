@@ -8,6 +8,8 @@
 """
 
 from atmerge.budget import BudgetMatch, match_gflops
+from atmerge.calibrate import Calibration, calibrate
+from atmerge.config import FingerprintWarning, load_method, save_config
 from atmerge.evaluate import EvalResult, evaluate
 from atmerge.api import dense_tokens, gflops, is_patched, last_stats, merge_source, patch, unpatch
 from atmerge.core.merging import merging_error, merging_error_bounds
@@ -33,6 +35,11 @@ __all__ = [
     "ToMe",
     "TopR",
     "BudgetMatch",
+    "Calibration",
+    "FingerprintWarning",
+    "calibrate",
+    "load_method",
+    "save_config",
     "EvalResult",
     "dense_tokens",
     "evaluate",

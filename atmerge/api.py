@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -13,7 +15,7 @@ from atmerge.stats import MergeStats
 
 def patch(
     model: nn.Module,
-    method: Method,
+    method: Method | str | Path,
     *,
     prop_attn: bool | None = None,
     prune_last_block: bool | None = None,
@@ -30,8 +32,14 @@ def patch(
         CLS-pooled models (``global_pool='token'``), off otherwise; the same rule for every method.
     trace_source: track which original patches each token holds (``merge_source(model)``), for
         visualisation and dense outputs; costs an extra [B, N, N] tensor.
+    method may also be the path of a config written by :func:`atmerge.save_config` (a warning
+    says so if it was calibrated on another model).
     Returns the same model object.  Patching a patched model replaces its method and options.
     """
+    if isinstance(method, (str, Path)):
+        from atmerge.config import load_method
+
+        method = load_method(method, model)
     if not isinstance(method, Method):
         raise TypeError(f"method must be an atmerge method such as atmerge.ATM(...), got {type(method).__name__}")
     for name, value in (("prop_attn", prop_attn), ("prune_last_block", prune_last_block)):

@@ -115,6 +115,10 @@ def cmd_eval(args) -> int:
 
     method = method_from_args(args)
     setup, batches = _setup_and_batches(args)
+    if args.config:
+        from atmerge.config import load_method
+
+        method = load_method(args.config, setup.model)
     result = run_eval(
         setup.model, method, batches, device=args.device, progress=not args.no_progress,
         prop_attn=args.prop_attn, prune_last_block=args.prune_last_block,
@@ -177,6 +181,32 @@ def cmd_search(args) -> int:
     _write(result, out, "search", result["trials"])
     print(f"plot: {result['plot']}")
     return 0
+
+
+def cmd_calibrate(args) -> int:
+    from atmerge.calibrate import calibrate, folder_batches
+    from atmerge.config import save_config
+    from atmerge.experiments.io import write_csv
+    from atmerge.experiments.setup import load_setup
+
+    torch.manual_seed(args.seed)
+    setup = load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, getattr(args, "probe", None))
+    folder = args.images or setup.default_data
+    batches, skipped = folder_batches(folder, setup.transform, args.batch_size, args.limit, args.seed)
+    if skipped:
+        print(f"skipped {skipped} unreadable image files under {folder}")
+    c = calibrate(setup.model, batches, method=method_from_args(args), budget=args.budget,
+                  budget_gflops=args.budget_gflops, min_agreement=args.min_agreement, trials=args.trials,
+                  seed=args.seed, progress=not args.no_progress)
+    out = Path(args.out)
+    path = save_config(out / "calibration.json", setup.model, c)
+    write_csv(c.trials, out / "trials.csv")
+    status = "met" if c.met else "NOT met (closest trial shown)"
+    print(f"{c.goal} goal {status}: {c.method}")
+    print(f"on {c.images} calibration images: {c.gflops:.4g} GFLOPs ({c.gflops_share:.1%} of {c.unpatched_gflops:.4g}), "
+          f"agreement {c.agreement:.4f} (one-sided 95% lower bound {c.agreement_low:.4f})")
+    print(f"wrote {path} and {out / 'trials.csv'}; use it with atmerge eval --config {path}")
+    return 0 if c.met else 1
 
 
 def cmd_analyze(args) -> int:
@@ -283,8 +313,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     add_data_options(p)
     add_method_options(p)
+    p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
     p.add_argument("--out", default="results/eval", help="folder for eval.json and eval.csv")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="choose a method's settings from unlabeled images (budget or agreement floor)")
+    add_model_options(p)
+    add_data_options(p)
+    add_method_options(p)
+    p.add_argument("--images", default=None, help="folder of images, any layout, labels ignored (default: the preset's data)")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--budget", type=float, help="share of the unpatched GFLOPs, in (0, 1)")
+    goal.add_argument("--budget-gflops", type=float, help="GFLOPs per image")
+    goal.add_argument("--min-agreement", type=float, help="floor on agreement's one-sided 95%% lower bound, in (0, 1]")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--out", default="results/calibrate")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("search", help="Optuna search of a method's settings on a calibration set (same trials for --compare)")
     add_model_options(p)

@@ -228,3 +228,22 @@ def test_eval_timm_name_with_local_checkpoint_and_image_folder(tmp_path, capsys)
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "does not fit vit_tiny_patch16_224" in err and "--model-kwargs" in err and "Traceback" not in err
+
+
+def test_calibrate_then_eval_with_the_config(tmp_path):
+    out = tmp_path / "cal"
+    args = ["calibrate", "--limit", "24", "--min-agreement", "0.5", "--trials", "3", "--method", "tome",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    config = _json(out / "calibration.json")
+    assert config["method"]["name"] == "tome" and config["calibration"]["images"] == 24
+    assert config["measured"]["agreement_low_one_sided_95"] >= 0.5
+    assert len(list(csv.DictReader((out / "trials.csv").open()))) == 3
+    assert main(["eval", "--config", str(out / "calibration.json"), "--limit", "16", "--no-progress",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert _json(tmp_path / "eval" / "eval.json")["method"]["method"] == "tome"
+
+
+def test_calibrate_bad_goal_is_a_one_line_error(capsys):
+    assert main(["calibrate", "--budget", "1.5", "--limit", "4", "--trials", "1", "--no-progress"]) == 2
+    assert "budget=1.5 is a share of the unpatched GFLOPs; allowed (0, 1)" in capsys.readouterr().err

@@ -43,7 +43,9 @@ def trial_method(base: Method, trial: dict, num_blocks: int, num_patches: int) -
 def _digest(model: nn.Module, batches: list) -> str:
     """sha256 of the model's class, weights and buffers and of the images and labels."""
     h = hashlib.sha256(type(model).__qualname__.encode())
-    tensors = sorted(model.state_dict().items()) + [(f"batch{i}.{j}", t) for i, b in enumerate(batches) for j, t in enumerate(b)]
+    tensors = sorted(model.state_dict().items()) + [
+        (f"batch{i}.{j}", t) for i, b in enumerate(batches) for j, t in enumerate(b) if t is not None
+    ]
     for name, t in tensors:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -1,0 +1,121 @@
+"""A calibrated method as a JSON file that can be shipped with a model: the method and its
+settings, the model's fingerprint, and what was measured.
+
+    atmerge.save_config("deit_s_atm.json", model, calibration)
+    method = atmerge.load_method("deit_s_atm.json")       # or atmerge.patch(model, "deit_s_atm.json")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from atmerge.methods.base import Method
+from atmerge.methods.registry import METHODS, build_method
+
+FORMAT = "atmerge-config/1"
+
+
+class FingerprintWarning(UserWarning):
+    """The model being patched is not the one a config was calibrated on."""
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """Class, timm architecture name, input size and sha256 of the weights (state_dict) of a model."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    return {
+        "class": type(model).__qualname__,
+        "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+        "input_size": list(size) if size is not None else None,
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+def _encode(value):
+    return {"tuple": [_encode(v) for v in value]} if isinstance(value, tuple) else value
+
+
+def _decode(value):
+    if isinstance(value, dict) and set(value) == {"tuple"}:
+        return tuple(_decode(v) for v in value["tuple"])
+    return value
+
+
+def method_to_dict(method: Method) -> dict:
+    """{"name": registry name, "settings": {field: value}}; tuples are kept apart from lists."""
+    name = next((k for k, v in METHODS.items() if type(method) is v), None)
+    if name is None:
+        raise ValueError(f"{type(method).__name__} is not a registered method; cannot save it")
+    return {"name": name, "settings": {f.name: _encode(getattr(method, f.name)) for f in dataclasses.fields(method)}}
+
+
+def method_from_dict(entry: dict) -> Method:
+    """Inverse of :func:`method_to_dict`; a ValueError names the field that is wrong."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ValueError("config field 'method.name' is missing or not a string")
+    settings = entry.get("settings", {})
+    if not isinstance(settings, dict):
+        raise ValueError("config field 'method.settings' must be an object")
+    return build_method(entry["name"], **{k: _decode(v) for k, v in settings.items()})
+
+
+def save_config(path: str | Path, model: nn.Module, calibration) -> Path:
+    """Write the chosen method of ``calibration`` (an :class:`atmerge.calibrate.Calibration`) with
+    ``model``'s fingerprint and the measured cost and fidelity."""
+    path = Path(path)
+    c = calibration
+    document = {
+        "format": FORMAT,
+        "method": method_to_dict(c.method),
+        "model": model_fingerprint(model),
+        "calibration": {"goal": c.goal, "target": c.target, "met": c.met, "images": c.images,
+                        "trials": len(c.trials)},
+        "measured": {"gflops": c.gflops, "gflops_share": c.gflops_share, "unpatched_gflops": c.unpatched_gflops,
+                     "agreement": c.agreement, "agreement_low_one_sided_95": c.agreement_low},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2))
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """The config document at ``path``, checked: a one-line ValueError names what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found")
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config {path} is not JSON: {e.msg} (line {e.lineno})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ValueError(f"config {path}: field 'format' must be {FORMAT!r}")
+    if "method" not in document:
+        raise ValueError(f"config {path}: field 'method' is missing")
+    return document
+
+
+def load_method(path: str | Path, model: nn.Module | None = None) -> Method:
+    """The method saved at ``path``; with ``model``, warn (FingerprintWarning) if it is not the
+    model the config was calibrated on."""
+    document = read_config(path)
+    method = method_from_dict(document["method"])
+    if model is not None:
+        saved, actual = document.get("model") or {}, model_fingerprint(model)
+        differing = [k for k in ("class", "input_size", "weights_sha256") if saved.get(k) != actual[k]]
+        if differing:
+            warnings.warn(
+                f"config {path} was calibrated on another model (differs in {', '.join(differing)}); "
+                "its measured cost and fidelity may not hold", FingerprintWarning, stacklevel=2,
+            )
+    return method

@@ -1,0 +1,134 @@
+"""atmerge.calibrate and its config files: goal logic on hand-made trials, the confidence bound
+by hand, the budget held on the calibration images, config round trips, bad input."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import atmerge
+from atmerge.calibrate import agreement_lower_bound, choose_above_floor, choose_within_budget, folder_batches
+from atmerge.config import FingerprintWarning, method_from_dict, method_to_dict
+from atmerge.evaluate import evaluate
+from conftest import blocky_images, small_vit
+
+# a fake method family: cost grows and agreement grows with the setting
+TRIALS = [
+    {"trial": 0, "gflops": 0.30, "agreement": 0.90},
+    {"trial": 1, "gflops": 0.50, "agreement": 0.97},
+    {"trial": 2, "gflops": 0.55, "agreement": 0.97},
+    {"trial": 3, "gflops": 0.70, "agreement": 0.995},
+    {"trial": 4, "gflops": 0.90, "agreement": 1.00},
+]
+
+
+def test_one_sided_wilson_bound_by_hand():
+    z, n, p = 1.644854, 200, 0.99
+    expected = (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+    assert agreement_lower_bound(0.99, 200) == pytest.approx(expected)
+    assert agreement_lower_bound(1.0, 200) == pytest.approx(n / (n + z * z))  # p = 1: n / (n + z²)
+
+
+def test_budget_goal_takes_the_most_faithful_within_budget():
+    assert choose_within_budget(TRIALS, 0.6) == (TRIALS[1], True)  # tie in agreement: the cheaper one
+    assert choose_within_budget(TRIALS, 0.7) == (TRIALS[3], True)  # the budget itself is allowed
+    assert choose_within_budget(TRIALS, 0.2) == (TRIALS[0], False)  # none within: the cheapest, not met
+
+
+def test_floor_goal_takes_the_cheapest_whose_lower_bound_clears_the_floor():
+    # with 1,000 images: 0.97 → lower bound ≈ 0.9598; 0.995 → ≈ 0.9898; 1.0 → ≈ 0.9973
+    assert choose_above_floor(TRIALS, 0.955, 1000) == (TRIALS[1], True)
+    assert choose_above_floor(TRIALS, 0.96, 1000) == (TRIALS[3], True)
+    assert choose_above_floor(TRIALS, 0.97, 1000) == (TRIALS[3], True)  # 0.97 measured is not enough
+    assert choose_above_floor(TRIALS, 0.99, 100) == (TRIALS[4], False)  # 100 images: 1.0 → ≈ 0.974 only
+
+
+@pytest.fixture(scope="module")
+def calibration_images():
+    return blocky_images(24, cells=4, noise=0.05, seed=3)
+
+
+def test_budget_is_never_exceeded_on_the_calibration_images(calibration_images):
+    model = small_vit()
+    dense = atmerge.gflops(model, (3, 32, 32))
+    c = atmerge.calibrate(model, calibration_images, method="tome", budget=0.6, trials=6, batch_size=8)
+    assert c.met and c.goal == "budget" and c.target == pytest.approx(0.6 * dense)
+    atmerge.patch(model, c.method)
+    res, _ = evaluate(model, list(calibration_images.split(8)))
+    assert res.gflops <= 0.6 * dense and res.gflops == pytest.approx(c.gflops)
+    assert len(c.trials) == 6 and c.images == 24
+
+
+def test_config_round_trip_and_fingerprint(calibration_images, tmp_path):
+    model = small_vit()
+    c = atmerge.calibrate(model, calibration_images, method="atm", min_agreement=0.5, trials=4, batch_size=8)
+    path = atmerge.save_config(tmp_path / "atm.json", model, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same model: no warning
+        assert atmerge.load_method(path, model) == c.method
+        atmerge.patch(model, str(path))
+    document = json.loads(path.read_text())
+    assert document["measured"]["agreement"] == c.agreement and document["calibration"]["goal"] == "floor"
+    other = small_vit(depth=4)
+    with pytest.warns(FingerprintWarning, match="calibrated on another model"):
+        atmerge.patch(other, path)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [atmerge.ToMe(r=(3, -0.5)), atmerge.ToMe(r=[1, 2, 3]), atmerge.EViT(0.6, (2, 4)), atmerge.MCTF(r=0.35, blocks=(2, 3))],
+)
+def test_methods_round_trip_through_json(method):
+    assert method_from_dict(json.loads(json.dumps(method_to_dict(method)))) == method
+
+
+def test_folder_images_any_layout_unreadable_skipped(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for i, where in enumerate(["x.png", "a/y.jpg", "a/b/z.png"]):
+        Image.new("RGB", (40, 36), (10 * i, 20, 30)).save(tmp_path / where)
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("ignored")
+    import torchvision.transforms as T
+
+    batches, skipped = folder_batches(tmp_path, T.Compose([T.Resize((32, 32)), T.ToTensor()]), batch_size=2)
+    assert [b.shape[0] for b in batches] == [2, 1] and skipped == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(budget=0.0), ValueError, r"budget=0.0 is a share of the unpatched GFLOPs; allowed \(0, 1\)"),
+        (dict(budget=1.0), ValueError, r"budget=1.0 is a share"),
+        (dict(budget_gflops=-1), ValueError, r"budget_gflops=-1 must be a positive number"),
+        (dict(min_agreement=0), ValueError, r"min_agreement=0 is out of range; allowed \(0, 1\]"),
+        (dict(min_agreement=1.2), ValueError, r"min_agreement=1.2 is out of range"),
+        (dict(budget=0.5, min_agreement=0.9), ValueError, "give exactly one goal"),
+        (dict(), ValueError, "give exactly one goal of budget, budget_gflops, min_agreement; got none"),
+        (dict(budget=0.5, method="nope"), ValueError, "unknown method 'nope'"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        atmerge.calibrate(small_vit(), blocky_images(2), trials=1, **kwargs)
+
+
+def test_bad_folders_and_configs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder .*missing does not exist"):
+        atmerge.calibrate(small_vit(), tmp_path / "missing", budget=0.5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        atmerge.calibrate(small_vit(), tmp_path / "empty", budget=0.5)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON"):
+        atmerge.load_method(bad)
+    bad.write_text(json.dumps({"format": "atmerge-config/1", "method": {"name": "atm", "settings": {"alpha": 3}}}))
+    with pytest.raises(ValueError, match=r"alpha=3 is out of range"):
+        atmerge.load_method(bad)
+    bad.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="field 'format' must be 'atmerge-config/1'"):
+        atmerge.load_method(bad)
