@@ -215,3 +215,29 @@ def test_shared_dinov2_weights_raw_keys_merge_far_more_than_centred():
             merged[sim] = atmerge.last_stats(model).merged_per_block
     # raw key cosines sit near 1 in the first blocks: about half of set A merges in block 1
     assert merged["raw"][0] > 0.4 * 128 and merged["centered"][0] < 10
+
+
+def test_patched_model_pickles_and_merges_the_same_in_a_fresh_process(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    model = atmerge.patch(small_vit(), atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6))
+    x = blocky_images(2)
+    with torch.no_grad():
+        expected = model(x)
+    merged = atmerge.last_stats(model).merged_per_block
+    assert sum(merged) > 0
+    torch.save({"model": model, "x": x, "expected": expected, "merged": merged}, tmp_path / "patched.pt")
+    copy_in_process = pickle.loads(pickle.dumps(model))
+    assert copy_in_process.state_dict().keys() == model.state_dict().keys()
+    check = (
+        "import torch, atmerge\n"
+        f"d = torch.load({str(tmp_path / 'patched.pt')!r}, weights_only=False)\n"
+        "with torch.no_grad(): out = d['model'](d['x'])\n"
+        "assert torch.equal(out, d['expected'])\n"
+        "assert atmerge.last_stats(d['model']).merged_per_block == d['merged']\n"
+        "atmerge.unpatch(d['model']); assert type(d['model']).__name__ == 'VisionTransformer'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

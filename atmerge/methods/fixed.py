@@ -18,7 +18,9 @@ class ToMe(Method):
     distillation token excluded), each A token's most similar B token by cosine of the keys'
     head-mean, the r best pairs merge by size-weighted average; proportional attention.
     r: an int, a per-block list, or (r, inflection) for ToMe's linear schedule.  r above |A|
-    is clipped to |A|.  ToMe keeps every token to the end (no CLS-only last block).
+    is clipped to |A|.  The release keeps every token to the end; atmerge's common last-block rule
+    (``patch(..., prune_last_block=None)``: CLS only in the last MLP of CLS-pooled models) applies
+    to it as to every method and changes no output.
     """
 
     r: int | list[int] | tuple[int, float] = 8

@@ -47,7 +47,7 @@ def importance_then_similarity_pruning(
 
 @dataclass(frozen=True)
 class ZeroTP(Method):
-    """Zero-TPrune, training-free token pruning in every block.
+    """Zero-TP (simplified): Zero-TPrune's two stages, training-free token pruning in every block.
 
     Importance: Weighted PageRank on the block's attention graph (mean over heads, ``iterations``
     power steps from the uniform distribution).  I-stage: prune the ⌊importance_share × r⌋ least
@@ -55,8 +55,11 @@ class ZeroTP(Method):
     candidates and prune the candidates most similar (key cosine) to an anchor, r in all.
 
     Simplified from the paper: no Emphasizing-Informative-Region step and no variance-based head
-    filter (all heads are averaged), and the I- and S-stages run in the same blocks; pruned tokens
-    are dropped (no fusion), so proportional attention has nothing to do.
+    filter (all heads are averaged), a uniform PageRank start, and the I- and S-stages run in the
+    same blocks; pruned tokens are dropped (no fusion), so proportional attention has nothing to
+    do.  The paper publishes no code and its text is not available to this project, so these
+    steps cannot be followed exactly here; results name it "Zero-TP (simplified)"
+    (``display_name``).
     r: tokens pruned per block (int, list or (r, inflection)); importance_share in [0, 1].
     """
 

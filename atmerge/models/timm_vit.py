@@ -262,12 +262,33 @@ def _merging_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.
 
 
 _CLASS_CACHE: dict[type, type] = {}
+_PREFIX = "Merging"
 
 
 def _subclass(cls: type, methods: dict) -> type:
+    """The patched subclass of ``cls``; also a module attribute, so patched models pickle."""
     if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(f"Merging{cls.__name__}", (cls,), {**methods, "__module__": __name__})
+        name = _PREFIX + cls.__name__
+        _CLASS_CACHE[cls] = type(name, (cls,), {**methods, "__module__": __name__, "__qualname__": name})
+        globals().setdefault(name, _CLASS_CACHE[cls])
     return _CLASS_CACHE[cls]
+
+
+def _patched_methods(cls: type) -> dict:
+    if issubclass(cls, VisionTransformer):
+        return {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool}
+    return {"forward": _merging_block_forward}
+
+
+def __getattr__(name: str) -> type:
+    """Rebuild a patched class by name when a pickled patched model is loaded in a fresh process
+    (the original class is looked up in timm's vision_transformer module)."""
+    import timm.models.vision_transformer as vit
+
+    original = getattr(vit, name[len(_PREFIX) :], None) if name.startswith(_PREFIX) else None
+    if isinstance(original, type) and issubclass(original, (VisionTransformer, Block)):
+        return _subclass(original, _patched_methods(original))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _swap_class(module: nn.Module, methods: dict) -> None:
@@ -287,12 +308,10 @@ def patch_vit(model: VisionTransformer, state_factory) -> VisionTransformer:
         unpatch_vit(model)
     cls_pooled = model.global_pool == "token"
     state = state_factory(model_cost(model), model.num_prefix_tokens, cls_pooled)
-    _swap_class(
-        model, {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool}
-    )
+    _swap_class(model, _patched_methods(type(model)))
     setattr(model, _STATE, state)
     for i, block in enumerate(model.blocks):
-        _swap_class(block, {"forward": _merging_block_forward})
+        _swap_class(block, _patched_methods(type(block)))
         object.__setattr__(block, _STATE, state)  # a plain attribute, not a submodule
         setattr(block, _INDEX, i)
     return model
