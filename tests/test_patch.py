@@ -241,3 +241,23 @@ def test_patched_model_pickles_and_merges_the_same_in_a_fresh_process(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "method",
+    [atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6), atmerge.ToMe(r=6), atmerge.EViT(0.6, (2, 4)),
+     atmerge.MCTF(r=6), atmerge.ZeroTP(r=4)],
+)
+def test_low_precision_forward_is_close_to_float32(method, dtype):
+    # bf16 / fp16 on the CPU: logits within 0.05 of float32 (they are O(1) here), sizes float32
+    model = atmerge.patch(small_vit(), method)
+    x = blocky_images(4)
+    with torch.no_grad():
+        expected = model(x)
+        merged = atmerge.last_stats(model).merged_per_block
+        low = copy.deepcopy(model).to(dtype)
+        out = low(x.to(dtype))
+    assert out.dtype == dtype and (out.float() - expected).abs().max() < 0.05
+    assert atmerge.last_stats(low).merged_per_block == merged
+    assert atmerge.api.timm_vit.merge_state(low).size.dtype == torch.float32
