@@ -261,3 +261,14 @@ def test_low_precision_forward_is_close_to_float32(method, dtype):
     assert out.dtype == dtype and (out.float() - expected).abs().max() < 0.05
     assert atmerge.last_stats(low).merged_per_block == merged
     assert atmerge.api.timm_vit.merge_state(low).size.dtype == torch.float32
+
+
+def test_dense_intermediates_of_a_patched_model_are_refused_not_silently_wrong():
+    model = atmerge.patch(small_vit(), atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6))
+    x = blocky_images(1)
+    for call in (lambda: model.forward_intermediates(x, intermediates_only=True),
+                 lambda: model.get_intermediate_layers(x, n=2)):
+        with pytest.raises(ValueError, match="call atmerge.unpatch\\(model\\) for dense features"):
+            call()
+    atmerge.unpatch(model)
+    assert model.forward_intermediates(x, intermediates_only=True)[0].shape == (1, 48, 8, 8)

@@ -274,9 +274,19 @@ def _subclass(cls: type, methods: dict) -> type:
     return _CLASS_CACHE[cls]
 
 
+def _merging_forward_intermediates(self, *args, **kwargs):
+    """Refused: merged tokens no longer form the patch grid that dense outputs are shaped on."""
+    raise ValueError(
+        "forward_intermediates / get_intermediate_layers on a patched model would return merged tokens, "
+        "not the patch grid; call atmerge.unpatch(model) for dense features, or patch with "
+        "trace_source=True and spread the output of forward_features back with atmerge.dense_tokens"
+    )
+
+
 def _patched_methods(cls: type) -> dict:
     if issubclass(cls, VisionTransformer):
-        return {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool}
+        return {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool,
+                "forward_intermediates": _merging_forward_intermediates}
     return {"forward": _merging_block_forward}
 
 
