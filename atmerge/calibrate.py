@@ -24,6 +24,8 @@ from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method
 
 ONE_SIDED_95 = 1.644854  # z of a one-sided 95% bound
+RUNGS = (0.125, 0.25, 0.5, 1.0)  # shares of the calibration images a trial must survive in turn
+COST_SLACK = 1.05  # a partial GFLOPs estimate this far above a bar stops the trial
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -75,6 +77,87 @@ def choose_above_floor(trials: list[dict], floor: float, images: int) -> tuple[d
     if not above:
         return max(trials, key=lambda t: (t["agreement"], -t["gflops"])), False
     return min(above, key=lambda t: (t["gflops"], -t["agreement"])), True
+
+
+def hopeless(goal: str, target: float, agreement: float, images: int, gflops: float, finished: list[dict]) -> bool:
+    """Whether a trial measured on ``images`` of the calibration images so far cannot win, so its
+    remaining images are skipped (successive halving).
+
+    budget goal: its cost estimate is above the budget (× COST_SLACK), or the 95% upper bound of
+    its agreement is below the best finished trial within the budget.  floor goal: the upper
+    bound is below the floor, or its cost is above the cheapest finished trial that clears the
+    floor (× COST_SLACK)."""
+    upper = wilson_interval(round(agreement * images), images)[1]
+    if goal == "budget":
+        best = max((t["agreement"] for t in finished if t["gflops"] <= target), default=None)
+        return gflops > target * COST_SLACK or (best is not None and upper < best)
+    cheapest = min((t["gflops"] for t in finished if t["agreement_low"] >= target), default=None)
+    return upper < target or (cheapest is not None and gflops > cheapest * COST_SLACK)
+
+
+def staged_trials(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    base: Method,
+    predictions: torch.Tensor,
+    *,
+    goal: str,
+    target: float,
+    trials: int,
+    seed: int = 0,
+    rungs: tuple[float, ...] = RUNGS,
+    progress: bool = False,
+) -> list[dict]:
+    """Optuna (TPE, seeded, constrained) over ``base``'s search space, each trial run on growing
+    shares of the calibration ``batches`` (``rungs``) and stopped as soon as it is
+    :func:`hopeless`.  predictions: the unpatched model's classes on all images.  Returns every
+    trial's row: its settings, GFLOPs and agreement on the images it ran on, ``images`` and
+    ``pruned``."""
+    import optuna
+
+    from atmerge.api import last_stats, patch, unpatch
+
+    space = type(base).search_space(len(model.blocks), model.patch_embed.num_patches)
+    total = sum(x.shape[0] for x in batches)
+    counts = torch.tensor([x.shape[0] for x in batches]).cumsum(0)
+    bounds = sorted({int(torch.searchsorted(counts, math.ceil(share * total)).item()) + 1 for share in rungs})
+    rows: list[dict] = []
+
+    def objective(trial) -> float:
+        params = {name: knob.suggest(trial, name) for name, knob in space.items()}
+        patch(model, base.with_params(params))
+        agree = images = 0
+        gflops_sum, done = 0.0, 0
+        for step, bound in enumerate(bounds):
+            with torch.no_grad():
+                for x in batches[done:bound]:
+                    n = x.shape[0]
+                    agree += int((model(x).argmax(-1).cpu() == predictions[images : images + n]).sum())
+                    gflops_sum += last_stats(model).gflops * n
+                    images += n
+            done = bound
+            agreement, gflops = agree / images, gflops_sum / images
+            low = agreement_lower_bound(agreement, images)
+            row = {"trial": trial.number, **params, "gflops": gflops, "agreement": agreement, "agreement_low": low,
+                   "images": images, "pruned": False}
+            value = agreement if goal == "budget" else gflops
+            broken = gflops - target if goal == "budget" else target - low  # > 0: goal not met
+            if images < total:
+                trial.report(value, step)
+                if hopeless(goal, target, agreement, images, gflops, [r for r in rows if not r["pruned"]]):
+                    rows.append({**row, "pruned": True})
+                    trial.set_constraint("goal", max(broken, 1e-9))
+                    raise optuna.TrialPruned()
+        rows.append(row)
+        trial.set_constraint("goal", broken)
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    study = optuna.create_study(direction="maximize" if goal == "budget" else "minimize", sampler=sampler)
+    study.optimize(objective, n_trials=trials, show_progress_bar=progress)
+    unpatch(model)
+    return rows
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -144,6 +227,7 @@ def calibrate(
     transform=None,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    early_stop: bool = True,
 ) -> Calibration:
     """Choose ``method``'s settings for ``model`` from unlabeled ``images`` (a folder, searched
     recursively with the model's timm preprocessing or ``transform``; a tensor [N, C, H, W]; or
@@ -151,6 +235,10 @@ def calibrate(
 
     Exactly one goal: ``budget`` (a share in (0, 1) of the unpatched model's mean GFLOPs on these
     images) or ``budget_gflops`` (GFLOPs per image), or ``min_agreement`` in (0, 1] (the floor).
+    early_stop: run each trial on growing shares of the images (1/8, 1/4, 1/2, all) and stop it
+    once it cannot win (:func:`staged_trials`); False: every trial sees every image (the Pareto
+    search of :func:`atmerge.experiments.search.search`).  Only trials that saw every image are
+    chosen.
     """
     from atmerge.experiments.search import search, unpatched_predictions
 
@@ -170,17 +258,20 @@ def calibrate(
     batches, _ = _image_batches(images, model, batch_size, transform)
     pairs = [(x, None) for x in batches]
     reference = unpatched_predictions(model, pairs, cache_dir)
-    result = search(model, pairs, method=base, goal="pareto", metric="agreement", trials=trials, seed=seed,
-                    reference=reference, progress=progress)
     dense, n = reference[0]["gflops"], reference[0]["images"]
-    if min_agreement is None:
-        target = budget * dense if budget is not None else budget_gflops
-        chosen, met = choose_within_budget(result["trials"], target)
-        goal = "budget"
+    goal = "budget" if min_agreement is None else "floor"
+    target = min_agreement if goal == "floor" else (budget * dense if budget is not None else budget_gflops)
+    if early_stop:
+        rows = staged_trials(model, batches, base, reference[1], goal=goal, target=target, trials=trials, seed=seed,
+                             progress=progress)
     else:
-        target = min_agreement
-        chosen, met = choose_above_floor(result["trials"], min_agreement, n)
-        goal = "floor"
+        rows = search(model, pairs, method=base, goal="pareto", metric="agreement", trials=trials, seed=seed,
+                      reference=reference, progress=progress)["trials"]
+    finished = [r for r in rows if not r.get("pruned")]
+    if goal == "budget":
+        chosen, met = choose_within_budget(finished, target)
+    else:
+        chosen, met = choose_above_floor(finished, target, n)
     from atmerge.experiments.search import trial_method
 
     return Calibration(
@@ -194,5 +285,5 @@ def calibrate(
         agreement_low=agreement_lower_bound(chosen["agreement"], n),
         images=n,
         unpatched_gflops=dense,
-        trials=result["trials"],
+        trials=rows,
     )

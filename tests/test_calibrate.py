@@ -132,3 +132,30 @@ def test_bad_folders_and_configs(tmp_path):
     bad.write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="field 'format' must be 'atmerge-config/1'"):
         atmerge.load_method(bad)
+
+
+def test_hopeless_trials_by_hand():
+    from atmerge.calibrate import hopeless
+
+    finished = [{"gflops": 0.5, "agreement": 0.99, "agreement_low": 0.985}]
+    # budget 0.6: a cost estimate of 0.64 is above 0.6 × 1.05 → stop; 0.62 is not
+    assert hopeless("budget", 0.6, 1.0, 100, 0.64, [])
+    assert not hopeless("budget", 0.6, 1.0, 100, 0.62, [])
+    # 80 of 100 agree: the 95% upper bound ≈ 0.87 < 0.99 of the best finished trial → stop
+    assert hopeless("budget", 0.6, 0.80, 100, 0.55, finished)
+    assert not hopeless("budget", 0.6, 0.98, 100, 0.55, finished)
+    # floor 0.95: 90/100 (upper ≈ 0.945) cannot clear it; 96/100 can, unless it costs more than 0.5 × 1.05
+    assert hopeless("floor", 0.95, 0.90, 100, 0.3, [])
+    assert not hopeless("floor", 0.95, 0.96, 100, 0.52, finished)
+    assert hopeless("floor", 0.95, 0.96, 100, 0.53, finished)
+
+
+def test_early_stopped_trials_are_never_chosen(calibration_images):
+    model = small_vit()
+    c = atmerge.calibrate(model, calibration_images, method="atm", min_agreement=0.8, trials=10, batch_size=3)
+    pruned = [t for t in c.trials if t["pruned"]]
+    assert pruned and all(t["images"] < 24 for t in pruned)  # some trials stopped early
+    finished = [t for t in c.trials if not t["pruned"]]
+    assert all(t["images"] == 24 for t in finished) and len(pruned) + len(finished) == 10
+    assert c.met  # a random model agrees with itself on these blocky images at every cost here
+    assert c.agreement_low >= 0.8 and c.gflops == min(t["gflops"] for t in finished if t["agreement_low"] >= 0.8)
