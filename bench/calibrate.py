@@ -1,0 +1,102 @@
+"""Calibration speed and transfer (issue 9), one command:
+
+    python bench/calibrate.py [--images 10000] [--trials 40] [--out bench/results/calibrate.json]
+    python bench/calibrate.py --markdown         # the README table, from the JSON written above
+
+The CIFAR-10 reference ViT is calibrated with ATM (``atmerge.calibrate``, early stopping on
+growing subsets) on ``--images`` unlabeled cifar10-train images for a budget goal (60% of the
+unpatched GFLOPs) and a floor goal (agreement's one-sided 95% lower bound ≥ 0.98); each run is
+timed end to end (the unpatched pass included).  The chosen settings are then measured on all
+5,000 cifar10-test images (never seen by the calibration): GFLOPs share, agreement with its 95%
+Wilson interval, top-1 change with its paired standard error — next to the calibration-set
+numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import atmerge
+from atmerge import data, zoo
+from atmerge.calibrate import folder_batches
+from atmerge.fidelity import paired_fidelity
+from common import describe, loader_batches, table, write_json
+
+GOALS = (("budget", 0.6), ("floor", 0.98))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=10000, help="unlabeled cifar10-train images to calibrate on")
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--out", default="bench/results/calibrate.json")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return 0
+    torch.manual_seed(0)
+    model = zoo.cifar10_reference_vit()
+    transform = data.cifar10_transform()
+    t0 = time.time()
+    batches, skipped = folder_batches(data.cifar10_folder("train"), transform, 250, limit=args.images, seed=0)
+    load_seconds = time.time() - t0
+    report = loader_batches(data.image_folder(data.cifar10_folder("test"), transform), 250)
+    labels = torch.cat([y for _, y in report])
+    atmerge.unpatch(model)
+    base, reference = atmerge.evaluate(model, report, keep_outputs=True)
+    reference = torch.cat(reference)
+    rows = []
+    for goal, target in GOALS:
+        start = time.time()
+        options = {"budget": target} if goal == "budget" else {"min_agreement": target}
+        c = atmerge.calibrate(model, batches, method=atmerge.ATM(), trials=args.trials, seed=0, **options)
+        minutes = (time.time() - start) / 60
+        atmerge.patch(model, c.method)
+        res, outputs = atmerge.evaluate(model, report, keep_outputs=True)
+        atmerge.unpatch(model)
+        measured = paired_fidelity(torch.cat(outputs), reference, labels)
+        finished = [t for t in c.trials if not t["pruned"]]
+        rows.append(dict(
+            goal=goal, target=target, met=c.met, minutes=minutes, trials=len(c.trials), finished=len(finished),
+            images_evaluated=sum(t["images"] for t in c.trials), setting=describe(c.method),
+            calib_gflops_share=c.gflops_share, calib_agreement=c.agreement, calib_agreement_low=c.agreement_low,
+            report_gflops_share=res.gflops / base.gflops, **{f"report_{k}": v for k, v in measured.items()},
+        ))
+        print(f"{goal} {target}: {minutes:.1f} min, {c.method}", flush=True)
+    result = dict(command=f"python bench/calibrate.py --images {args.images} --trials {args.trials}",
+                  torch=torch.__version__, timm=timm.__version__, cpu=platform.processor() or platform.machine(),
+                  threads=torch.get_num_threads(), calibration_images=sum(b.shape[0] for b in batches),
+                  skipped=skipped, image_loading_seconds=load_seconds, report_images=len(labels),
+                  unpatched={"gflops": base.gflops, "top1": base.top1}, rows=rows)
+    print(table(rows, ["goal", "target", "met", "minutes", "finished", "calib_gflops_share", "calib_agreement",
+                       "calib_agreement_low", "report_gflops_share", "report_agreement", "report_top1_change"]))
+    write_json(result, args.out)
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = ["| goal | minutes | trials complete / run | calibration: GFLOPs, agreement (one-sided 95% low) | "
+             "report: GFLOPs, agreement (95% CI) | report top-1 change ± SE | setting |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        goal = f"budget {r['target']:.0%}" if r["goal"] == "budget" else f"floor {r['target']}"
+        lines.append(
+            f"| {goal}{'' if r['met'] else ' (not met)'} | {r['minutes']:.1f} | {r['finished']} / {r['trials']} | "
+            f"{r['calib_gflops_share']:.1%}, {100 * r['calib_agreement']:.2f}% ({100 * r['calib_agreement_low']:.2f}%) | "
+            f"{r['report_gflops_share']:.1%}, {100 * r['report_agreement']:.2f}% "
+            f"({100 * r['report_agreement_low']:.1f}–{100 * r['report_agreement_high']:.1f}) | "
+            f"{100 * r['report_top1_change']:+.2f} ± {100 * r['report_top1_change_se']:.2f} | {r['setting']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
