@@ -240,7 +240,7 @@ def calibrate(
     search of :func:`atmerge.experiments.search.search`).  Only trials that saw every image are
     chosen.
     """
-    from atmerge.experiments.search import search, unpatched_predictions
+    from atmerge.experiments.search import search, trial_method, unpatched_predictions
 
     goals = {"budget": budget, "budget_gflops": budget_gflops, "min_agreement": min_agreement}
     given = [k for k, v in goals.items() if v is not None]
@@ -272,8 +272,6 @@ def calibrate(
         chosen, met = choose_within_budget(finished, target)
     else:
         chosen, met = choose_above_floor(finished, target, n)
-    from atmerge.experiments.search import trial_method
-
     return Calibration(
         method=trial_method(base, chosen, len(model.blocks), model.patch_embed.num_patches),
         goal=goal,

@@ -6,7 +6,6 @@ import math
 import warnings
 
 import pytest
-import torch
 
 import atmerge
 from atmerge.calibrate import agreement_lower_bound, choose_above_floor, choose_within_budget, folder_batches

@@ -75,10 +75,6 @@ def unpatched_predictions(model: nn.Module, batches: list, cache_dir: str | Path
     return summary, predictions, False
 
 
-def _as_method(method: Method | str) -> Method:
-    return build_method(method) if isinstance(method, str) else method
-
-
 def search(
     model: nn.Module,
     batches,
@@ -88,7 +84,6 @@ def search(
     budget: float | None = None,
     trials: int = 40,
     seed: int = 0,
-    base: Method | None = None,
     metric: str = "top1",
     progress: bool = False,
     cache_dir: str | Path | None = None,
@@ -97,8 +92,7 @@ def search(
     """Run an Optuna study (TPE, seeded) over ``method``'s own search space
     (``type(method).search_space``); returns the trials, the chosen trial(s) and the baseline.
 
-    method: a registry name or a method whose other settings stay fixed (``base`` is the older
-        name of the same argument).  metric: what a trial's quality is — 'top1' (needs labels)
+    method: a registry name or a method whose other settings stay fixed.  metric: what a trial's quality is — 'top1' (needs labels)
         or 'agreement' (share of images whose predicted class is the unpatched model's; no
         labels needed).  goal 'budget': best quality with mean GFLOPs ≤ budget; 'stress':
         lowest GFLOPs with top-1 no lower than the unpatched model's; 'pareto': the front of
@@ -116,7 +110,7 @@ def search(
         raise ValueError("goal 'budget' needs a positive budget in GFLOPs (--budget)")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
-    base = _as_method(base if base is not None else method)
+    base = build_method(method) if isinstance(method, str) else method
     batches = _materialise(batches)
     baseline, predictions, cached = reference if reference else unpatched_predictions(model, batches, cache_dir)
     if (goal == "stress" or metric == "top1") and baseline["top1"] is None:
