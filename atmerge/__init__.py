@@ -8,7 +8,7 @@
 """
 
 from atmerge.budget import BudgetMatch, match_gflops
-from atmerge.calibrate import Calibration, calibrate
+from atmerge.calibrate import Calibration, calibrate, calibrate_goals
 from atmerge.config import FingerprintWarning, load_method, save_config
 from atmerge.evaluate import EvalResult, evaluate
 from atmerge.api import dense_tokens, gflops, is_patched, last_stats, merge_source, patch, unpatch
@@ -38,6 +38,7 @@ __all__ = [
     "Calibration",
     "FingerprintWarning",
     "calibrate",
+    "calibrate_goals",
     "load_method",
     "save_config",
     "EvalResult",

@@ -1,17 +1,21 @@
-"""Calibrate a method for the user's own model from unlabeled images (issue 9, first part).
+"""Calibrate a method for the user's own model from unlabeled images (issue 9).
 
-Goals, judged by agreement with the unpatched model's own predictions (no labels needed):
+Fidelity needs no labels: agreement of the predicted class with the unpatched model's for a
+classifier, cosine of the outputs for a feature model (``num_classes=0``).  Goals:
   * budget: the most faithful setting whose mean GFLOPs on the calibration images is within a
     share of the unpatched model's (or an absolute figure);
-  * floor: the cheapest setting whose agreement's one-sided 95% Wilson lower bound is at least
-    the floor (the label-free stress test).
-Every setting comes from the same Optuna search over the method's own space
-(:func:`atmerge.experiments.search.search`), so every method is calibrated the same way.
+  * floor: the cheapest setting whose fidelity's one-sided 95% lower bound (Wilson for
+    agreement, normal approximation for the mean cosine) is at least the floor — the label-free
+    stress test.
+Every method is searched over its own settings (``Method.search_space``), fitted to the model's
+own similarity scores (:mod:`atmerge.profile`), with Optuna (multivariate TPE, seeded); each
+trial runs on growing shares of the images and stops once it cannot win.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -19,9 +23,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from atmerge.fidelity import wilson_interval
+from atmerge.fidelity import FIDELITY_MEASURES, fidelity_interval, paired_fidelity, per_image_fidelity, wilson_interval
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method
+from atmerge.methods.space import starting_point
 
 ONE_SIDED_95 = 1.644854  # z of a one-sided 95% bound
 RUNGS = (0.125, 0.25, 0.5, 1.0)  # shares of the calibration images a trial must survive in turn
@@ -29,30 +34,50 @@ COST_SLACK = 1.05  # a partial GFLOPs estimate this far above a bar stops the tr
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
+@dataclass(frozen=True)
+class Goal:
+    """kind 'budget' (target: GFLOPs per image) or 'floor' (target: fidelity's lower bound)."""
+
+    kind: str
+    target: float
+
+
 @dataclass
 class Calibration:
     """What :func:`calibrate` chose and why.
 
     method: the chosen method.  goal: 'budget' or 'floor'; target: the GFLOPs budget (per image)
-    or the agreement floor.  met: whether a trial met the goal (if not, ``method`` is the
+    or the fidelity floor.  met: whether a trial met the goal (if not, ``method`` is the
     closest: the cheapest trial for a budget, the most faithful for a floor).
-    gflops / gflops_share: mean per-image cost on the calibration images, and its share of the
-    unpatched model's.  agreement: share of calibration images whose predicted class is the
-    unpatched model's; agreement_low: its one-sided 95% Wilson lower bound.  trials: every
-    trial of the search.
+    measure: 'agreement' or 'cosine'; fidelity: its mean over the calibration images;
+    fidelity_low: its one-sided 95% lower bound.  gflops / gflops_share: mean per-image cost on
+    the calibration images, and its share of the unpatched model's.  details: the chosen
+    setting's paired fidelity on every calibration image (agreement and its interval, top-5
+    agreement, mean KL, cosine; only the cosine for a feature model).  trials: every trial of
+    the search; space: the searched ranges; profile: the model's score profile they were fitted to.
     """
 
     method: Method
     goal: str
     target: float
     met: bool
+    measure: str
     gflops: float
     gflops_share: float
-    agreement: float
-    agreement_low: float
+    fidelity: float
+    fidelity_low: float
     images: int
     unpatched_gflops: float
+    details: dict = field(default_factory=dict)
     trials: list[dict] = field(default_factory=list)
+    space: dict = field(default_factory=dict)
+    profile: dict | None = None
+
+    @property
+    def agreement(self) -> float | None:
+        """Top-1 agreement with the unpatched model on the calibration images (None for a
+        feature model)."""
+        return self.details.get("agreement")
 
 
 def agreement_lower_bound(agreement: float, images: int) -> float:
@@ -62,100 +87,131 @@ def agreement_lower_bound(agreement: float, images: int) -> float:
 
 
 def choose_within_budget(trials: list[dict], budget_gflops: float) -> tuple[dict, bool]:
-    """The trial with the highest agreement (then the lowest GFLOPs) among those whose GFLOPs are
+    """The trial with the highest fidelity (then the lowest GFLOPs) among those whose GFLOPs are
     within the budget; (the cheapest trial, False) when none is."""
     within = [t for t in trials if t["gflops"] <= budget_gflops]
     if not within:
         return min(trials, key=lambda t: t["gflops"]), False
-    return max(within, key=lambda t: (t["agreement"], -t["gflops"])), True
+    return max(within, key=lambda t: (t["fidelity"], -t["gflops"])), True
 
 
-def choose_above_floor(trials: list[dict], floor: float, images: int) -> tuple[dict, bool]:
-    """The cheapest trial whose agreement's one-sided 95% lower bound is at least ``floor``;
-    (the most faithful trial, False) when none is."""
-    above = [t for t in trials if agreement_lower_bound(t["agreement"], images) >= floor]
+def choose_above_floor(trials: list[dict], floor: float) -> tuple[dict, bool]:
+    """The cheapest trial whose fidelity's one-sided 95% lower bound (``fidelity_low``) is at
+    least ``floor``; (the most faithful trial, False) when none is."""
+    above = [t for t in trials if t["fidelity_low"] >= floor]
     if not above:
-        return max(trials, key=lambda t: (t["agreement"], -t["gflops"])), False
-    return min(above, key=lambda t: (t["gflops"], -t["agreement"])), True
+        return max(trials, key=lambda t: (t["fidelity"], -t["gflops"])), False
+    return min(above, key=lambda t: (t["gflops"], -t["fidelity"])), True
 
 
-def hopeless(goal: str, target: float, agreement: float, images: int, gflops: float, finished: list[dict]) -> bool:
-    """Whether a trial measured on ``images`` of the calibration images so far cannot win, so its
-    remaining images are skipped (successive halving).
+def choose(trials: list[dict], goal: Goal) -> tuple[dict, bool]:
+    """The trial that best meets ``goal`` among finished ``trials`` (see the two rules above)."""
+    finished = [t for t in trials if not t.get("pruned")]
+    if not finished:
+        raise ValueError("no trial ran on every calibration image; raise trials")
+    if goal.kind == "budget":
+        return choose_within_budget(finished, goal.target)
+    return choose_above_floor(finished, goal.target)
 
-    budget goal: its cost estimate is above the budget (× COST_SLACK), or the 95% upper bound of
-    its agreement is below the best finished trial within the budget.  floor goal: the upper
-    bound is below the floor, or its cost is above the cheapest finished trial that clears the
-    floor (× COST_SLACK)."""
-    upper = wilson_interval(round(agreement * images), images)[1]
-    if goal == "budget":
-        best = max((t["agreement"] for t in finished if t["gflops"] <= target), default=None)
-        return gflops > target * COST_SLACK or (best is not None and upper < best)
-    cheapest = min((t["gflops"] for t in finished if t["agreement_low"] >= target), default=None)
-    return upper < target or (cheapest is not None and gflops > cheapest * COST_SLACK)
+
+def hopeless(goal: Goal, upper: float, gflops: float, finished: list[dict]) -> bool:
+    """Whether a trial measured on part of the calibration images so far cannot win, so its
+    remaining images are skipped (successive halving).  upper: the two-sided 95% upper bound of
+    its fidelity so far; gflops: its mean cost so far.
+
+    budget goal: its cost is above the budget (× COST_SLACK), or ``upper`` is below the best
+    finished trial within the budget.  floor goal: ``upper`` is below the floor, or its cost is
+    above the cheapest finished trial that clears the floor (× COST_SLACK)."""
+    if goal.kind == "budget":
+        best = max((t["fidelity"] for t in finished if t["gflops"] <= goal.target), default=None)
+        return gflops > goal.target * COST_SLACK or (best is not None and upper < best)
+    if goal.kind == "floor":
+        cheapest = min((t["gflops"] for t in finished if t["fidelity_low"] >= goal.target), default=None)
+        return upper < goal.target or (cheapest is not None and gflops > cheapest * COST_SLACK)
+    return False
 
 
 def staged_trials(
     model: nn.Module,
     batches: list[torch.Tensor],
     base: Method,
-    predictions: torch.Tensor,
+    reference: torch.Tensor,
     *,
-    goal: str,
-    target: float,
+    measure: str,
+    goal: Goal | None,
     trials: int,
     seed: int = 0,
     rungs: tuple[float, ...] = RUNGS,
+    profile=None,
     progress: bool = False,
 ) -> list[dict]:
-    """Optuna (TPE, seeded, constrained) over ``base``'s search space, each trial run on growing
-    shares of the calibration ``batches`` (``rungs``) and stopped as soon as it is
-    :func:`hopeless`.  predictions: the unpatched model's classes on all images.  Returns every
-    trial's row: its settings, GFLOPs and agreement on the images it ran on, ``images`` and
+    """Optuna (multivariate TPE, seeded) over ``base``'s search space (fitted to ``profile``;
+    the first trial is ``base``'s own settings where they lie in it), each trial run on growing shares of the calibration ``batches`` (``rungs``) and stopped as
+    soon as it is :func:`hopeless` for ``goal``.  goal None: one study for several goals —
+    the front of (fidelity, GFLOPs), every trial on every image.  reference: the unpatched
+    model's outputs on all images [images, K].  Returns every trial's row: its settings, GFLOPs
+    and fidelity (with its one-sided 95% lower bound) on the images it ran on, ``images`` and
     ``pruned``."""
     import optuna
 
     from atmerge.api import last_stats, patch, unpatch
 
-    space = type(base).search_space(len(model.blocks), model.patch_embed.num_patches)
+    space = type(base).search_space(len(model.blocks), model.patch_embed.num_patches, profile)
     total = sum(x.shape[0] for x in batches)
     counts = torch.tensor([x.shape[0] for x in batches]).cumsum(0)
+    rungs = rungs if goal is not None else (1.0,)
     bounds = sorted({int(torch.searchsorted(counts, math.ceil(share * total)).item()) + 1 for share in rungs})
     rows: list[dict] = []
 
-    def objective(trial) -> float:
+    def objective(trial):
         params = {name: knob.suggest(trial, name) for name, knob in space.items()}
         patch(model, base.with_params(params))
-        agree = images = 0
-        gflops_sum, done = 0.0, 0
+        values: list[torch.Tensor] = []
+        images, gflops_sum, done = 0, 0.0, 0
         for step, bound in enumerate(bounds):
             with torch.no_grad():
                 for x in batches[done:bound]:
                     n = x.shape[0]
-                    agree += int((model(x).argmax(-1).cpu() == predictions[images : images + n]).sum())
+                    values.append(per_image_fidelity(model(x).float().cpu(), reference[images : images + n], measure))
                     gflops_sum += last_stats(model).gflops * n
                     images += n
             done = bound
-            agreement, gflops = agree / images, gflops_sum / images
-            low = agreement_lower_bound(agreement, images)
-            row = {"trial": trial.number, **params, "gflops": gflops, "agreement": agreement, "agreement_low": low,
+            per_image = torch.cat(values)
+            fidelity, gflops = float(per_image.mean()), gflops_sum / images
+            low = fidelity_interval(per_image, measure, ONE_SIDED_95)[0]
+            row = {"trial": trial.number, **params, "gflops": gflops, "fidelity": fidelity, "fidelity_low": low,
                    "images": images, "pruned": False}
-            value = agreement if goal == "budget" else gflops
-            broken = gflops - target if goal == "budget" else target - low  # > 0: goal not met
+            if goal is None:
+                continue
+            value = fidelity if goal.kind == "budget" else gflops
+            broken = gflops - goal.target if goal.kind == "budget" else goal.target - low  # > 0: goal not met
             if images < total:
                 trial.report(value, step)
-                if hopeless(goal, target, agreement, images, gflops, [r for r in rows if not r["pruned"]]):
+                upper = fidelity_interval(per_image, measure)[1]
+                if hopeless(goal, upper, gflops, [r for r in rows if not r["pruned"]]):
                     rows.append({**row, "pruned": True})
                     trial.set_constraint("goal", max(broken, 1e-9))
                     raise optuna.TrialPruned()
         rows.append(row)
+        if goal is None:
+            return fidelity, gflops
         trial.set_constraint("goal", broken)
         return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed)
-    study = optuna.create_study(direction="maximize" if goal == "budget" else "minimize", sampler=sampler)
-    study.optimize(objective, n_trials=trials, show_progress_bar=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if goal is None:
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    else:
+        study = optuna.create_study(direction="maximize" if goal.kind == "budget" else "minimize", sampler=sampler)
+    first = starting_point(base, space)
+    if first:  # the method's own settings (for ATM: the paper's DeiT-S setting) are the first trial
+        study.enqueue_trial(first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.optimize(objective, n_trials=trials, show_progress_bar=progress)
     unpatch(model)
     return rows
 
@@ -213,14 +269,70 @@ def _image_batches(images, model: nn.Module, batch_size: int, transform) -> tupl
     raise TypeError(f"images must be a folder path, a tensor or a loader of batches, got {type(images).__name__}")
 
 
+def fidelity_measure(model: nn.Module, fidelity: str | None) -> str:
+    """'agreement' for a classifier, 'cosine' for a feature model (``num_classes == 0``), unless
+    ``fidelity`` names one; agreement on a feature model is refused."""
+    features = getattr(model, "num_classes", 1) == 0
+    if fidelity is None:
+        return "cosine" if features else "agreement"
+    if fidelity not in FIDELITY_MEASURES:
+        raise ValueError(f"fidelity={fidelity!r} is not supported; choose one of {FIDELITY_MEASURES}")
+    if fidelity == "agreement" and features:
+        raise ValueError("fidelity='agreement' needs a classifier; this model outputs features (num_classes=0): use 'cosine'")
+    return fidelity
+
+
+def resolve_goal(unpatched_gflops: float, *, budget=None, budget_gflops=None, min_agreement=None, min_cosine=None) -> Goal:
+    """Exactly one goal, checked; budget shares become GFLOPs per image."""
+    goals = {"budget": budget, "budget_gflops": budget_gflops, "min_agreement": min_agreement, "min_cosine": min_cosine}
+    given = [k for k, v in goals.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one goal of {', '.join(goals)}; got {given or 'none'}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if budget is not None:
+        if not (number(budget) and 0 < budget < 1):
+            raise ValueError(f"budget={budget!r} is a share of the unpatched GFLOPs; allowed (0, 1)")
+        return Goal("budget", budget * unpatched_gflops)
+    if budget_gflops is not None:
+        if not (number(budget_gflops) and budget_gflops > 0):
+            raise ValueError(f"budget_gflops={budget_gflops!r} must be a positive number of GFLOPs per image")
+        return Goal("budget", float(budget_gflops))
+    name, floor = given[0], goals[given[0]]
+    if not (number(floor) and 0 < floor <= 1):
+        raise ValueError(f"{name}={floor!r} is out of range; allowed (0, 1]")
+    return Goal("floor", float(floor))
+
+
 def calibrate(
     model: nn.Module,
     images,
     *,
-    method: Method | str = "atm",
     budget: float | None = None,
     budget_gflops: float | None = None,
     min_agreement: float | None = None,
+    min_cosine: float | None = None,
+    **options,
+) -> Calibration:
+    """Choose a method's settings for ``model`` from unlabeled ``images`` (a folder, searched
+    recursively with the model's timm preprocessing or ``transform``; a tensor [N, C, H, W]; or
+    a loader of batches — labels ignored).
+
+    Exactly one goal: ``budget`` (a share in (0, 1) of the unpatched model's mean GFLOPs on these
+    images) or ``budget_gflops`` (GFLOPs per image), or a floor in (0, 1] on the one-sided 95%
+    lower bound of ``min_agreement`` (classifiers) or ``min_cosine`` (any model).
+    options: those of :func:`calibrate_goals` (method='atm', fidelity, trials=40, seed, ...).
+    """
+    goal = dict(budget=budget, budget_gflops=budget_gflops, min_agreement=min_agreement, min_cosine=min_cosine)
+    return calibrate_goals(model, images, [goal], **options)[0]
+
+
+def calibrate_goals(
+    model: nn.Module,
+    images,
+    goals: list[dict],
+    *,
+    method: Method | str = "atm",
+    fidelity: str | None = None,
     trials: int = 40,
     seed: int = 0,
     batch_size: int = 64,
@@ -228,60 +340,75 @@ def calibrate(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     early_stop: bool = True,
-) -> Calibration:
-    """Choose ``method``'s settings for ``model`` from unlabeled ``images`` (a folder, searched
-    recursively with the model's timm preprocessing or ``transform``; a tensor [N, C, H, W]; or
-    a loader of batches — labels ignored).
+    fit_space: bool = True,
+    paired: bool = True,
+) -> list[Calibration]:
+    """:func:`calibrate` for several goals, e.g. ``[{"budget": 0.6}, {"min_agreement": 0.99}]``.
 
-    Exactly one goal: ``budget`` (a share in (0, 1) of the unpatched model's mean GFLOPs on these
-    images) or ``budget_gflops`` (GFLOPs per image), or ``min_agreement`` in (0, 1] (the floor).
+    method: a registry name or a method whose other settings stay fixed.  fidelity: 'agreement'
+    or 'cosine' for budget goals (None: agreement for a classifier, cosine for a feature model).
     early_stop: run each trial on growing shares of the images (1/8, 1/4, 1/2, all) and stop it
-    once it cannot win (:func:`staged_trials`); False: every trial sees every image (the Pareto
-    search of :func:`atmerge.experiments.search.search`).  Only trials that saw every image are
-    chosen.
-    """
-    from atmerge.experiments.search import search, trial_method, unpatched_predictions
+    once it cannot win; False: every trial sees every image.  Only trials that saw every image
+    are chosen.  fit_space: fit the search ranges to the model's own similarity scores on (up
+    to 256 of) these images (:mod:`atmerge.profile`); False: the methods' default ranges (the
+    ATM paper's grid).  cache_dir: where the unpatched outputs are kept between runs.
+    With one goal (and ``early_stop``) the search is directed at it and stops hopeless trials;
+    with several, one search of the (fidelity, GFLOPs) front serves them all, every trial on
+    every image (the same trials for every goal).  paired: also measure each chosen setting's
+    paired details (top-5 agreement, KL, ...) in one more pass (False: ``details`` stays empty)."""
+    from atmerge.experiments.search import trial_method, unpatched_outputs
+    from atmerge.profile import score_profile
 
-    goals = {"budget": budget, "budget_gflops": budget_gflops, "min_agreement": min_agreement}
-    given = [k for k, v in goals.items() if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one goal of budget, budget_gflops, min_agreement; got {given or 'none'}")
-    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < 1):
-        raise ValueError(f"budget={budget!r} is a share of the unpatched GFLOPs; allowed (0, 1)")
-    if budget_gflops is not None and not (isinstance(budget_gflops, (int, float)) and budget_gflops > 0):
-        raise ValueError(f"budget_gflops={budget_gflops!r} must be a positive number of GFLOPs per image")
-    if min_agreement is not None and not (isinstance(min_agreement, (int, float)) and 0 < min_agreement <= 1):
-        raise ValueError(f"min_agreement={min_agreement!r} is out of range; allowed (0, 1]")
-    if getattr(model, "num_classes", 1) == 0:
-        raise ValueError("calibrate judges agreement of predicted classes: it needs a classifier (num_classes > 0)")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ValueError(f"trials={trials!r} must be an integer >= 1")
     base = build_method(method) if isinstance(method, str) else method
+    floors = {k for g in goals for k in ("min_agreement", "min_cosine") if g.get(k) is not None}
+    if fidelity is None and floors == {"min_agreement"}:
+        fidelity = "agreement"
+    elif fidelity is None and floors == {"min_cosine"}:
+        fidelity = "cosine"
+    measure = fidelity_measure(model, fidelity)
+    for floor in floors:
+        if floor != f"min_{measure}":
+            raise ValueError(f"{floor} does not fit fidelity measure {measure!r}; give min_{measure}")
+    for g in goals:  # bad goals fail before any image is read
+        resolve_goal(1.0, **g)
     batches, _ = _image_batches(images, model, batch_size, transform)
     pairs = [(x, None) for x in batches]
-    reference = unpatched_predictions(model, pairs, cache_dir)
-    dense, n = reference[0]["gflops"], reference[0]["images"]
-    goal = "budget" if min_agreement is None else "floor"
-    target = min_agreement if goal == "floor" else (budget * dense if budget is not None else budget_gflops)
-    if early_stop:
-        rows = staged_trials(model, batches, base, reference[1], goal=goal, target=target, trials=trials, seed=seed,
-                             progress=progress)
-    else:
-        rows = search(model, pairs, method=base, goal="pareto", metric="agreement", trials=trials, seed=seed,
-                      reference=reference, progress=progress)["trials"]
-    finished = [r for r in rows if not r.get("pruned")]
-    if goal == "budget":
-        chosen, met = choose_within_budget(finished, target)
-    else:
-        chosen, met = choose_above_floor(finished, target, n)
-    return Calibration(
-        method=trial_method(base, chosen, len(model.blocks), model.patch_embed.num_patches),
-        goal=goal,
-        target=float(target),
-        met=met,
-        gflops=chosen["gflops"],
-        gflops_share=chosen["gflops"] / dense,
-        agreement=chosen["agreement"],
-        agreement_low=agreement_lower_bound(chosen["agreement"], n),
-        images=n,
-        unpatched_gflops=dense,
-        trials=rows,
-    )
+    summary, reference, _ = unpatched_outputs(model, pairs, cache_dir)
+    dense, n = summary["gflops"], summary["images"]
+    resolved = [resolve_goal(dense, **g) for g in goals]
+    depth, patches = len(model.blocks), model.patch_embed.num_patches
+    profile = score_profile(model, batches, limit=256) if fit_space else None
+    space = type(base).search_space(depth, patches, profile)
+    one = resolved[0] if len(resolved) == 1 and early_stop else None
+    rows = staged_trials(model, batches, base, reference, measure=measure, goal=one, trials=trials, seed=seed,
+                         rungs=RUNGS if early_stop else (1.0,), profile=profile, progress=progress)
+    results = []
+    for goal in resolved:
+        chosen, met = choose(rows, goal)
+        chosen_method = trial_method(base, chosen, depth, patches, profile)
+        details = _paired_details(model, batches, chosen_method, reference) if paired else {}
+        results.append(Calibration(
+            method=chosen_method, goal=goal.kind, target=goal.target, met=met, measure=measure,
+            gflops=chosen["gflops"], gflops_share=chosen["gflops"] / dense, fidelity=chosen["fidelity"],
+            fidelity_low=chosen["fidelity_low"], images=n, unpatched_gflops=dense, details=details, trials=rows,
+            space={k: knob.describe() for k, knob in space.items()},
+            profile=profile.as_dict() if profile is not None else None,
+        ))
+    return results
+
+
+@torch.no_grad()
+def _paired_details(model: nn.Module, batches: list[torch.Tensor], method: Method, reference: torch.Tensor) -> dict:
+    """The paired fidelity of ``method`` on every calibration image (one more pass)."""
+    from atmerge.api import patch, unpatch
+
+    patch(model, method)
+    outputs = torch.cat([model(x).float().cpu() for x in batches])
+    unpatch(model)
+    if getattr(model, "num_classes", 1) == 0:
+        values = per_image_fidelity(outputs, reference, "cosine")
+        low, high = fidelity_interval(values, "cosine")
+        return {"images": outputs.shape[0], "cosine": float(values.mean()), "cosine_low": low, "cosine_high": high}
+    return paired_fidelity(outputs, reference)

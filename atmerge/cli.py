@@ -196,15 +196,18 @@ def cmd_calibrate(args) -> int:
     if skipped:
         print(f"skipped {skipped} unreadable image files under {folder}")
     c = calibrate(setup.model, batches, method=method_from_args(args), budget=args.budget,
-                  budget_gflops=args.budget_gflops, min_agreement=args.min_agreement, trials=args.trials,
-                  seed=args.seed, progress=not args.no_progress)
+                  budget_gflops=args.budget_gflops, min_agreement=args.min_agreement, min_cosine=args.min_cosine,
+                  fidelity=args.fidelity, trials=args.trials, seed=args.seed, progress=not args.no_progress,
+                  fit_space=not args.paper_space)
     out = Path(args.out)
-    path = save_config(out / "calibration.json", setup.model, c)
+    described = f"{sum(b.shape[0] for b in batches)} images from {folder} (seed {args.seed}, limit {args.limit})"
+    path = save_config(out / "calibration.json", setup.model, c, described)
     write_csv(c.trials, out / "trials.csv")
     status = "met" if c.met else "NOT met (closest trial shown)"
     print(f"{c.goal} goal {status}: {c.method}")
     print(f"on {c.images} calibration images: {c.gflops:.4g} GFLOPs ({c.gflops_share:.1%} of {c.unpatched_gflops:.4g}), "
-          f"agreement {c.agreement:.4f} (one-sided 95% lower bound {c.agreement_low:.4f})")
+          f"{c.measure} {c.fidelity:.4f} (one-sided 95% lower bound {c.fidelity_low:.4f})"
+          + (f", top-5 agreement {c.details['top5_agreement']:.4f}, KL {c.details['kl']:.3g}" if "kl" in c.details else ""))
     print(f"wrote {path} and {out / 'trials.csv'}; use it with atmerge eval --config {path}")
     return 0 if c.met else 1
 
@@ -326,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--budget", type=float, help="share of the unpatched GFLOPs, in (0, 1)")
     goal.add_argument("--budget-gflops", type=float, help="GFLOPs per image")
     goal.add_argument("--min-agreement", type=float, help="floor on agreement's one-sided 95%% lower bound, in (0, 1]")
+    goal.add_argument("--min-cosine", type=float, help="floor on the mean output cosine's one-sided 95%% lower bound, in (0, 1]")
+    p.add_argument("--fidelity", choices=("agreement", "cosine"), default=None,
+                   help="fidelity for a budget goal (default: agreement for classifiers, cosine for feature models)")
+    p.add_argument("--paper-space", action="store_true",
+                   help="search the methods' default ranges instead of ranges fitted to the model's similarity scores")
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--out", default="results/calibrate")
     p.set_defaults(func=cmd_calibrate)

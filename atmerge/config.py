@@ -70,9 +70,10 @@ def method_from_dict(entry: dict) -> Method:
     return build_method(entry["name"], **{k: _decode(v) for k, v in settings.items()})
 
 
-def save_config(path: str | Path, model: nn.Module, calibration) -> Path:
+def save_config(path: str | Path, model: nn.Module, calibration, images_description: str | None = None) -> Path:
     """Write the chosen method of ``calibration`` (an :class:`atmerge.calibrate.Calibration`) with
-    ``model``'s fingerprint and the measured cost and fidelity."""
+    ``model``'s fingerprint, the searched ranges, a description of the calibration images (e.g.
+    their folder) and the measured cost and fidelity (its paired details included)."""
     path = Path(path)
     c = calibration
     document = {
@@ -80,9 +81,10 @@ def save_config(path: str | Path, model: nn.Module, calibration) -> Path:
         "method": method_to_dict(c.method),
         "model": model_fingerprint(model),
         "calibration": {"goal": c.goal, "target": c.target, "met": c.met, "images": c.images,
-                        "trials": len(c.trials)},
+                        "images_description": images_description, "trials": len(c.trials), "space": c.space},
         "measured": {"gflops": c.gflops, "gflops_share": c.gflops_share, "unpatched_gflops": c.unpatched_gflops,
-                     "agreement": c.agreement, "agreement_low_one_sided_95": c.agreement_low},
+                     "fidelity_measure": c.measure, "fidelity": c.fidelity,
+                     "fidelity_low_one_sided_95": c.fidelity_low, **c.details},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2))

@@ -59,3 +59,30 @@ def paired_fidelity(outputs: torch.Tensor, reference: torch.Tensor, labels: torc
             top1_change_se=(diff.std(unbiased=True) / math.sqrt(n)).item() if n > 1 else math.nan,
         )
     return result
+
+
+FIDELITY_MEASURES = ("agreement", "cosine")
+
+
+def per_image_fidelity(outputs: torch.Tensor, reference: torch.Tensor, measure: str) -> torch.Tensor:
+    """[images] float64: 1/0 whether the predicted class is the unpatched one ('agreement'), or
+    the cosine of the two outputs ('cosine': for feature models, or logits)."""
+    if measure == "agreement":
+        return (outputs.argmax(-1) == reference.argmax(-1)).double()
+    if measure == "cosine":
+        return F.cosine_similarity(outputs.double(), reference.double(), dim=-1)
+    raise ValueError(f"fidelity measure {measure!r} is not supported; choose one of {FIDELITY_MEASURES}")
+
+
+def fidelity_interval(values: torch.Tensor, measure: str, z: float = 1.959964) -> tuple[float, float]:
+    """Interval of the mean of per-image fidelities ``values`` [images]: Wilson for agreement
+    (a proportion), mean ± z·SE (normal approximation) for cosine.  Default: two-sided 95%;
+    z = 1.644854 gives one-sided 95% bounds."""
+    n = values.numel()
+    if n == 0:
+        raise ValueError("no images: the fidelity interval needs at least one")
+    if measure == "agreement":
+        return wilson_interval(int(round(float(values.sum()))), n, z)
+    mean = float(values.mean())
+    se = float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
+    return mean - z * se, mean + z * se

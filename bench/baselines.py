@@ -33,7 +33,7 @@ import torch
 
 import atmerge
 from atmerge import data, zoo
-from atmerge.experiments.search import search_methods, trial_method, unpatched_predictions
+from atmerge.experiments.search import search_methods, trial_method, unpatched_outputs
 from atmerge.fidelity import paired_fidelity
 from atmerge.methods.registry import build_method, method_settings
 from common import TARGETS, describe, loader_batches, table, write_json
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     calib, report = loader_batches(cal, batch_size), loader_batches(rep, batch_size)
     depth, patches = len(model.blocks), model.patch_embed.num_patches
 
-    reference = unpatched_predictions(model, calib)
+    reference = unpatched_outputs(model, calib)
     print(f"calibration: {reference[0]['images']} images, unpatched top-1 {reference[0]['top1']:.4f}", flush=True)
     searches = {}
     bases = {}

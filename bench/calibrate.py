@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         rows.append(dict(
             goal=goal, target=target, met=c.met, minutes=minutes, trials=len(c.trials), finished=len(finished),
             images_evaluated=sum(t["images"] for t in c.trials), setting=describe(c.method),
-            calib_gflops_share=c.gflops_share, calib_agreement=c.agreement, calib_agreement_low=c.agreement_low,
+            calib_gflops_share=c.gflops_share, calib_agreement=c.agreement, calib_agreement_low=c.fidelity_low,
             report_gflops_share=res.gflops / base.gflops, **{f"report_{k}": v for k, v in measured.items()},
         ))
         print(f"{goal} {target}: {minutes:.1f} min, {c.method}", flush=True)

@@ -6,21 +6,26 @@ import math
 import warnings
 
 import pytest
+import torch
 
 import atmerge
-from atmerge.calibrate import agreement_lower_bound, choose_above_floor, choose_within_budget, folder_batches
+from atmerge.calibrate import Goal, agreement_lower_bound, choose_above_floor, choose_within_budget, folder_batches
 from atmerge.config import FingerprintWarning, method_from_dict, method_to_dict
 from atmerge.evaluate import evaluate
 from conftest import blocky_images, small_vit
 
 # a fake method family: cost grows and agreement grows with the setting
 TRIALS = [
-    {"trial": 0, "gflops": 0.30, "agreement": 0.90},
-    {"trial": 1, "gflops": 0.50, "agreement": 0.97},
-    {"trial": 2, "gflops": 0.55, "agreement": 0.97},
-    {"trial": 3, "gflops": 0.70, "agreement": 0.995},
-    {"trial": 4, "gflops": 0.90, "agreement": 1.00},
+    {"trial": 0, "gflops": 0.30, "fidelity": 0.90},
+    {"trial": 1, "gflops": 0.50, "fidelity": 0.97},
+    {"trial": 2, "gflops": 0.55, "fidelity": 0.97},
+    {"trial": 3, "gflops": 0.70, "fidelity": 0.995},
+    {"trial": 4, "gflops": 0.90, "fidelity": 1.00},
 ]
+
+
+def with_bounds(images):
+    return [{**t, "fidelity_low": agreement_lower_bound(t["fidelity"], images)} for t in TRIALS]
 
 
 def test_one_sided_wilson_bound_by_hand():
@@ -38,10 +43,12 @@ def test_budget_goal_takes_the_most_faithful_within_budget():
 
 def test_floor_goal_takes_the_cheapest_whose_lower_bound_clears_the_floor():
     # with 1,000 images: 0.97 → lower bound ≈ 0.9598; 0.995 → ≈ 0.9898; 1.0 → ≈ 0.9973
-    assert choose_above_floor(TRIALS, 0.955, 1000) == (TRIALS[1], True)
-    assert choose_above_floor(TRIALS, 0.96, 1000) == (TRIALS[3], True)
-    assert choose_above_floor(TRIALS, 0.97, 1000) == (TRIALS[3], True)  # 0.97 measured is not enough
-    assert choose_above_floor(TRIALS, 0.99, 100) == (TRIALS[4], False)  # 100 images: 1.0 → ≈ 0.974 only
+    trials = with_bounds(1000)
+    assert choose_above_floor(trials, 0.955) == (trials[1], True)
+    assert choose_above_floor(trials, 0.96) == (trials[3], True)
+    assert choose_above_floor(trials, 0.97) == (trials[3], True)  # 0.97 measured is not enough
+    trials = with_bounds(100)
+    assert choose_above_floor(trials, 0.99) == (trials[4], False)  # 100 images: 1.0 → ≈ 0.974 only
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +77,44 @@ def test_config_round_trip_and_fingerprint(calibration_images, tmp_path):
         atmerge.patch(model, str(path))
     document = json.loads(path.read_text())
     assert document["measured"]["agreement"] == c.agreement and document["calibration"]["goal"] == "floor"
-    other = small_vit(depth=4)
+    assert document["measured"]["fidelity_measure"] == "agreement" and "top5_agreement" in document["measured"]
+    torch.manual_seed(1)
+    other = small_vit()  # same shape, other weights
     with pytest.warns(FingerprintWarning, match="calibrated on another model"):
         atmerge.patch(other, path)
+
+
+def test_feature_model_is_judged_by_output_cosine(calibration_images):
+    model = small_vit(num_classes=0)
+    c = atmerge.calibrate(model, calibration_images, method="atm", min_cosine=0.9, trials=5, batch_size=8)
+    assert c.measure == "cosine" and c.agreement is None and set(c.details) >= {"cosine", "cosine_low"}
+    # the reported cosine is the mean per-image cosine of the chosen setting, recomputed here
+    reference = torch.cat([model(x) for x in calibration_images.split(8)])
+    atmerge.patch(model, c.method)
+    with torch.no_grad():
+        merged = torch.cat([model(x) for x in calibration_images.split(8)])
+    cosine = torch.nn.functional.cosine_similarity(merged, reference.detach(), dim=-1).mean()
+    assert c.fidelity == pytest.approx(float(cosine), abs=1e-5) == pytest.approx(c.details["cosine"], abs=1e-5)
+    if c.met:
+        assert c.fidelity_low >= 0.9
+    with pytest.raises(ValueError, match="needs a classifier; this model outputs features"):
+        atmerge.calibrate(model, calibration_images, min_agreement=0.9, trials=1)
+
+
+def test_one_search_serves_several_goals(calibration_images):
+    from atmerge.calibrate import calibrate_goals
+
+    model = small_vit()
+    goals = [{"budget": 0.8}, {"budget": 0.6}, {"min_agreement": 0.5}]
+    results = atmerge.calibrate_goals(model, calibration_images, goals, method="atm", trials=6, batch_size=8)
+    assert calibrate_goals is atmerge.calibrate_goals
+    assert [c.goal for c in results] == ["budget", "budget", "floor"]
+    assert all(c.trials is results[0].trials and len(c.trials) == 6 for c in results)  # the same trials
+    assert not any(t["pruned"] for t in results[0].trials)  # every trial saw every image
+    for c in results[:2]:
+        assert not c.met or c.gflops <= c.target
+    # the fitted space searches the similarity and the split layer too
+    assert {"similarity", "split_layer"} <= set(results[0].space) and results[0].profile["images"] == 24
 
 
 @pytest.mark.parametrize(
@@ -106,13 +148,17 @@ def test_folder_images_any_layout_unreadable_skipped(tmp_path):
         (dict(min_agreement=0), ValueError, r"min_agreement=0 is out of range; allowed \(0, 1\]"),
         (dict(min_agreement=1.2), ValueError, r"min_agreement=1.2 is out of range"),
         (dict(budget=0.5, min_agreement=0.9), ValueError, "give exactly one goal"),
-        (dict(), ValueError, "give exactly one goal of budget, budget_gflops, min_agreement; got none"),
+        (dict(), ValueError, "give exactly one goal of budget, budget_gflops, min_agreement, min_cosine; got none"),
+        (dict(min_cosine=float("nan")), ValueError, r"min_cosine=nan is out of range; allowed \(0, 1\]"),
+        (dict(budget=0.5, fidelity="l2"), ValueError, r"fidelity='l2' is not supported; choose one of \('agreement', 'cosine'\)"),
+        (dict(min_cosine=0.9, fidelity="agreement"), ValueError, "min_cosine does not fit fidelity measure 'agreement'"),
+        (dict(budget=0.5, trials=0), ValueError, r"trials=0 must be an integer >= 1"),
         (dict(budget=0.5, method="nope"), ValueError, "unknown method 'nope'"),
     ],
 )
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
-        atmerge.calibrate(small_vit(), blocky_images(2), trials=1, **kwargs)
+        atmerge.calibrate(small_vit(), blocky_images(2), **{"trials": 1, **kwargs})
 
 
 def test_bad_folders_and_configs(tmp_path):
@@ -135,26 +181,18 @@ def test_bad_folders_and_configs(tmp_path):
 
 def test_hopeless_trials_by_hand():
     from atmerge.calibrate import hopeless
+    from atmerge.fidelity import wilson_interval
 
-    finished = [{"gflops": 0.5, "agreement": 0.99, "agreement_low": 0.985}]
+    finished = [{"gflops": 0.5, "fidelity": 0.99, "fidelity_low": 0.985}]
+    upper = lambda k: wilson_interval(k, 100)[1]  # noqa: E731  two-sided 95% upper bound of k/100
+    budget, floor = Goal("budget", 0.6), Goal("floor", 0.95)
     # budget 0.6: a cost estimate of 0.64 is above 0.6 × 1.05 → stop; 0.62 is not
-    assert hopeless("budget", 0.6, 1.0, 100, 0.64, [])
-    assert not hopeless("budget", 0.6, 1.0, 100, 0.62, [])
+    assert hopeless(budget, 1.0, 0.64, [])
+    assert not hopeless(budget, 1.0, 0.62, [])
     # 80 of 100 agree: the 95% upper bound ≈ 0.87 < 0.99 of the best finished trial → stop
-    assert hopeless("budget", 0.6, 0.80, 100, 0.55, finished)
-    assert not hopeless("budget", 0.6, 0.98, 100, 0.55, finished)
+    assert hopeless(budget, upper(80), 0.55, finished)
+    assert not hopeless(budget, upper(98), 0.55, finished)
     # floor 0.95: 90/100 (upper ≈ 0.945) cannot clear it; 96/100 can, unless it costs more than 0.5 × 1.05
-    assert hopeless("floor", 0.95, 0.90, 100, 0.3, [])
-    assert not hopeless("floor", 0.95, 0.96, 100, 0.52, finished)
-    assert hopeless("floor", 0.95, 0.96, 100, 0.53, finished)
-
-
-def test_early_stopped_trials_are_never_chosen(calibration_images):
-    model = small_vit()
-    c = atmerge.calibrate(model, calibration_images, method="atm", min_agreement=0.8, trials=10, batch_size=3)
-    pruned = [t for t in c.trials if t["pruned"]]
-    assert pruned and all(t["images"] < 24 for t in pruned)  # some trials stopped early
-    finished = [t for t in c.trials if not t["pruned"]]
-    assert all(t["images"] == 24 for t in finished) and len(pruned) + len(finished) == 10
-    assert c.met  # a random model agrees with itself on these blocky images at every cost here
-    assert c.agreement_low >= 0.8 and c.gflops == min(t["gflops"] for t in finished if t["agreement_low"] >= 0.8)
+    assert hopeless(floor, upper(90), 0.3, [])
+    assert not hopeless(floor, upper(96), 0.52, finished)
+    assert hopeless(floor, upper(96), 0.53, finished)

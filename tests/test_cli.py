@@ -237,7 +237,8 @@ def test_calibrate_then_eval_with_the_config(tmp_path):
     assert main(args) == 0
     config = _json(out / "calibration.json")
     assert config["method"]["name"] == "tome" and config["calibration"]["images"] == 24
-    assert config["measured"]["agreement_low_one_sided_95"] >= 0.5
+    assert config["measured"]["fidelity_measure"] == "agreement" and config["measured"]["fidelity_low_one_sided_95"] >= 0.5
+    assert "images from" in config["calibration"]["images_description"]
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 3
     assert main(["eval", "--config", str(out / "calibration.json"), "--limit", "16", "--no-progress",
                  "--out", str(tmp_path / "eval")]) == 0

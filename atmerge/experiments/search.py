@@ -34,9 +34,10 @@ def _materialise(batches: Iterable) -> list:
     return [(x, y) for x, y in batches]
 
 
-def trial_method(base: Method, trial: dict, num_blocks: int, num_patches: int) -> Method:
-    """The method of one trial row: ``base`` with the trial's searched settings."""
-    space = type(base).search_space(num_blocks, num_patches)
+def trial_method(base: Method, trial: dict, num_blocks: int, num_patches: int, profile=None) -> Method:
+    """The method of one trial row: ``base`` with the trial's searched settings (``profile``:
+    the score profile the search space was fitted to, if any)."""
+    space = type(base).search_space(num_blocks, num_patches, profile)
     return base.with_params({k: trial[k] for k in space})
 
 
@@ -52,27 +53,31 @@ def _digest(model: nn.Module, batches: list) -> str:
     return h.hexdigest()
 
 
-def _predictions(outputs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([o.argmax(-1).cpu() for o in outputs])
+def unpatched_outputs(model: nn.Module, batches: list, cache_dir: str | Path | None = None) -> tuple[dict, torch.Tensor, bool]:
+    """The unpatched model's top-1, top-5, GFLOPs and outputs (logits, or features for a model
+    without head) on ``batches`` — computed, or read from ``cache_dir`` when this model and
+    these images were seen before (a safetensors file named by their digest, the summary in
+    its metadata).
 
+    Returns (summary, outputs [images, classes or features] float32, whether it came from the
+    cache)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-def unpatched_predictions(model: nn.Module, batches: list, cache_dir: str | Path | None = None) -> tuple[dict, torch.Tensor, bool]:
-    """The unpatched model's top-1, top-5, GFLOPs and predicted classes on ``batches``
-    (computed, or read from ``cache_dir`` when this model and these images were seen before).
-
-    Returns (summary, predictions [images], whether it came from the cache)."""
     unpatch(model)
-    path = Path(cache_dir) / f"unpatched-{_digest(model, batches)[:24]}.json" if cache_dir else None
+    path = Path(cache_dir) / f"unpatched-{_digest(model, batches)[:24]}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
-        cached = json.loads(path.read_text())
-        return cached["summary"], torch.tensor(cached["predictions"]), True
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "summary" in meta and "outputs" in f.keys():  # else: not ours, written over below
+                return json.loads(meta["summary"]), f.get_tensor("outputs"), True
     res, outputs = evaluate(model, batches, keep_outputs=True)
     summary = {"top1": res.top1, "top5": res.top5, "gflops": res.gflops, "images": res.images}
-    predictions = _predictions(outputs)
+    outputs = torch.cat([o.detach().float().cpu() for o in outputs])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"summary": summary, "predictions": predictions.tolist()}))
-    return summary, predictions, False
+        save_file({"outputs": outputs.contiguous()}, str(path), metadata={"summary": json.dumps(summary)})
+    return summary, outputs, False
 
 
 def search(
@@ -88,6 +93,7 @@ def search(
     progress: bool = False,
     cache_dir: str | Path | None = None,
     reference: tuple[dict, torch.Tensor, bool] | None = None,
+    profile=None,
 ) -> dict:
     """Run an Optuna study (TPE, seeded) over ``method``'s own search space
     (``type(method).search_space``); returns the trials, the chosen trial(s) and the baseline.
@@ -98,7 +104,8 @@ def search(
         lowest GFLOPs with top-1 no lower than the unpatched model's; 'pareto': the front of
         (quality, GFLOPs).  Each trial is one evaluation of the calibration batches.
     cache_dir: where the unpatched model's predictions are kept between runs (None: not kept);
-    reference: what :func:`unpatched_predictions` returned for these batches, to skip that pass.
+    reference: what :func:`unpatched_outputs` returned for these batches, to skip that pass.
+    profile: the model's :class:`~atmerge.profile.ScoreProfile`, to fit the search space to it.
     """
     import optuna
 
@@ -112,17 +119,18 @@ def search(
         raise ValueError(f"trials must be >= 1, got {trials}")
     base = build_method(method) if isinstance(method, str) else method
     batches = _materialise(batches)
-    baseline, predictions, cached = reference if reference else unpatched_predictions(model, batches, cache_dir)
+    baseline, reference_outputs, cached = reference if reference else unpatched_outputs(model, batches, cache_dir)
+    predictions = reference_outputs.argmax(-1)
     if (goal == "stress" or metric == "top1") and baseline["top1"] is None:
         raise ValueError("these images have no labels: use metric='agreement' (and goal 'pareto' or 'budget')")
-    space = type(base).search_space(len(model.blocks), model.patch_embed.num_patches)
+    space = type(base).search_space(len(model.blocks), model.patch_embed.num_patches, profile)
     rows: list[dict] = []
 
     def run(trial) -> tuple[float, float]:
         params = {name: knob.suggest(trial, name) for name, knob in space.items()}
         patch(model, base.with_params(params))
         res, outputs = evaluate(model, batches, keep_outputs=True)
-        agreement = (_predictions(outputs) == predictions).float().mean().item()
+        agreement = (torch.cat([o.argmax(-1).cpu() for o in outputs]) == predictions).float().mean().item()
         quality = res.top1 if metric == "top1" else agreement
         feasible = {
             "budget": res.gflops <= (budget or 0),
@@ -178,7 +186,7 @@ def search_methods(model: nn.Module, batches, methods: Sequence[Method | str], *
     batches = _materialise(batches)
     reference = options.pop("reference", None)
     if reference is None:
-        reference = unpatched_predictions(model, batches, options.get("cache_dir"))
+        reference = unpatched_outputs(model, batches, options.get("cache_dir"))
     results = {}
     for m in methods:
         result = search(model, batches, method=m, reference=reference, **options)

@@ -3,13 +3,18 @@ Transformers", arXiv 2505.15160): Algorithm 1 with Eq. (1), Sections 3.2–3.4."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from atmerge.core.matching import SIMILARITIES
 from atmerge.core.schedules import batch_adaptive_r, layer_threshold, threshold_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.bipartite import match_tokens
-from atmerge.methods.space import Knob, floats
+from atmerge.methods.space import Knob, choice, floats, ints
+
+if TYPE_CHECKING:
+    from atmerge.profile import ScoreProfile
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,27 @@ class ATM(Method):
     display_name = "ATM"
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
-        """The paper's sweep (Appendix A: α ∈ [0.945, 1], β ∈ [0.015, 0.05], θ_min ∈ [0.80, 0.945]
-        on a 0.005 grid) with θ_min extended to 1, so that light budgets are reachable too."""
-        return {"alpha": floats(0.945, 1.0, 0.005), "beta": floats(0.015, 0.05, 0.005),
-                "theta_min": floats(0.80, 1.0, 0.005)}
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+        """Without ``profile``: the paper's sweep (Appendix A: α ∈ [0.945, 1], β ∈ [0.015, 0.05],
+        θ_min ∈ [0.80, 0.945] on a 0.005 grid) with θ_min extended to 1, so that light budgets
+        are reachable too.
+
+        With the model's :class:`~atmerge.profile.ScoreProfile`, ranges that fit the model:
+        α and θ_min from the lowest 5% score quantile of any block (where ~95% of set A would
+        merge) up to 1 (nothing merges), on a 0.001 grid; β log-uniform from the decay that
+        moves θ by 0.005 over the whole depth to the one that spans the score range within one
+        block — e.g. β ≈ 0.002 for DINOv2-S's raw keys, 0.04 for DeiT; the paper's ranges are
+        always inside.  Also searched: the similarities the profile measured and split_layer
+        from depth/2 to depth."""
+        if profile is None:
+            return {"alpha": floats(0.945, 1.0, 0.005), "beta": floats(0.015, 0.05, 0.005),
+                    "theta_min": floats(0.80, 1.0, 0.005)}
+        low = min(round(profile.quantile(0.05), 3), 0.80)
+        beta_low = min(math.log1p(0.005) / max(depth - 1, 1), 0.015)
+        beta_high = max(math.log1p(1.0 - low), 0.05)
+        return {"alpha": floats(low, 1.0, 0.001), "beta": floats(beta_low, beta_high, log=True),
+                "theta_min": floats(low, 1.0, 0.001), "similarity": choice(*profile.similarities),
+                "split_layer": ints(depth // 2, depth)}
 
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, 0.0, 1.0)

@@ -9,11 +9,15 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from atmerge.core.merging import Assignment, Merge
 from atmerge.methods.space import Knob
+
+if TYPE_CHECKING:
+    from atmerge.profile import ScoreProfile
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class Method(ABC):
         """Validate settings that depend on the model's depth; raise ValueError if they don't fit."""
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """The settings a tuner varies for a model of ``depth`` blocks and ``num_patches``
         patches, with their ranges (see :mod:`atmerge.methods.space`)."""
         return {}

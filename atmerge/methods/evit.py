@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from atmerge.core.importance import cls_attention
 from atmerge.core.merging import Assignment
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.space import Knob, floats, ints
+
+if TYPE_CHECKING:
+    from atmerge.profile import ScoreProfile
 
 
 def attentive_fusion(score: torch.Tensor, keep: int, num_protected: int) -> Assignment:
@@ -56,7 +60,7 @@ class EViT(Method):
     display_name = "EViT"
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """keep_rate, and three locations (first, first + every, first + 2·every) — the release's
         are 4, 7, 10 — within the depth."""
         return {"keep_rate": floats(0.3, 1.0, 0.05), "first": ints(2, max(2, depth // 2)), "every": ints(1, max(1, depth // 4))}

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from atmerge.core.schedules import linear_r_schedule, tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
+
+if TYPE_CHECKING:
+    from atmerge.profile import ScoreProfile
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class ToMe(Method):
     display_name = "ToMe"
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """r and ToMe's schedule: inflection −1 (decreasing) … 0 (constant) … +1 (increasing)."""
         return {"r": ints(0, fixed_count_limit(depth, num_patches)), "inflection": choice(-1.0, -0.5, 0.0, 0.5, 1.0)}
 
@@ -60,7 +64,7 @@ class TopR(Method):
     display_name = "top-r"
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         return {"schedule": choice("constant", "increasing", "decreasing"), "r": ints(0, fixed_count_limit(depth, num_patches))}
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ Vision Transformers", CVPR 2024), training-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
+
+if TYPE_CHECKING:
+    from atmerge.profile import ScoreProfile
 
 
 def multi_criteria_weights(
@@ -119,7 +123,7 @@ class MCTF(Method):
     display_name = "MCTF"
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """r and the three temperatures, log-uniform around the release's 1, 20, 40."""
         return {"r": ints(0, fixed_count_limit(depth, num_patches)), "tau_sim": floats(0.25, 4.0, log=True),
                 "tau_info": floats(1.0, 100.0, log=True), "tau_size": floats(1.0, 100.0, log=True)}

@@ -33,12 +33,29 @@ class Knob:
         value = trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
         return round(value, 6)
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this knob can take (on its grid, for a stepped float)."""
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.integer:
+            return float(value).is_integer()
+        return self.step is None or abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-6
+
     def describe(self) -> str:
         if self.choices is not None:
             return "{" + ", ".join(map(str, self.choices)) + "}"
         kind = "int " if self.integer else ("log " if self.log else "")
         grid = f" step {self.step}" if self.step else ""
         return f"{kind}[{self.low}, {self.high}]{grid}"
+
+
+def starting_point(method, space: dict[str, Knob]) -> dict[str, Any]:
+    """The searched settings of ``method`` itself that lie in ``space`` (knobs named after its
+    fields), so that a search can try the method's own defaults first."""
+    return {name: getattr(method, name) for name, knob in space.items()
+            if hasattr(method, name) and knob.contains(getattr(method, name))}
 
 
 def floats(low: float, high: float, step: float | None = None, log: bool = False) -> Knob:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from atmerge.core.merging import Assignment
 from atmerge.core.schedules import batch_adaptive_r
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, floats
+
+if TYPE_CHECKING:
+    from atmerge.profile import ScoreProfile
 
 
 @dataclass(frozen=True)
@@ -23,8 +28,13 @@ class ConstantThreshold(Method):
     display_name = "constant θ"
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
-        return {"theta": floats(0.5, 1.0, 0.005)}
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+        """θ on a 0.005 grid from 0.5 — or, with the model's score profile, from the lowest 5%
+        raw-score quantile of any block — to 1."""
+        low = 0.5
+        if profile is not None:
+            low = min(math.floor(200 * profile.quantile(0.05, "raw" if "raw" in profile.similarities else None)) / 200, 0.5)
+        return {"theta": floats(low, 1.0, 0.005)}
 
     def __post_init__(self) -> None:
         check_number("theta", self.theta, 0.0, 1.0)

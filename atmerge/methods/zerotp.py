@@ -4,6 +4,7 @@ the Attention Graph in Pre-Trained Transformers", CVPR 2024), training-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from atmerge.core.merging import Assignment
 from atmerge.core.schedules import tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
+
+if TYPE_CHECKING:
+    from atmerge.profile import ScoreProfile
 
 
 def importance_then_similarity_pruning(
@@ -70,7 +74,7 @@ class ZeroTP(Method):
     display_name = "Zero-TP (simplified)"
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int) -> dict[str, Knob]:
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         return {"r": ints(0, fixed_count_limit(depth, num_patches)), "importance_share": floats(0.0, 1.0, 0.1)}
 
     def __post_init__(self) -> None:
