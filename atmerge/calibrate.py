@@ -361,6 +361,8 @@ def calibrate_goals(
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ValueError(f"trials={trials!r} must be an integer >= 1")
+    if not goals:
+        raise ValueError("give at least one goal: budget, budget_gflops, min_agreement or min_cosine")
     base = build_method(method) if isinstance(method, str) else method
     floors = {k for g in goals for k in ("min_agreement", "min_cosine") if g.get(k) is not None}
     if fidelity is None and floors == {"min_agreement"}:

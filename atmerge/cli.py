@@ -184,32 +184,42 @@ def cmd_search(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from atmerge.calibrate import calibrate, folder_batches
+    from atmerge.calibrate import calibrate_goals, folder_batches
     from atmerge.config import save_config
-    from atmerge.experiments.io import write_csv
+    from atmerge.experiments.io import format_table, write_csv
     from atmerge.experiments.setup import load_setup
 
+    goals = ([{"budget": v} for v in args.budget or []] + [{"budget_gflops": v} for v in args.budget_gflops or []]
+             + [{"min_agreement": v} for v in args.min_agreement or []] + [{"min_cosine": v} for v in args.min_cosine or []])
     torch.manual_seed(args.seed)
     setup = load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, getattr(args, "probe", None))
     folder = args.images or setup.default_data
     batches, skipped = folder_batches(folder, setup.transform, args.batch_size, args.limit, args.seed)
     if skipped:
         print(f"skipped {skipped} unreadable image files under {folder}")
-    c = calibrate(setup.model, batches, method=method_from_args(args), budget=args.budget,
-                  budget_gflops=args.budget_gflops, min_agreement=args.min_agreement, min_cosine=args.min_cosine,
-                  fidelity=args.fidelity, trials=args.trials, seed=args.seed, progress=not args.no_progress,
-                  fit_space=not args.paper_space)
-    out = Path(args.out)
     described = f"{sum(b.shape[0] for b in batches)} images from {folder} (seed {args.seed}, limit {args.limit})"
-    path = save_config(out / "calibration.json", setup.model, c, described)
-    write_csv(c.trials, out / "trials.csv")
-    status = "met" if c.met else "NOT met (closest trial shown)"
-    print(f"{c.goal} goal {status}: {c.method}")
-    print(f"on {c.images} calibration images: {c.gflops:.4g} GFLOPs ({c.gflops_share:.1%} of {c.unpatched_gflops:.4g}), "
-          f"{c.measure} {c.fidelity:.4f} (one-sided 95% lower bound {c.fidelity_low:.4f})"
-          + (f", top-5 agreement {c.details['top5_agreement']:.4f}, KL {c.details['kl']:.3g}" if "kl" in c.details else ""))
-    print(f"wrote {path} and {out / 'trials.csv'}; use it with atmerge eval --config {path}")
-    return 0 if c.met else 1
+    methods = [method_from_args(args)] + [build_method(m) for m in args.compare if m != args.method]
+    out, rows, met = Path(args.out), [], True
+    for method in methods:
+        found = calibrate_goals(setup.model, batches, goals, method=method, fidelity=args.fidelity, trials=args.trials,
+                                seed=args.seed, progress=not args.no_progress, fit_space=not args.paper_space)
+        name = next(k for k, v in METHODS.items() if type(method) is v)
+        for goal, c in zip(goals, found):
+            (kind, value), = goal.items()
+            stem = name if len(methods) > 1 or len(goals) > 1 else "calibration"
+            path = save_config(out / (f"{stem}_{kind}_{value:g}.json" if stem != "calibration" else "calibration.json"),
+                               setup.model, c, described)
+            write_csv(c.trials, path.with_name(path.stem + "_trials.csv") if stem != "calibration" else out / "trials.csv")
+            met &= c.met
+            rows.append({"method": method.display_name or name, "goal": f"{kind} {value:g}", "met": c.met,
+                         "gflops_share": round(c.gflops_share, 4), c.measure: round(c.fidelity, 4),
+                         f"{c.measure}_low": round(c.fidelity_low, 4), "config": str(path), "setting": str(c.method)})
+    print(f"on {described} ({args.trials} trials per method; 'low' = one-sided 95% lower bound):")
+    print(format_table(rows, [k for k in rows[0] if k != "setting"]))
+    for r in rows:
+        print(f"  {r['method']} {r['goal']}: {r['setting']}")
+    print("use a config with: atmerge eval --config <config>")
+    return 0 if met else 1
 
 
 def cmd_analyze(args) -> int:
@@ -325,11 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(p)
     add_method_options(p)
     p.add_argument("--images", default=None, help="folder of images, any layout, labels ignored (default: the preset's data)")
-    goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--budget", type=float, help="share of the unpatched GFLOPs, in (0, 1)")
-    goal.add_argument("--budget-gflops", type=float, help="GFLOPs per image")
-    goal.add_argument("--min-agreement", type=float, help="floor on agreement's one-sided 95%% lower bound, in (0, 1]")
-    goal.add_argument("--min-cosine", type=float, help="floor on the mean output cosine's one-sided 95%% lower bound, in (0, 1]")
+    p.add_argument("--budget", type=float, nargs="+", help="share(s) of the unpatched GFLOPs, in (0, 1)")
+    p.add_argument("--budget-gflops", type=float, nargs="+", help="GFLOPs per image")
+    p.add_argument("--min-agreement", type=float, nargs="+", help="floor(s) on agreement's one-sided 95%% lower bound, in (0, 1]")
+    p.add_argument("--min-cosine", type=float, nargs="+", help="floor(s) on the mean output cosine's one-sided 95%% lower bound, in (0, 1]")
+    p.add_argument("--compare", nargs="*", default=[], choices=method_names(), metavar="METHOD",
+                   help="also calibrate these methods the same way (same images, goals and trials)")
     p.add_argument("--fidelity", choices=("agreement", "cosine"), default=None,
                    help="fidelity for a budget goal (default: agreement for classifiers, cosine for feature models)")
     p.add_argument("--paper-space", action="store_true",

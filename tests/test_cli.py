@@ -245,6 +245,23 @@ def test_calibrate_then_eval_with_the_config(tmp_path):
     assert _json(tmp_path / "eval" / "eval.json")["method"]["method"] == "tome"
 
 
+def test_calibrate_compares_methods_on_several_goals(tmp_path, capsys):
+    out = tmp_path / "cal"
+    args = ["calibrate", "--limit", "24", "--budget", "0.7", "--min-agreement", "0.5", "--trials", "3", "--method", "atm",
+            "--compare", "tome", "--no-progress", "--out", str(out)]
+    main(args)
+    printed = capsys.readouterr().out
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert names == ["atm_budget_0.7.json", "atm_min_agreement_0.5.json", "tome_budget_0.7.json",
+                     "tome_min_agreement_0.5.json"]
+    for name in names:  # every config is usable, and says what it was calibrated for
+        config = _json(out / name)
+        assert config["method"]["name"] == name.split("_")[0] and config["calibration"]["trials"] == 3
+    assert "ToMe" in printed and "budget 0.7" in printed and "min_agreement 0.5" in printed
+
+
 def test_calibrate_bad_goal_is_a_one_line_error(capsys):
     assert main(["calibrate", "--budget", "1.5", "--limit", "4", "--trials", "1", "--no-progress"]) == 2
     assert "budget=1.5 is a share of the unpatched GFLOPs; allowed (0, 1)" in capsys.readouterr().err
+    assert main(["calibrate", "--limit", "4", "--trials", "1", "--no-progress"]) == 2
+    assert "give at least one goal" in capsys.readouterr().err
