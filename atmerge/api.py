@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from atmerge.core.merging import spread_by_source
 from atmerge.methods.base import Method
 from atmerge.models import timm_vit
 from atmerge.runtime import MergeState
@@ -45,8 +46,15 @@ def patch(
     for name, value in (("prop_attn", prop_attn), ("prune_last_block", prune_last_block)):
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"{name} must be True, False or None (the default), got {value!r}")
+    if not isinstance(trace_source, bool):
+        raise ValueError(f"trace_source must be True or False, got {trace_source!r}")
     timm_vit.check_supported(model)
     method.check_depth(len(model.blocks))
+    if method.needs_cls_token and getattr(model, "cls_token", None) is None:
+        raise ValueError(
+            f"{type(method).__name__} ranks tokens by the CLS token's attention and this model has no CLS token "
+            "(class_token=False); choose a method that does not need one, e.g. atmerge.ToMe or atmerge.ATM"
+        )
     prop = method.proportional_attention if prop_attn is None else prop_attn
 
     def make_state(cost, num_protected: int, cls_pooled: bool) -> MergeState:
@@ -68,7 +76,10 @@ def patch(
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore a patched model to its original classes (outputs bit-for-bit the original's)."""
+    """Restore a patched model to its original classes (outputs bit-for-bit the original's).
+    A model that is not patched is returned unchanged."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch takes a model (torch.nn.Module), got {type(model).__name__}")
     return timm_vit.unpatch_vit(model)
 
 
@@ -102,7 +113,7 @@ def dense_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"tokens of shape {list(tokens.shape)} do not match the last forward's {source.shape[1]} tokens"
         )
-    return source.transpose(1, 2).to(tokens.dtype) @ tokens
+    return spread_by_source(source, tokens)
 
 
 def gflops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
@@ -113,4 +124,7 @@ def gflops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -
             "gflops() counts the unpatched model; a patched model's cost depends on the images: "
             "run it and read atmerge.last_stats(model).gflops"
         )
-    return timm_vit.dense_gflops(model, tuple(input_size))
+    size = tuple(input_size) if isinstance(input_size, (tuple, list)) else ()
+    if len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+        raise ValueError(f"input_size must be (C, H, W), three positive integers, got {input_size!r}")
+    return timm_vit.dense_gflops(model, size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -31,6 +32,8 @@ def mean_gflops(model: nn.Module, method: Method, batches: Sequence[torch.Tensor
         model(x)
         total += last_stats(model).gflops * x.shape[0]
         images += x.shape[0]
+    if images == 0:
+        raise ValueError("no images to measure GFLOPs on; pass at least one non-empty batch")
     return total / images
 
 
@@ -52,8 +55,8 @@ def match_gflops(
     If even ``low`` exceeds the budget, the cheapest setting is returned with within_budget=False.
     The model is left patched with the returned method.
     """
-    if target_gflops <= 0:
-        raise ValueError(f"target_gflops must be positive, got {target_gflops}")
+    if isinstance(target_gflops, bool) or not isinstance(target_gflops, (int, float)) or not 0 < target_gflops < math.inf:
+        raise ValueError(f"target_gflops must be positive, got {target_gflops!r}; pass GFLOPs per image")
     best: BudgetMatch | None = None
     cheapest: BudgetMatch | None = None
     for _ in range(steps):

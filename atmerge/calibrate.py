@@ -165,7 +165,8 @@ def staged_trials(
 
     def objective(trial):
         params = {name: knob.suggest(trial, name) for name, knob in space.items()}
-        patch(model, base.with_params(params))
+        method = base.searched(params, profile)
+        patch(model, method)
         values: list[torch.Tensor] = []
         images, gflops_sum, done = 0, 0.0, 0
         for step, bound in enumerate(bounds):
@@ -179,7 +180,7 @@ def staged_trials(
             per_image = torch.cat(values)
             fidelity, gflops = float(per_image.mean()), gflops_sum / images
             low = fidelity_interval(per_image, measure, ONE_SIDED_95)[0]
-            row = {"trial": trial.number, **params, "gflops": gflops, "fidelity": fidelity, "fidelity_low": low,
+            row = {"trial": trial.number, **params, **type(base).from_search(params, profile), "gflops": gflops, "fidelity": fidelity, "fidelity_low": low,
                    "images": images, "pruned": False}
             if goal is None:
                 continue
@@ -363,6 +364,9 @@ def calibrate_goals(
         raise ValueError(f"trials={trials!r} must be an integer >= 1")
     if not goals:
         raise ValueError("give at least one goal: budget, budget_gflops, min_agreement or min_cosine")
+    from atmerge.models.timm_vit import check_supported
+
+    check_supported(model)  # before any image is read
     base = build_method(method) if isinstance(method, str) else method
     floors = {k for g in goals for k in ("min_agreement", "min_cosine") if g.get(k) is not None}
     if fidelity is None and floors == {"min_agreement"}:

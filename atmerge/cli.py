@@ -269,8 +269,6 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_visualize(args) -> int:
-    from PIL import Image
-
     from atmerge import budget, data, zoo
     from atmerge.experiments.setup import load_setup
     from atmerge.experiments.visualize import draw
@@ -287,7 +285,7 @@ def cmd_visualize(args) -> int:
     for f in files:
         if not f.exists():
             raise FileNotFoundError(f"image {f} not found")
-    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    images = torch.stack([transform(data.load_image(f)) for f in files])
     singles = list(images.split(1))
     method = method_from_args(args)
     methods = {args.method: method}
@@ -310,6 +308,9 @@ def cmd_visualize(args) -> int:
 def cmd_probe(args) -> int:
     from atmerge.experiments.probe import run_probe
 
+    for flag, count in (("train-images", args.train_images), ("test-images", args.test_images)):
+        if count < 1:
+            raise ValueError(f"{flag} must be a positive number of images, got {count}")
     result = run_probe(args.train_images, args.test_images, args.seed, args.save, progress=not args.no_progress)
     print(f"DINOv2-S linear probe: train top-1 {result['train_top1']:.4f} on {result['train_images']} images, "
           f"test top-1 {result['test_top1']:.4f} on {result['test_images']} cifar10-test images")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from atmerge.calibrate import Calibration
 from atmerge.methods.base import Method
 from atmerge.methods.registry import METHODS, build_method
 
@@ -74,6 +75,10 @@ def save_config(path: str | Path, model: nn.Module, calibration, images_descript
     """Write the chosen method of ``calibration`` (an :class:`atmerge.calibrate.Calibration`) with
     ``model``'s fingerprint, the searched ranges, a description of the calibration images (e.g.
     their folder) and the measured cost and fidelity (its paired details included)."""
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be what atmerge.calibrate returns, got {type(calibration).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be the calibrated model (torch.nn.Module), got {type(model).__name__}")
     path = Path(path)
     c = calibration
     document = {

@@ -64,14 +64,25 @@ def imagenet_samples_folder() -> Path:
     return unpacked("imagenet-samples.tar") / "imagenet-samples"
 
 
+def load_image(path: str | Path) -> "PIL.Image.Image":  # noqa: F821
+    """The RGB image at ``path``; a file that is not a readable image gives a ValueError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as e:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"{path} is not a readable image ({e}); remove or replace it") from None
+
+
 def image_folder(root: str | Path, transform) -> "torchvision.datasets.ImageFolder":  # noqa: F821
-    """torchvision ImageFolder with a clear error for a missing folder."""
+    """torchvision ImageFolder with clear errors for a missing folder and for unreadable images."""
     from torchvision.datasets import ImageFolder
 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist; pass a folder of class folders (ImageFolder)")
-    return ImageFolder(str(root), transform=transform)
+    return ImageFolder(str(root), transform=transform, loader=load_image)
 
 
 def model_transform(model: nn.Module):

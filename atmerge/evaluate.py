@@ -13,7 +13,7 @@ from torch import nn
 
 from atmerge.api import gflops as dense_gflops
 from atmerge.api import is_patched, last_stats
-from atmerge.models.timm_vit import check_images
+from atmerge.models.timm_vit import check_image_batch, check_supported
 
 
 @dataclass
@@ -67,6 +67,7 @@ def evaluate(
     device: where to run (the batches are moved there); None = where they are.
     Returns (result, outputs per batch if keep_outputs else []).
     """
+    check_supported(model)
     model.eval()
     images = correct1 = correct5 = 0
     labelled = True
@@ -78,7 +79,10 @@ def evaluate(
         if device is not None:
             x = x.to(device)
             y = None if y is None else y.to(device)
+        gh, gw = check_image_batch(model, x)
         n = x.shape[0]
+        if reference is not None and (i >= len(reference) or reference[i].shape[0] != n):
+            raise ValueError(f"reference does not match batch {i} ({n} images); pass the outputs of the same batches")
         _sync(x.device)
         start = time.perf_counter()
         out = model(x)
@@ -88,7 +92,6 @@ def evaluate(
             s = last_stats(model)
             g, mg, tok = s.gflops, s.matching_gflops, s.tokens_per_block
         else:
-            gh, gw = check_images(model, tuple(x.shape))
             g, mg = dense_gflops(model, tuple(x.shape[1:])), 0.0
             tok = [float(gh * gw + model.num_prefix_tokens)] * len(model.blocks)
         gflops_sum += g * n

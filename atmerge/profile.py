@@ -39,10 +39,13 @@ class ScoreProfile:
     def similarities(self) -> tuple[str, ...]:
         return tuple(self.quantiles)
 
-    def quantile(self, level: float, similarity: str | None = None, block: int | None = None) -> float:
+    def quantile(
+        self, level: float, similarity: str | None = None, block: int | None = None, over_blocks: str = "min"
+    ) -> float:
         """The score below which a share ``level`` of the A tokens lie, in block ``block``
-        (counted from 0; None: the lowest over the blocks), for ``similarity`` (None: the
-        lowest over the measured similarities).  Interpolated between the kept levels."""
+        (counted from 0), or over the blocks (None: their ``over_blocks`` — 'min' or 'median' —
+        at that level), for ``similarity`` (None: the lowest over the measured similarities).
+        Interpolated between the kept levels."""
         sims = self.similarities if similarity is None else (similarity,)
         values = []
         for s in sims:
@@ -50,7 +53,8 @@ class ScoreProfile:
             grid = torch.tensor(self.levels, dtype=q.dtype)
             i = int(torch.searchsorted(grid, torch.tensor(level, dtype=q.dtype)).clamp(1, len(self.levels) - 1))
             w = (level - self.levels[i - 1]) / (self.levels[i] - self.levels[i - 1])
-            values.append(float((q[:, i - 1] * (1 - w) + q[:, i] * w).min()))
+            per_block = q[:, i - 1] * (1 - w) + q[:, i] * w
+            values.append(float(per_block.median() if over_blocks == "median" else per_block.min()))
         return min(values)
 
     def as_dict(self) -> dict:

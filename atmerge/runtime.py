@@ -40,9 +40,15 @@ class MergeState:
         self.size: torch.Tensor | None = None
         self.source: torch.Tensor | None = None
         self.records: list[BlockRecord] = []
+        self.per_image_counts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.merged_any = False
-        self.combined: MergeStats | None = None
         self._before: tuple[int, Decision] | None = None
+
+    @property
+    def per_image(self) -> bool:
+        """Whether every image merges its own count (the batch is then padded; see
+        :mod:`atmerge.core.padding`)."""
+        return not self.method.batch_adaptive
 
     def begin(self, x: torch.Tensor) -> None:
         """Start a forward pass with tokens x [B, N, C]: every token has size 1."""
@@ -53,25 +59,45 @@ class MergeState:
             eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)
             self.source = eye.unsqueeze(0).expand(batch, -1, -1)
         self.records = []
+        self.per_image_counts = []
         self.merged_any = False
-        self.combined = None
         self._before = None
 
+    _PER_FORWARD = ("size", "source", "records", "per_image_counts", "merged_any", "_before")
+
+    def snapshot(self) -> dict:
+        """The state of the forward pass so far (tensors by reference), for :meth:`restore`."""
+        saved = {name: getattr(self, name) for name in self._PER_FORWARD}
+        saved["records"], saved["per_image_counts"] = list(self.records), list(self.per_image_counts)
+        return saved
+
+    def restore(self, saved: dict) -> None:
+        """Put back a :meth:`snapshot`."""
+        for name, value in saved.items():
+            setattr(self, name, list(value) if name in ("records", "per_image_counts") else value)
+
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """log(size) as an additive attention bias [B, 1, 1, N], or None when it would be zero
-        (proportional attention off, or nothing merged yet)."""
-        if not self.prop_attn or not self.merged_any:
+        """log(size) as an additive attention bias [B, 1, 1, N] (−inf for padding, whose size is
+        0), a 0 / −inf key-padding mask when proportional attention is off in a padded batch, or
+        None when it would be zero (proportional attention off, or nothing merged yet)."""
+        if not self.merged_any:
             return None
-        return self.size.to(dtype).log()[:, None, None, :]
+        if self.prop_attn:
+            return self.size.to(dtype).log()[:, None, None, :]
+        if self.per_image:
+            zero = torch.zeros((), dtype=dtype, device=self.size.device)
+            return torch.where(self.size > 0, zero, float("-inf"))[:, None, None, :]
+        return None
 
     def _apply(self, decision: Decision, x: torch.Tensor) -> torch.Tensor:
         """Apply a decision to x [B, N, C], the sizes and the sources."""
         merge = decision.merge
-        if merge.r > 0 or getattr(merge, "value_weight", None) is not None:
+        padded = getattr(merge, "padded", False)  # the longest image may merge nothing, others do
+        if merge.r > 0 or getattr(merge, "value_weight", None) is not None or padded:
             x, self.size = merge_weighted_average(merge, x, self.size)
             if self.source is not None:
                 self.source = merge_source(merge, self.source)
-            self.merged_any = self.merged_any or merge.r > 0
+            self.merged_any = self.merged_any or merge.r > 0 or padded
         return x
 
     def reduce_before(
@@ -103,6 +129,7 @@ class MergeState:
         [B, N, C_h]; attention [B, H, N, N] when the method reads it), or keep only the protected
         tokens in the last block (``prune_last``); record the block."""
         n_attended, p = x.shape[1], self.num_protected
+        valid_in = (self.size > 0).sum(1) if self.per_image else None
         n_in, before = self._before if self._before is not None else (n_attended, None)
         self._before = None
         merged, threshold, macs, requested = 0, math.nan, 0.0, None
@@ -117,27 +144,34 @@ class MergeState:
             merged, threshold, macs, requested = (
                 decision.merge.r, decision.threshold, decision.matching_macs, decision.requested
             )
+        if valid_in is not None:  # a padded batch: every image's own counts
+            valid_out = (self.size > 0).sum(1)
+            merged_here = torch.zeros_like(valid_in) if block == self.depth - 1 and self.prune_last else valid_in - valid_out
+            self.per_image_counts.append((valid_in, valid_out, merged_here))
         self.records.append(BlockRecord(n_in, x.shape[1], merged, threshold, macs, requested, n_attended))
         return x
 
-    def combine(self, parts: list[MergeStats]) -> None:
-        """Make :meth:`stats` report the mean over per-image forward passes of one batch."""
-        self.combined = mean_stats(parts)
-        self.source = None  # per-image token counts differ: no single source tensor
-
     def stats(self) -> MergeStats:
-        """Statistics of the last forward pass."""
-        if self.combined is not None:
-            return self.combined
+        """Statistics of the last forward pass (token counts and GFLOPs: means over the images)."""
         if len(self.records) != self.depth:
             raise RuntimeError("no complete forward pass of the patched model has run yet")
+        p = self.num_protected
         tokens_in = [float(r.tokens_in) for r in self.records]
         tokens_mlp = [float(r.tokens_mlp) for r in self.records]
         attended = [float(r.tokens_attended) for r in self.records]
-        gflops = self.cost.gflops(tokens_in[0] - self.num_protected, tokens_in, tokens_mlp, tokens_attended=attended)
+        merged = [float(r.merged) for r in self.records]
+        executed = self.cost.gflops(tokens_in[0] - p, tokens_in, tokens_mlp, tokens_attended=attended)
+        gflops = executed
+        if self.per_image_counts:
+            counts_in, counts_mlp, counts_merged = (torch.stack(c).double().cpu() for c in zip(*self.per_image_counts))
+            images = counts_in.shape[1]
+            gflops = sum(self.cost.gflops(tokens_in[0] - p, counts_in[:, b].tolist(), counts_mlp[:, b].tolist())
+                         for b in range(images)) / images
+            tokens_in, tokens_mlp = counts_in.mean(1).tolist(), counts_mlp.mean(1).tolist()
+            attended, merged = tokens_in, counts_merged.mean(1).tolist()
         return MergeStats(
             tokens_per_block=tokens_in,
-            merged_per_block=[r.merged for r in self.records],
+            merged_per_block=merged,
             tokens_mlp_per_block=tokens_mlp,
             tokens_attended_per_block=attended,
             thresholds=[r.threshold for r in self.records],
@@ -147,26 +181,5 @@ class MergeState:
             requested_per_block=[r.requested for r in self.records],
             prune_last_block=self.prune_last,
             prop_attn=self.prop_attn,
+            executed_gflops=executed,
         )
-
-
-def mean_stats(parts: list[MergeStats]) -> MergeStats:
-    """Per-image statistics of several forward passes averaged into one (weighted by batch size)."""
-    total = sum(p.batch_size for p in parts)
-
-    def mean(values: list[list[float]]) -> list[float]:
-        return [sum(p.batch_size * v for p, v in zip(parts, column)) / total for column in zip(*values)]
-
-    return MergeStats(
-        tokens_per_block=mean([p.tokens_per_block for p in parts]),
-        merged_per_block=mean([p.merged_per_block for p in parts]),
-        tokens_mlp_per_block=mean([p.tokens_mlp_per_block for p in parts]),
-        tokens_attended_per_block=mean([p.tokens_attended_per_block for p in parts]),
-        thresholds=parts[0].thresholds,
-        gflops=sum(p.batch_size * p.gflops for p in parts) / total,
-        matching_gflops=sum(p.batch_size * p.matching_gflops for p in parts) / total,
-        batch_size=total,
-        requested_per_block=parts[0].requested_per_block,
-        prune_last_block=parts[0].prune_last_block,
-        prop_attn=parts[0].prop_attn,
-    )

@@ -41,6 +41,9 @@ class MergeStats:
         (fewer than tokens_per_block where a method merges before attention, as MCTF does).
     prune_last_block: whether only the protected tokens reached the last block's MLP.
     prop_attn: whether proportional attention (+log size) was on.
+    executed_gflops: per-image GFLOPs of what actually ran: equal to ``gflops``, except where
+        images merge their own counts in one padded batch — then every image ran as many tokens
+        as the batch's longest one (padding included), and ``gflops`` counts only real tokens.
     """
 
     tokens_per_block: list[float]
@@ -54,6 +57,7 @@ class MergeStats:
     tokens_attended_per_block: list[float] | None = None
     prune_last_block: bool = False
     prop_attn: bool = True
+    executed_gflops: float | None = None
 
     @property
     def clipped_blocks(self) -> list[int]:

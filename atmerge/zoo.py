@@ -11,6 +11,16 @@ from torch import nn
 from atmerge.data import shared_file
 
 
+def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm.create_model, with a one-line ValueError for a name timm does not know."""
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"unknown timm model {model_name!r}") from None
+        raise
+
+
 def load_checkpoint(model_name: str, checkpoint: str | Path, **kwargs) -> nn.Module:
     """timm.create_model(model_name, **kwargs) with weights from a safetensors file, in eval mode."""
     path = Path(checkpoint)
@@ -20,9 +30,11 @@ def load_checkpoint(model_name: str, checkpoint: str | Path, **kwargs) -> nn.Mod
         raise ValueError(f"checkpoint {path} is not a file; pass a .safetensors file")
     try:
         state = load_file(str(path))
+    except PermissionError:
+        raise ValueError(f"checkpoint {path} cannot be read (permission denied)") from None
     except Exception as e:  # safetensors raises its own error type for a file in another format
         raise ValueError(f"checkpoint {path} is not a safetensors file ({e}); convert it with safetensors.torch.save_file") from None
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    model = create_model(model_name, **kwargs)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

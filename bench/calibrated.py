@@ -29,27 +29,14 @@ import timm
 import torch
 
 import atmerge
-from atmerge import data, zoo
+from atmerge import data
 from atmerge.calibrate import folder_batches
 from atmerge.fidelity import paired_fidelity
-from common import describe, loader_batches, table, write_json
+from common import cifar10_model, dinov2_probe_model, describe, loader_batches, table, write_json
 
 GOALS = ({"budget": 0.75}, {"budget": 0.6}, {"budget": 0.5}, {"min_agreement": 0.99}, {"min_agreement": 0.98})
 METHODS = (("ATM", "atm", True), ("ATM (paper grid)", "atm", False), ("ToMe", "tome", True),
            ("top-r", "topr", True), ("MCTF", "mctf", True), ("constant θ", "constant", True))
-
-
-def cifar10_setup():
-    return zoo.cifar10_reference_vit(), data.cifar10_transform()
-
-
-def dinov2_setup():
-    from atmerge.experiments.probe import default_probe_path, load_probe_classifier, run_probe
-
-    if not default_probe_path().exists():
-        run_probe(2000, 1000, progress=False)
-    model, _ = load_probe_classifier()
-    return model, data.model_transform(model)
 
 
 # name: (setup, calibration images, report images, batch size, trials, methods) — DINOv2 at
@@ -57,8 +44,8 @@ def dinov2_setup():
 # 400 calibration images are about the fewest with which a 0.99 floor can be cleared at all
 # (400/400 agreeing: one-sided 95% Wilson lower bound 0.9933).
 MODELS = {
-    "cifar10-vit": (cifar10_setup, 2000, 5000, 250, 30, METHODS),
-    "dinov2-probe": (dinov2_setup, 400, 300, 50, 12, METHODS[:3] + METHODS[4:5]),
+    "cifar10-vit": (cifar10_model, 2000, 5000, 250, 30, METHODS),
+    "dinov2-probe": (dinov2_probe_model, 400, 300, 50, 12, METHODS[:3] + METHODS[4:5]),
 }
 
 

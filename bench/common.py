@@ -42,6 +42,24 @@ def imagenet_batches(model, count: int, batch_size: int):
     return list(x.split(batch_size))
 
 
+def cifar10_model():
+    """The CIFAR-10 reference ViT and its preprocessing."""
+    from atmerge import zoo
+
+    return zoo.cifar10_reference_vit(), data.cifar10_transform()
+
+
+def dinov2_probe_model():
+    """DINOv2-S + its linear CIFAR-10 probe (trained first if missing, as `atmerge probe` does)
+    and its preprocessing (224 px)."""
+    from atmerge.experiments.probe import default_probe_path, load_probe_classifier, run_probe
+
+    if not default_probe_path().exists():
+        run_probe(2000, 1000, progress=False)
+    model, _ = load_probe_classifier()
+    return model, data.model_transform(model)
+
+
 def write_json(report: dict, path: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,7 @@ def reference_forward(
             r = math.floor(sum(counts) / batch + 0.5) if fixed_r is None else fixed_r[l - 1]
             r = min(r, len(plans[0][0]) if plans[0][1] else 0)
             rs.append(r)
-            for b in range(batch):
+            for b in range(batch if r > 0 else 0):  # nothing merges: the tokens keep their order
                 A, B, best = plans[b]
                 ranked = sorted(range(len(A)), key=lambda i: (-best[i][0], i))
                 merged = {best[i][1]: best[i][2] for i in ranked[:r]}

@@ -263,12 +263,88 @@ def test_low_precision_forward_is_close_to_float32(method, dtype):
     assert atmerge.api.timm_vit.merge_state(low).size.dtype == torch.float32
 
 
-def test_dense_intermediates_of_a_patched_model_are_refused_not_silently_wrong():
-    model = atmerge.patch(small_vit(), atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6))
+def _assert_same(got, expected) -> None:
+    """Equal nested outputs of forward_intermediates: tensors, lists, tuples and dicts."""
+    assert type(got) is type(expected)
+    if isinstance(got, torch.Tensor):
+        assert got.shape == expected.shape and (got - expected).abs().max() < 1e-6
+    elif isinstance(got, dict):
+        assert got.keys() == expected.keys()
+        for key in got:
+            _assert_same(got[key], expected[key])
+    else:
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            _assert_same(g, e)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(reg_tokens=2, init_values=0.1), dict(class_token=False, global_pool="avg")],
+    ids=["cls", "registers", "no-prefix"],
+)
+def test_dense_intermediates_equal_the_unpatched_models_when_nothing_merges(kwargs):
+    model = small_vit(**kwargs)
+    x = blocky_images(2)
+    calls = [
+        lambda m: m.forward_intermediates(x),
+        lambda m: m.forward_intermediates(x, indices=[0, 3], output_fmt="NLC", norm=True, return_prefix_tokens=True),
+        lambda m: m.forward_intermediates(x, indices=2, intermediates_only=True, output_dict=True,
+                                          return_prefix_tokens=True),
+        lambda m: m.forward_intermediates(x, indices=[1], stop_early=True, output_dict=True),
+        lambda m: m.get_intermediate_layers(x, n=2, reshape=True, return_prefix_tokens=True, norm=True),
+    ]
+    with torch.no_grad():
+        expected = [call(model) for call in calls]
+        atmerge.patch(model, NO_MERGE)
+        got = [call(model) for call in calls]
+    _assert_same(got, expected)
+
+
+def test_dense_intermediates_give_both_tokens_of_a_merged_pair_the_merged_value():
+    # ToMe with r = 1 in the first block only; the pair and its merged value computed by hand
+    model = small_vit()
+    blk = model.blocks[0]
     x = blocky_images(1)
-    for call in (lambda: model.forward_intermediates(x, intermediates_only=True),
-                 lambda: model.get_intermediate_layers(x, n=2)):
-        with pytest.raises(ValueError, match="call atmerge.unpatch\\(model\\) for dense features"):
-            call()
-    atmerge.unpatch(model)
-    assert model.forward_intermediates(x, intermediates_only=True)[0].shape == (1, 48, 8, 8)
+    with torch.no_grad():
+        t = model.norm_pre(model._pos_embed(model.patch_embed(x)))  # tokens entering block 1
+        h = blk.norm1(t)
+        keys = blk.attn.qkv(h).reshape(1, 65, 3, 3, 16)[:, :, 1].mean(2)[0]  # keys' head-mean [65, 16]
+        a, b = torch.arange(2, 65, 2), torch.arange(1, 65, 2)  # A = even, B = odd positions; CLS in neither
+        cos = torch.nn.functional.normalize(keys[a], dim=-1) @ torch.nn.functional.normalize(keys[b], dim=-1).T
+        best, partner = cos.max(1)
+        i, j = a[best.argmax()].item(), b[partner[best.argmax()]].item()
+        y = t + blk.attn(h)  # after attention (no LayerScale in this model)
+        merged = (y[0, i] + y[0, j]) / 2
+        unmerged = blk(t)[0]  # the unpatched block's output
+        expected = unmerged.clone()
+        expected[i] = expected[j] = merged + blk.mlp(blk.norm2(merged))
+        atmerge.patch(model, atmerge.ToMe(r=[1]))
+        dense = model.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)[0][0]
+    assert dense.shape == (64, 48) and torch.equal(dense[i - 1], dense[j - 1])
+    assert (dense - expected[1:]).abs().max() < 1e-5 and (expected[i] - unmerged[i]).abs().max() > 1e-2
+
+
+def test_dense_intermediates_of_pruned_patches_are_zero_and_the_model_still_prunes_afterwards():
+    model = atmerge.patch(small_vit(), atmerge.ZeroTP(r=[4]))
+    x = blocky_images(2)
+    with torch.no_grad():
+        final, (first, *_) = model.forward_intermediates(x, output_fmt="NLC")
+        assert final.shape == (2, 65, 48) and first.shape == (2, 64, 48)
+        assert ((first == 0).all(-1).sum(-1) == 4).all()  # Zero-TP dropped four patches in block 1
+        model(x)
+    assert atmerge.last_stats(model).tokens_mlp_per_block[-1] == 1  # CLS-only last block again
+    assert atmerge.merge_source(model) is None  # source tracking was on for the dense pass only
+
+
+@pytest.mark.parametrize("batch_adaptive", [True, False], ids=["batch-adaptive", "per-image"])
+def test_dense_final_features_equal_dense_tokens_of_forward_features(batch_adaptive):
+    method = atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6, batch_adaptive=batch_adaptive)
+    model = atmerge.patch(small_vit(global_pool="", num_classes=0), method, trace_source=True)
+    x = blocky_images(3)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        spread = atmerge.dense_tokens(model, model.forward_features(x))
+        last_block = model.norm(maps[-1].flatten(2).transpose(1, 2))  # the last map, normed like the features
+    assert sum(atmerge.last_stats(model).merged_per_block) > 0
+    assert final.shape == spread.shape == (3, 65, 48) and (final - spread).abs().max() < 1e-6
+    assert len(maps) == 6 and maps[-1].shape == (3, 48, 8, 8) and (last_block - final[:, 1:]).abs().max() < 1e-5

@@ -54,17 +54,28 @@ def test_quantile_takes_the_lowest_block_and_similarity_by_default():
 
 def test_atm_space_fitted_to_high_scores_reaches_dinov2_like_decays():
     """DINOv2-S's raw keys score above 0.95 in most blocks; they need β ≈ 0.002 (the paper's
-    grid starts at 0.015) — the fitted range must contain it, and the paper's ranges."""
+    grid starts at 0.015) — the fitted range must contain it, and the paper's range."""
     q = torch.linspace(0.95, 1.0, len(LEVELS)).repeat(12, 1)
     space = atmerge.ATM.search_space(12, 256, ScoreProfile(LEVELS, {"raw": q}, images=8))
     beta = space["beta"]
-    assert beta.log and beta.low <= 0.002 and beta.low == pytest.approx(math.log1p(0.005) / 11)
-    assert beta.high >= 0.05 and space["alpha"].low <= 0.945 and space["theta_min"].low <= 0.80
+    assert beta.log and beta.low <= 0.002 and beta.low == pytest.approx(math.log1p(0.005) / 11) and beta.high >= 0.05
     assert space["similarity"].choices == ("raw",) and (space["split_layer"].low, space["split_layer"].high) == (6, 12)
-    low_scores = ScoreProfile(LEVELS, {"raw": q - 0.6}, images=8)  # scores from 0.35: ranges reach down
-    fitted = atmerge.ATM.search_space(12, 256, low_scores)
-    assert fitted["theta_min"].low == pytest.approx(0.35 + 0.05 * 0.05, abs=1e-3)
-    assert atmerge.ConstantThreshold.search_space(12, 256, low_scores)["theta"].low == pytest.approx(0.35)
+
+
+def test_quantile_levels_become_thresholds_of_the_chosen_similarity():
+    raw = torch.linspace(0.9, 1.0, len(LEVELS)).repeat(4, 1)
+    centered = torch.linspace(0.2, 1.0, len(LEVELS)).repeat(4, 1)
+    centered[0] -= 0.1  # block 1 lower: α reads block 1, θ_min the per-block median
+    profile = ScoreProfile(LEVELS, {"raw": raw, "centered": centered}, images=8)
+    searched = {"alpha_level": 0.5, "theta_min_level": 0.25, "beta": 0.01, "similarity": "centered", "split_layer": 3}
+    settings = atmerge.ATM.from_search(searched, profile)
+    assert settings == {"alpha": pytest.approx(0.5), "theta_min": pytest.approx(0.4), "beta": 0.01,
+                        "similarity": "centered", "split_layer": 3}
+    method = atmerge.ATM().searched({**searched, "similarity": "raw"}, profile)
+    assert (method.alpha, method.theta_min, method.similarity) == (pytest.approx(0.95), pytest.approx(0.925), "raw")
+    assert atmerge.ATM.from_search({"alpha": 0.9}, None) == {"alpha": 0.9}  # the paper grid: as searched
+    low_scores = ScoreProfile(LEVELS, {"raw": q - 0.6 if (q := raw) is not None else raw}, images=8)
+    assert atmerge.ConstantThreshold.search_space(12, 256, low_scores)["theta"].low == pytest.approx(0.3)
 
 
 def test_bad_similarities_are_refused(profiled):

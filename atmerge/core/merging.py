@@ -116,13 +116,13 @@ def merge_weighted_average(
         weight = value_weight.unsqueeze(-1).to(x.dtype)
         merged = merge(torch.cat([x * weight, size.unsqueeze(-1).to(x.dtype)], dim=-1), "sum")
         return merged[..., :-1], merged[..., -1].to(size.dtype)
-    if merge.r == 0 and value_weight is None:
+    if merge.r == 0 and value_weight is None and not getattr(merge, "padded", False):
         return x, size
     if value_weight is None:
         weight = size.unsqueeze(-1).to(x.dtype)
         merged = merge(torch.cat([x * weight, weight], dim=-1), "sum")  # one gather/scatter for both
-        total = merged[..., -1:]
-        return merged[..., :-1] / total, total.squeeze(-1).to(size.dtype)
+        total = merged[..., -1:]  # 0 only for an empty slot (padding): its value stays 0
+        return merged[..., :-1] / total.clamp_min(torch.finfo(total.dtype).tiny), total.squeeze(-1).to(size.dtype)
     weight = value_weight.unsqueeze(-1).to(x.dtype)
     merged = merge(torch.cat([x * weight, weight, size.unsqueeze(-1).to(x.dtype)], dim=-1), "sum")
     return merged[..., :-2] / merged[..., -2:-1], merged[..., -1].to(size.dtype)
@@ -148,6 +148,13 @@ def merge_attention(merge: "Merge | Assignment", attention: torch.Tensor, weight
 def merge_source(merge: Merge, source: torch.Tensor) -> torch.Tensor:
     """Track which original patches each token holds: source [B, N, N0] (0/1) → [B, N − r, N0]."""
     return merge(source, "amax")
+
+
+def spread_by_source(source: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Inverse of all merges so far for dense outputs: tokens [B, N, C] with their sources
+    [B, N, N0] → [B, N0, C]; every original token gets the value of the token that holds it
+    (exactly: one product by 1), one that no token holds (pruned) gets zeros."""
+    return source.transpose(1, 2).to(tokens.dtype) @ tokens
 
 
 def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -189,12 +196,15 @@ class Assignment:
     value_weight [B, N]: weights of the average within a slot (None = merge sizes).
     weighted_sum: a slot's value is Σ value_weight · x, not divided by Σ value_weight (needs
         value_weight; EViT's fused token).
+    padded: slots may stay empty (padding of a per-image batch, :mod:`atmerge.core.padding`), and
+        the reduction changes the tokens even where r = 0 (some images merge, the longest not).
     """
 
     assign: torch.Tensor
     num_out: int
     value_weight: torch.Tensor | None = None
     weighted_sum: bool = False
+    padded: bool = False
 
     @classmethod
     def identity(cls, batch: int, num_tokens: int, device: torch.device | None = None) -> "Assignment":
@@ -208,7 +218,7 @@ class Assignment:
 
     def __call__(self, x: torch.Tensor, reduce: Reduce = "sum") -> torch.Tensor:
         """x [B, N, C] → [B, num_out, C]; pruned tokens are dropped."""
-        if self.r == 0 and bool((self.assign >= 0).all()):
+        if self.r == 0 and not self.padded and bool((self.assign >= 0).all()):
             return x
         index = torch.where(self.assign < 0, self.num_out, self.assign)
         out = x.new_zeros(x.shape[0], self.num_out + 1, x.shape[-1])

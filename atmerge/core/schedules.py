@@ -59,6 +59,8 @@ def tome_r_schedule(depth: int, r: int | list[int] | tuple[int, float]) -> list[
         if len(r) != 2:
             raise ValueError(f"r as a tuple must be (r, inflection), got {r}")
         r, inflection = r
+        if isinstance(inflection, bool) or not isinstance(inflection, (int, float)) or not -1 <= inflection <= 1:
+            raise ValueError(f"the inflection of r=(r, inflection) must be a number in [-1, 1], got {inflection!r}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"r must be an integer >= 0, got {r!r}")
     first = int(r * (1.0 - inflection))

@@ -38,7 +38,7 @@ def trial_method(base: Method, trial: dict, num_blocks: int, num_patches: int, p
     """The method of one trial row: ``base`` with the trial's searched settings (``profile``:
     the score profile the search space was fitted to, if any)."""
     space = type(base).search_space(num_blocks, num_patches, profile)
-    return base.with_params({k: trial[k] for k in space})
+    return base.searched({k: trial[k] for k in space}, profile)
 
 
 def _digest(model: nn.Module, batches: list) -> str:
@@ -128,7 +128,7 @@ def search(
 
     def run(trial) -> tuple[float, float]:
         params = {name: knob.suggest(trial, name) for name, knob in space.items()}
-        patch(model, base.with_params(params))
+        patch(model, base.searched(params, profile))
         res, outputs = evaluate(model, batches, keep_outputs=True)
         agreement = (torch.cat([o.argmax(-1).cpu() for o in outputs]) == predictions).float().mean().item()
         quality = res.top1 if metric == "top1" else agreement

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -57,12 +56,7 @@ def load_setup(
     if checkpoint:
         model = zoo.load_checkpoint(name, checkpoint, **model_kwargs)
     else:
-        try:
-            model = timm.create_model(name, pretrained=pretrained, **model_kwargs).eval()
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"unknown timm model {name!r}") from None
-            raise
+        model = zoo.create_model(name, pretrained, **model_kwargs).eval()
     description = {"model": name, "checkpoint": checkpoint, "model_kwargs": model_kwargs, "pretrained": pretrained}
     return Setup(model, data.model_transform(model), None, description)
 

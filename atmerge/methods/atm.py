@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atmerge.core.matching import SIMILARITIES
-from atmerge.core.schedules import batch_adaptive_r, layer_threshold, threshold_schedule
+from atmerge.core.schedules import batch_adaptive_r, count_above, layer_threshold, threshold_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, choice, floats, ints
@@ -34,7 +34,8 @@ class ATM(Method):
         0 = size-distinctive everywhere; depth = alternate everywhere.
     similarity: 'raw' keys (the paper) or 'centered' keys (each image's mean patch key removed).
     batch_adaptive: True = one r per batch (Section 3.4); False = every image merges its own
-        count (the patched model then runs the images of a batch one at a time; ablation).
+        count, in one batched pass padded to the batch's longest image
+        (:mod:`atmerge.core.padding`; equal to running the images one at a time).
     """
 
     alpha: float = 0.99
@@ -51,22 +52,34 @@ class ATM(Method):
         θ_min ∈ [0.80, 0.945] on a 0.005 grid) with θ_min extended to 1, so that light budgets
         are reachable too.
 
-        With the model's :class:`~atmerge.profile.ScoreProfile`, ranges that fit the model:
-        α and θ_min from the lowest 5% score quantile of any block (where ~95% of set A would
-        merge) up to 1 (nothing merges), on a 0.001 grid; β log-uniform from the decay that
-        moves θ by 0.005 over the whole depth to the one that spans the score range within one
-        block — e.g. β ≈ 0.002 for DINOv2-S's raw keys, 0.04 for DeiT; the paper's ranges are
-        always inside.  Also searched: the similarities the profile measured and split_layer
-        from depth/2 to depth."""
+        With the model's :class:`~atmerge.profile.ScoreProfile`, a space that fits the model:
+        the thresholds are searched as score quantile levels of the chosen similarity —
+        ``alpha_level`` in [0.5, 1] of block 1's scores, ``theta_min_level`` in [0, 1] of the
+        per-block median quantile curve — so that a level means the same share of set A on any
+        model (:meth:`from_search` turns them into α and θ_min); β log-uniform from the decay
+        that moves θ by 0.005 over the whole depth to 0.5 (e.g. β ≈ 0.002 for DINOv2-S's raw
+        keys, 0.04 for DeiT; the paper's range inside); the similarities the profile measured;
+        split_layer from depth/2 to depth."""
         if profile is None:
             return {"alpha": floats(0.945, 1.0, 0.005), "beta": floats(0.015, 0.05, 0.005),
                     "theta_min": floats(0.80, 1.0, 0.005)}
-        low = min(round(profile.quantile(0.05), 3), 0.80)
         beta_low = min(math.log1p(0.005) / max(depth - 1, 1), 0.015)
-        beta_high = max(math.log1p(1.0 - low), 0.05)
-        return {"alpha": floats(low, 1.0, 0.001), "beta": floats(beta_low, beta_high, log=True),
-                "theta_min": floats(low, 1.0, 0.001), "similarity": choice(*profile.similarities),
+        return {"similarity": choice(*profile.similarities), "alpha_level": floats(0.5, 1.0, 0.01),
+                "theta_min_level": floats(0.0, 1.0, 0.01), "beta": floats(beta_low, 0.5, log=True),
                 "split_layer": ints(depth // 2, depth)}
+
+    @classmethod
+    def from_search(cls, params: dict, profile: "ScoreProfile | None" = None) -> dict:
+        """Quantile levels (of a fitted space) → α (block 1's scores) and θ_min (the per-block
+        median curve) of the searched similarity; other values pass through."""
+        if profile is None or "alpha_level" not in params:
+            return params
+        settings = dict(params)
+        similarity = settings.get("similarity", "raw")
+        settings["alpha"] = round(min(max(profile.quantile(settings.pop("alpha_level"), similarity, block=0), 0.0), 1.0), 4)
+        level = settings.pop("theta_min_level")
+        settings["theta_min"] = round(min(max(profile.quantile(level, similarity, over_blocks="median"), 0.0), 1.0), 4)
+        return settings
 
     def __post_init__(self) -> None:
         check_number("alpha", self.alpha, 0.0, 1.0)
@@ -95,6 +108,8 @@ class ATM(Method):
 
     def decide(self, ctx: BlockContext) -> Decision:
         size_distinctive = ctx.layer > self.resolved_split_layer(ctx.depth)
-        m = match_tokens(ctx, size_distinctive=size_distinctive, similarity=self.similarity)
+        per_image = not self.batch_adaptive
+        m = match_tokens(ctx, size_distinctive=size_distinctive, similarity=self.similarity, per_image=per_image)
         theta = layer_threshold(ctx.layer, self.alpha, self.beta, self.theta_min)
-        return m.decision(batch_adaptive_r(m.scores, theta), ctx.num_protected, theta)
+        r = count_above(m.scores, theta) if per_image else batch_adaptive_r(m.scores, theta)
+        return m.decision(r, ctx.num_protected, theta)

@@ -80,6 +80,18 @@ def check_number(name: str, value: object, low: float, high: float, *, low_open:
     return float(value)
 
 
+def check_block_numbers(name: str, value: object) -> tuple[int, ...]:
+    """Return ``value`` as a non-empty tuple of block numbers counted from 1, else raise a
+    ValueError that names the value."""
+    try:
+        blocks = tuple(value)
+    except TypeError:
+        blocks = ()
+    if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+        raise ValueError(f"{name} must be block numbers counted from 1, got {value!r}")
+    return blocks
+
+
 class Method(ABC):
     """A token-reduction policy.  Subclasses implement :meth:`decide`.
 
@@ -93,11 +105,14 @@ class Method(ABC):
         of the tokens entering the block, which is then merged and reused for the block's
         attention: MCTF's one-step-ahead attention).
     display_name: how result tables and plots name the method.
-    batch_adaptive: False makes the patched model run a batch one image at a time, so that token
-    counts may differ between images.
+    batch_adaptive: False makes every image merge its own count (token counts differ between the
+    images of a batch, which is then padded: :mod:`atmerge.core.padding`).
+    needs_cls_token: the method reads the CLS token's attention; patching a model without one
+        is refused.
     """
 
     proportional_attention: bool = True
+    needs_cls_token: bool = False
     attention: str = "none"
     stage: str = "after_attention"
     display_name: str = ""
@@ -126,6 +141,16 @@ class Method(ABC):
     def with_params(self, params: dict) -> "Method":
         """This method with the searched settings ``params`` (names of :meth:`search_space`)."""
         return dataclasses.replace(self, **params)
+
+    @classmethod
+    def from_search(cls, params: dict, profile: "ScoreProfile | None" = None) -> dict:
+        """The settings that searched values ``params`` stand for, where a space fitted to a
+        score profile searches in other units (ATM: score quantile levels → thresholds)."""
+        return params
+
+    def searched(self, params: dict, profile: "ScoreProfile | None" = None) -> "Method":
+        """This method with searched values ``params`` (of ``search_space(..., profile)``)."""
+        return self.with_params(type(self).from_search(params, profile))
 
     @abstractmethod
     def decide(self, ctx: BlockContext) -> Decision:

@@ -11,7 +11,7 @@ import torch
 
 from atmerge.core.importance import cls_attention
 from atmerge.core.merging import Assignment
-from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number
 from atmerge.methods.space import Knob, floats, ints
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class EViT(Method):
     locations: tuple[int, ...] = (4, 7, 10)
     attention = "current"
     proportional_attention = False
+    needs_cls_token = True
     display_name = "EViT"
 
     @classmethod
@@ -74,10 +75,7 @@ class EViT(Method):
 
     def __post_init__(self) -> None:
         check_number("keep_rate", self.keep_rate, 0.0, 1.0, low_open=True)
-        locations = tuple(self.locations)
-        if not locations or any(isinstance(l, bool) or not isinstance(l, int) or l < 1 for l in locations):
-            raise ValueError(f"locations must be block numbers counted from 1, got {self.locations!r}")
-        object.__setattr__(self, "locations", locations)
+        object.__setattr__(self, "locations", check_block_numbers("locations", self.locations))
 
     def check_depth(self, depth: int) -> None:
         if max(self.locations) > depth:
@@ -85,7 +83,7 @@ class EViT(Method):
 
     def decide(self, ctx: BlockContext) -> Decision:
         n = ctx.metric.shape[1] - ctx.num_protected
-        if ctx.layer not in self.locations or ctx.num_protected == 0:
+        if ctx.layer not in self.locations:
             keep = n
         else:
             keep = math.ceil(self.keep_rate * n)

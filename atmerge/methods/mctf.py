@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from atmerge.core.importance import attention_received
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment
-from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
@@ -135,10 +135,7 @@ class MCTF(Method):
         for name in ("tau_sim", "tau_info", "tau_size"):
             check_number(name, getattr(self, name), 0.0, 1e6)
         if self.blocks is not None:
-            blocks = tuple(self.blocks)
-            if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
-                raise ValueError(f"blocks must be block numbers counted from 1, got {self.blocks!r}")
-            object.__setattr__(self, "blocks", blocks)
+            object.__setattr__(self, "blocks", check_block_numbers("blocks", self.blocks))
 
     def check_depth(self, depth: int) -> None:
         if self.blocks and max(self.blocks) > depth:

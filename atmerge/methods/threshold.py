@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atmerge.core.merging import Assignment
-from atmerge.core.schedules import batch_adaptive_r
-from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.core.schedules import batch_adaptive_r, count_above
+from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, floats
 
@@ -21,10 +21,12 @@ class ConstantThreshold(Method):
     """Merge the alternate-matching pairs whose cosine is above ``theta`` in every block, r =
     batch mean of the per-image counts (rounded half up), as ATM but without Eq. (1)'s decay
     and without size-distinctive matching.  theta in [0, 1].  blocks: merge only in these
-    blocks (counted from 1; None = all), as in the paper's layer-wise information-loss study."""
+    blocks (counted from 1; None = all), as in the paper's layer-wise information-loss study.
+    batch_adaptive: False = every image merges its own count (as ATM's option)."""
 
     theta: float = 0.9
     blocks: tuple[int, ...] | None = None
+    batch_adaptive: bool = True
     display_name = "constant θ"
 
     @classmethod
@@ -39,10 +41,9 @@ class ConstantThreshold(Method):
     def __post_init__(self) -> None:
         check_number("theta", self.theta, 0.0, 1.0)
         if self.blocks is not None:
-            blocks = tuple(self.blocks)
-            if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
-                raise ValueError(f"blocks must be block numbers counted from 1, got {self.blocks!r}")
-            object.__setattr__(self, "blocks", blocks)
+            object.__setattr__(self, "blocks", check_block_numbers("blocks", self.blocks))
+        if not isinstance(self.batch_adaptive, bool):
+            raise ValueError(f"batch_adaptive must be True or False, got {self.batch_adaptive!r}")
 
     def check_depth(self, depth: int) -> None:
         if self.blocks and max(self.blocks) > depth:
@@ -51,5 +52,7 @@ class ConstantThreshold(Method):
     def decide(self, ctx: BlockContext) -> Decision:
         if self.blocks is not None and ctx.layer not in self.blocks:
             return Decision(Assignment.identity(ctx.metric.shape[0], ctx.metric.shape[1], ctx.metric.device))
-        m = match_tokens(ctx)
-        return m.decision(batch_adaptive_r(m.scores, self.theta), ctx.num_protected, self.theta)
+        per_image = not self.batch_adaptive
+        m = match_tokens(ctx, per_image=per_image)
+        r = count_above(m.scores, self.theta) if per_image else batch_adaptive_r(m.scores, self.theta)
+        return m.decision(r, ctx.num_protected, self.theta)

@@ -45,7 +45,7 @@ def importance_then_similarity_pruning(
     keep_mask.scatter_(1, survivors, torch.ones_like(survivors, dtype=torch.bool))
     keep_mask.scatter_(1, pruned, torch.zeros_like(pruned, dtype=torch.bool))
     slots = keep_mask.long().cumsum(dim=1) - 1
-    num_out = int(keep_mask[0].sum())
+    num_out = n - r_importance - r_similarity  # the same in every image (also in an empty batch)
     return Assignment(torch.where(keep_mask, slots, torch.full_like(slots, -1)), num_out)
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from atmerge.core.merging import spread_by_source
 from atmerge.flops import BlockCost, ModelCost
 from atmerge.runtime import MergeState
 
@@ -73,6 +76,15 @@ def check_images(model: VisionTransformer, shape: tuple[int, ...]) -> tuple[int,
     if bad:
         raise ValueError(f"images of shape {list(shape)} given; this model takes {wanted}")
     return shape[2] // ph, shape[3] // pw
+
+
+def check_image_batch(model: VisionTransformer, x: object) -> tuple[int, int]:
+    """Validate the images a model is called with: a floating-point tensor [B, C, H, W] of the
+    model's channels and size; return the patch grid (H/p, W/p)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+        raise TypeError(f"images must be a floating-point tensor [B, C, H, W] (normalised pixels), got {got}")
+    return check_images(model, tuple(x.shape))
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -231,23 +243,42 @@ def _merging_block_forward(
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def _merging_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """timm's forward; a method that merges per image runs the batch one image at a time."""
-    state: MergeState = getattr(self, _STATE)
+def _checkpointed_block(block: Block, state: MergeState, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` under activation checkpointing.  The backward pass recomputes the block from
+    the merge state it saw in the forward pass (so it makes the same merges) and leaves the state
+    as the forward pass left it (so ``last_stats`` still describes the forward pass)."""
+    entry = state.snapshot()
+    runs = 0
+
+    def run(tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            return block(tokens)
+        after = state.snapshot()
+        state.restore(entry)
+        try:
+            return block(tokens)
+        finally:
+            state.restore(after)
+
+    return checkpoint(run, x, use_reentrant=False)
+
+
+def _merging_forward_features(
+    self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    """timm's forward_features; with ``set_grad_checkpointing(True)`` each block is checkpointed
+    so that its recomputation merges exactly as the forward pass did."""
+    check_image_batch(self, x)
     original = getattr(self, _ORIGINAL)
-    if state.method.batch_adaptive or x.shape[0] <= 1:
-        return original.forward(self, x, *args, **kwargs)
-    outputs, parts = [], []
-    for image in x.split(1):
-        outputs.append(original.forward(self, image, *args, **kwargs))
-        parts.append(state.stats())
-    state.combine(parts)
-    return torch.cat(outputs)
-
-
-def _merging_forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    check_images(self, tuple(x.shape))
-    return getattr(self, _ORIGINAL).forward_features(self, x, *args, **kwargs)
+    if not (self.grad_checkpointing and torch.is_grad_enabled()) or attn_mask is not None or is_causal:
+        return original.forward_features(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+    state: MergeState = getattr(self, _STATE)
+    for block in self.blocks:
+        x = _checkpointed_block(block, state, x)
+    return self.norm(x)
 
 
 def _merging_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
@@ -274,18 +305,70 @@ def _subclass(cls: type, methods: dict) -> type:
     return _CLASS_CACHE[cls]
 
 
-def _merging_forward_intermediates(self, *args, **kwargs):
-    """Refused: merged tokens no longer form the patch grid that dense outputs are shaped on."""
-    raise ValueError(
-        "forward_intermediates / get_intermediate_layers on a patched model would return merged tokens, "
-        "not the patch grid; call atmerge.unpatch(model) for dense features, or patch with "
-        "trace_source=True and spread the output of forward_features back with atmerge.dense_tokens"
-    )
+def _merging_forward_intermediates(
+    self,
+    x: torch.Tensor,
+    indices: int | list[int] | None = None,
+    return_prefix_tokens: bool = False,
+    norm: bool = False,
+    stop_early: bool = False,
+    output_fmt: str = "NCHW",
+    intermediates_only: bool = False,
+    output_dict: bool = False,
+    **kwargs,
+):
+    """timm's forward_intermediates (and so get_intermediate_layers) with the shapes of the
+    unpatched model: every block's tokens are spread back over the patch grid through the tracked
+    sources — each original patch gets the value of the token it was merged into, a pruned patch
+    zeros — and so are the final features.  The last block keeps every token (no CLS-only
+    pruning), so that its output has a value for every patch."""
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt={output_fmt!r} is not supported; choose 'NCHW' or 'NLC'")
+    if self.grad_checkpointing and torch.is_grad_enabled():
+        raise ValueError(
+            "forward_intermediates with gradient checkpointing is not supported on a patched model; "
+            "call model.set_grad_checkpointing(False) or run it under torch.no_grad()"
+        )
+    check_image_batch(self, x)
+    state: MergeState = getattr(self, _STATE)
+    sources: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda *_: sources.append(state.source)) for block in self.blocks]
+    options = state.trace_source, state.prune_last
+    state.trace_source, state.prune_last = True, False
+    try:
+        out = getattr(self, _ORIGINAL).forward_intermediates(
+            self, x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early, output_fmt="NLC",
+            intermediates_only=False, output_dict=True, **kwargs,
+        )
+    finally:
+        state.trace_source, state.prune_last = options
+        if not state.trace_source:
+            state.source = None
+        for hook in hooks:
+            hook.remove()
+    p = self.num_prefix_tokens
+    taken = sorted(feature_take_indices(len(self.blocks), indices)[0])
+    patches = [spread_by_source(sources[i][:, p:, p:], y) for i, y in zip(taken, out["image_intermediates"])]
+    final = spread_by_source(sources[-1], out["image_features"])
+    prefix = out.get("image_intermediates_prefix")
+    if output_fmt == "NCHW":
+        grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[2:]))
+        patches = [y.reshape(x.shape[0], *grid, y.shape[-1]).permute(0, 3, 1, 2).contiguous() for y in patches]
+    if output_dict:
+        result = {"image_intermediates": patches}
+        if prefix is not None and return_prefix_tokens:
+            result["image_intermediates_prefix"] = prefix
+        if not intermediates_only:
+            result["image_features"] = final
+        return result
+    if prefix is not None and return_prefix_tokens:
+        patches = list(zip(patches, prefix))
+    return patches if intermediates_only else (final, patches)
 
 
 def _patched_methods(cls: type) -> dict:
     if issubclass(cls, VisionTransformer):
-        return {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool,
+        return {"forward_features": _merging_forward_features, "pool": _merging_pool,
                 "forward_intermediates": _merging_forward_intermediates}
     return {"forward": _merging_block_forward}
 

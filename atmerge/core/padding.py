@@ -1,0 +1,116 @@
+"""Per-image merging in one batched pass: every image keeps its own token count, the batch is
+padded to its longest image.
+
+Layout: the valid tokens of image b sit at positions [0, n_b) and padding after them; padding
+has merge size 0, so it is found from the sizes alone (``size > 0``).  Padding is in neither set
+A nor set B, never merges, never receives a merge, and is dropped by every merge (the output is
+padded again to the longest image).  With merge size 0 the log-size bias of proportional
+attention is −inf, so padding is never attended to; size-weighted pooling gives it weight 0.
+
+Each image is laid out exactly as :class:`atmerge.core.merging.Merge` lays out a batch of one
+(``[protected, unmerged A in A's order, B]``, unchanged when it merges nothing), so a padded
+batch merges exactly as its images would one at a time.
+
+Pure tensor functions.  Shapes: B = batch, N = tokens (padded), Na / Nb = sets A / B (padded
+per image: ``a_real`` / ``b_real`` [B, Na] / [B, Nb] mark the entries that exist).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from atmerge.core.matching import alternate_split, take_tokens
+from atmerge.core.merging import Assignment, _expand_index
+
+
+def padded_alternate_split(
+    size: torch.Tensor, num_protected: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The alternate split (A = even, B = odd positions) of a padded batch: size [B, N] →
+    (a_idx [Na], b_idx [Nb], a_real [B, Na], b_real [B, Nb]).  Valid tokens come first in every
+    image, so the parity of their positions is what it is in a batch of one."""
+    a_idx, b_idx = alternate_split(size.shape[1], num_protected, size.device)
+    valid = size > 0
+    return a_idx, b_idx, valid[:, a_idx], valid[:, b_idx]
+
+
+def padded_size_distinctive_split(
+    size: torch.Tensor, num_protected: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The size-distinctive split of a padded batch: in image b the ⌊m_b/2⌋ smallest of its m_b
+    valid unprotected tokens form A and the others B, ties in token order (stable sort), as
+    :func:`atmerge.core.matching.size_distinctive_split` does for a batch of one.
+
+    size [B, N] → (a_idx [B, Na], b_idx [B, Nb], a_real [B, Na], b_real [B, Nb])."""
+    p = num_protected
+    sizes = size[:, p:]
+    valid = sizes > 0
+    key = torch.where(valid, sizes, torch.full_like(sizes, float("inf")))
+    order = torch.sort(key, dim=1, stable=True).indices + p  # valid tokens first, by size
+    count = valid.sum(1)
+    num_a = count // 2
+    width_a = int(num_a.max()) if num_a.numel() else 0
+    width_b = int((count - num_a).max()) if num_a.numel() else 0
+    steps_a = torch.arange(width_a, device=size.device)
+    steps_b = num_a[:, None] + torch.arange(width_b, device=size.device)
+    a_idx = order[:, :width_a]
+    b_idx = order.gather(1, steps_b.clamp(max=max(order.shape[1] - 1, 0)))
+    return a_idx, b_idx, steps_a[None] < num_a[:, None], steps_b < count[:, None]
+
+
+def padded_best_match(
+    metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, a_real: torch.Tensor, b_real: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of every real A token to its most similar real B token: (scores [B, Na] in [−1, 1],
+    −inf where the A entry does not exist or the image has no B token; match [B, Na])."""
+    metric = F.normalize(metric, dim=-1)
+    a, b = take_tokens(metric, a_idx), take_tokens(metric, b_idx)
+    similarity = (a @ b.transpose(-1, -2)).masked_fill(~b_real[:, None, :], float("-inf"))
+    if similarity.shape[-1] == 0:
+        scores = a.new_full(a.shape[:2], float("-inf"))
+        return scores, torch.zeros(a.shape[:2], dtype=torch.long, device=a.device)
+    scores, match = similarity.max(dim=-1)
+    scores = torch.where(a_real & (scores > float("-inf")), scores.clamp(-1.0, 1.0), float("-inf"))
+    return scores, match
+
+
+def padded_bipartite_merge(
+    scores: torch.Tensor,
+    match: torch.Tensor,
+    a_idx: torch.Tensor,
+    b_idx: torch.Tensor,
+    a_real: torch.Tensor,
+    b_real: torch.Tensor,
+    r: torch.Tensor,
+    num_protected: int,
+    num_tokens: int,
+) -> Assignment:
+    """Merge the r[b] highest-scoring A tokens of image b into their best B tokens (ties to the
+    earlier A token), as :func:`atmerge.core.merging.bipartite_merge` does image by image.
+
+    scores, match [B, Na]; r [B] merges per image (at most its A tokens with a finite score);
+    num_tokens: N, the padded token count.  Returns an :class:`Assignment` onto the longest
+    image's token count; the slots past an image's own count stay empty (padding)."""
+    batch, num_a = scores.shape
+    p = num_protected
+    a_idx, b_idx = _expand_index(a_idx, batch), _expand_index(b_idx, batch)
+    valid = p + a_real.sum(1) + b_real.sum(1)  # valid tokens per image, before the merge
+    r = torch.minimum(r.to(torch.long), (scores > float("-inf")).sum(1))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_a, device=scores.device).expand(batch, -1))
+    merged = rank < r[:, None]
+    kept = a_real & ~merged
+    num_kept = kept.sum(1, keepdim=True)
+    a_slot = p + kept.cumsum(1) - 1
+    b_slot = p + num_kept + b_real.cumsum(1) - 1
+    a_slot = torch.where(merged, b_slot.gather(1, match), a_slot)
+    unmerged = (r == 0)[:, None]  # an image that merges nothing keeps its order (as Merge with r = 0)
+    a_slot, b_slot = torch.where(unmerged, a_idx, a_slot), torch.where(unmerged, b_idx, b_slot)
+    assign = torch.full((batch, num_tokens + 1), -1, dtype=torch.long, device=scores.device)
+    assign[:, :p] = torch.arange(p, device=scores.device)
+    dummy = torch.full_like(b_idx, num_tokens)
+    assign.scatter_(1, torch.where(b_real, b_idx, dummy), b_slot)
+    assign.scatter_(1, torch.where(a_real, a_idx, torch.full_like(a_idx, num_tokens)), a_slot)
+    num_out = int((valid - r).max()) if batch else num_tokens
+    return Assignment(assign[:, :num_tokens], num_out, padded=True)
