@@ -89,6 +89,11 @@ class MergeState:
             return torch.where(self.size > 0, zero, float("-inf"))[:, None, None, :]
         return None
 
+    def padding_mask(self) -> torch.Tensor | None:
+        """[B, N] True for real tokens when the batch may hold padding (per-image counts after a
+        merge), so that per-token work can skip it; None otherwise."""
+        return self.size > 0 if self.per_image and self.merged_any else None
+
     def _apply(self, decision: Decision, x: torch.Tensor) -> torch.Tensor:
         """Apply a decision to x [B, N, C], the sizes and the sources."""
         merge = decision.merge
@@ -162,11 +167,13 @@ class MergeState:
         merged = [float(r.merged) for r in self.records]
         executed = self.cost.gflops(tokens_in[0] - p, tokens_in, tokens_mlp, tokens_attended=attended)
         gflops = executed
-        if self.per_image_counts:
+        if self.per_image_counts and self.size.shape[0] > 0:
             counts_in, counts_mlp, counts_merged = (torch.stack(c).double().cpu() for c in zip(*self.per_image_counts))
             images = counts_in.shape[1]
             gflops = sum(self.cost.gflops(tokens_in[0] - p, counts_in[:, b].tolist(), counts_mlp[:, b].tolist())
                          for b in range(images)) / images
+            # attention ran on the padded widths, the MLP on the real tokens only
+            executed = self.cost.gflops(tokens_in[0] - p, tokens_in, counts_mlp.mean(1).tolist(), tokens_attended=attended)
             tokens_in, tokens_mlp = counts_in.mean(1).tolist(), counts_mlp.mean(1).tolist()
             attended, merged = tokens_in, counts_merged.mean(1).tolist()
         return MergeStats(

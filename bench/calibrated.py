@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: bench/results/calibrated_<model>.json")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 64 images each, 3 trials (numbers meaningless)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                    help="re-run only these methods (labels as in the table) and replace their rows in --out")
     args = ap.parse_args(argv)
     out = args.out or f"bench/results/calibrated_{args.model}.json"
     if args.markdown:
@@ -94,6 +96,11 @@ def main(argv=None) -> int:
         print(f"  {label} {goal}: report {measured['gflops'] / dense:.1%} GFLOPs, agreement "
               f"{measured['agreement']:.4f}, top-1 {measured['top1_change']:+.4f}", flush=True)
 
+    if args.only:
+        unknown = set(args.only) - {m[0] for m in methods} - {"ATM, paper DeiT-S setting"}
+        if unknown:
+            raise SystemExit(f"--only: unknown method(s) {sorted(unknown)}; choose from {[m[0] for m in methods]}")
+        methods = [m for m in methods if m[0] in args.only]
     for label, name, fitted in methods:
         t0 = time.time()
         found = atmerge.calibrate_goals(model, calib, list(GOALS), method=name, trials=trials, seed=0,
@@ -103,6 +110,8 @@ def main(argv=None) -> int:
             add(label, goal_name(goal), c.method, dict(met=c.met, calib_gflops_share=c.gflops_share,
                                                        calib_agreement=c.fidelity, calib_agreement_low=c.fidelity_low))
     paper = atmerge.ATM()
+    if args.only and "ATM, paper DeiT-S setting" not in args.only:
+        return finish(args, out, rows, calib, labels, trials, dense, base, start)
     atmerge.patch(model, paper)
     res, outputs = atmerge.evaluate(model, calib, keep_outputs=True)
     atmerge.unpatch(model)
@@ -113,11 +122,26 @@ def main(argv=None) -> int:
     add("ATM, paper DeiT-S setting", "fixed", paper,
         dict(met=None, calib_gflops_share=res.gflops / dense, calib_agreement=agree,
              calib_agreement_low=agreement_lower_bound(agree, res.images)))
+    return finish(args, out, rows, calib, labels, trials, dense, base, start)
+
+
+def finish(args, out, rows, calib, labels, trials, dense, base, start) -> int:
+    """Write the JSON (with --only: the other methods' rows kept from the previous file)."""
+    minutes = (time.time() - start) / 60
+    command = f"python bench/calibrated.py --model {args.model}" + (" --quick" if args.quick else "")
+    if args.only and Path(out).exists():
+        previous = json.loads(Path(out).read_text())
+        rerun = {r["method"] for r in rows}
+        rows = [r for r in previous["rows"] if r["method"] not in rerun] + rows
+        order = [m[0] for m in METHODS] + ["ATM, paper DeiT-S setting"]
+        rows.sort(key=lambda r: order.index(r["method"]))
+        minutes = {"previous": previous["minutes"], "rerun " + ", ".join(sorted(rerun)): minutes}
+        command = f"{previous['command']}, then {command} --only " + " ".join(f"'{m}'" for m in sorted(rerun))
     result = dict(
-        command=f"python bench/calibrated.py --model {args.model}" + (" --quick" if args.quick else ""), model=args.model, torch=torch.__version__,
+        command=command, model=args.model, torch=torch.__version__,
         timm=timm.__version__, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
         calibration_images=sum(b.shape[0] for b in calib), report_images=len(labels), trials_per_method=trials,
-        unpatched={"gflops": dense, "top1": base.top1}, minutes=(time.time() - start) / 60, rows=rows,
+        unpatched={"gflops": dense, "top1": base.top1}, minutes=minutes, rows=rows,
     )
     print(table(rows, ["method", "goal", "met", "calib_gflops_share", "calib_agreement", "calib_agreement_low",
                        "report_gflops_share", "report_agreement", "report_top1_change"]))

@@ -121,3 +121,14 @@ def test_padded_merge_equals_bipartite_merge_per_image():
         assert torch.allclose(merged[i, : one.shape[1]], one[0], atol=1e-6)
         assert merged[i, one.shape[1] :].abs().sum() == 0  # the rest is empty padding
     assert merge.num_out == 9  # image 1 merges nothing and keeps all 9
+
+
+def test_padded_batch_under_autocast(cifar_model, cifar_images):
+    """bf16 autocast: the MLP of the real tokens comes back in bf16 into a float32 stream."""
+    model, images = copy.deepcopy(cifar_model), cifar_images[0]
+    atmerge.patch(model, atmerge.ATM(**SETTING, batch_adaptive=False))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(images).float()
+    with torch.no_grad():
+        full = model(images)
+    assert torch.isfinite(low).all() and (low.argmax(-1) == full.argmax(-1)).float().mean() >= 0.75

@@ -240,7 +240,12 @@ def _merging_block_forward(
         out, metric, probs = attention_with_keys(self.attn, h, bias, attn_mask, is_causal, current)
     x = x + self.drop_path1(self.ls1(out))
     x = state.reduce(index, x, metric, probs)
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    valid = state.padding_mask()
+    if valid is None:
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    real = self.ls2(self.mlp(self.norm2(x[valid])))  # a padded batch: the MLP runs on real tokens only
+    update = real.new_zeros(x.shape).index_put_((valid,), real)  # (dtype: autocast's)
+    return x + self.drop_path2(update)
 
 
 def _checkpointed_block(block: Block, state: MergeState, x: torch.Tensor) -> torch.Tensor:
