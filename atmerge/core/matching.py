@@ -33,8 +33,10 @@ def alternate_split(
     b_idx [Nb]) shared by the whole batch, with Na = ⌊n/2⌋ (n = unprotected tokens) when
     ``num_protected`` is odd, ⌈n/2⌉ when it is even.
     """
-    positions = torch.arange(num_protected, num_tokens, device=device)
-    return positions[positions % 2 == 0], positions[positions % 2 == 1]
+    first_even = num_protected + num_protected % 2  # stepped ranges: no data-dependent shapes
+    first_odd = num_protected + 1 - num_protected % 2
+    return (torch.arange(first_even, num_tokens, 2, device=device),
+            torch.arange(first_odd, num_tokens, 2, device=device))
 
 
 def size_distinctive_split(size: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
