@@ -214,7 +214,8 @@ def cmd_calibrate(args) -> int:
             rows.append({"method": method.display_name or name, "goal": f"{kind} {value:g}", "met": c.met,
                          "gflops_share": round(c.gflops_share, 4), c.measure: round(c.fidelity, 4),
                          f"{c.measure}_low": round(c.fidelity_low, 4), "config": str(path), "setting": str(c.method)})
-    print(f"on {described} ({args.trials} trials per method; 'low' = one-sided 95% lower bound):")
+    print(f"{described}: {rows and found[0].search_images} searched ({args.trials} trials per method), the chosen "
+          f"settings measured on the {found[0].images} held out ('low' = one-sided 95% lower bound):")
     print(format_table(rows, [k for k in rows[0] if k != "setting"]))
     for r in rows:
         print(f"  {r['method']} {r['goal']}: {r['setting']}")

@@ -85,9 +85,10 @@ def save_config(path: str | Path, model: nn.Module, calibration, images_descript
         "format": FORMAT,
         "method": method_to_dict(c.method),
         "model": model_fingerprint(model),
-        "calibration": {"goal": c.goal, "target": c.target, "met": c.met, "images": c.images,
-                        "images_description": images_description, "trials": len(c.trials), "space": c.space},
-        "measured": {"gflops": c.gflops, "gflops_share": c.gflops_share, "unpatched_gflops": c.unpatched_gflops,
+        "calibration": {"goal": c.goal, "target": c.target, "met": c.met, "images_description": images_description,
+                        "search_images": c.search_images, "held_out_images": c.images, "trials": len(c.trials),
+                        "space": c.space, "on_search_images": c.search},
+        "measured": {"on": "the held-out calibration images", "gflops": c.gflops, "gflops_share": c.gflops_share, "unpatched_gflops": c.unpatched_gflops,
                      "fidelity_measure": c.measure, "fidelity": c.fidelity,
                      "fidelity_low_one_sided_95": c.fidelity_low, **c.details},
     }

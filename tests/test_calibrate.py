@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import atmerge
-from atmerge.calibrate import Goal, agreement_lower_bound, choose_above_floor, choose_within_budget, folder_batches
+from atmerge.calibrate import Goal, agreement_lower_bound, confirm, folder_batches
 from atmerge.config import FingerprintWarning, method_from_dict, method_to_dict
 from atmerge.evaluate import evaluate
 from conftest import blocky_images, small_vit
@@ -35,20 +35,37 @@ def test_one_sided_wilson_bound_by_hand():
     assert agreement_lower_bound(1.0, 200) == pytest.approx(n / (n + z * z))  # p = 1: n / (n + z²)
 
 
+def as_measured(row):
+    """A held-out measurement equal to the search's (what confirm sees with holdout=0)."""
+    return row
+
+
 def test_budget_goal_takes_the_most_faithful_within_budget():
-    assert choose_within_budget(TRIALS, 0.6) == (TRIALS[1], True)  # tie in agreement: the cheaper one
-    assert choose_within_budget(TRIALS, 0.7) == (TRIALS[3], True)  # the budget itself is allowed
-    assert choose_within_budget(TRIALS, 0.2) == (TRIALS[0], False)  # none within: the cheapest, not met
+    trials = with_bounds(1000)
+    assert confirm(trials, Goal("budget", 0.6), as_measured) == (trials[1], True)  # a tie in fidelity: the cheaper
+    assert confirm(trials, Goal("budget", 0.7), as_measured) == (trials[3], True)  # the budget itself is allowed
+    assert confirm(trials, Goal("budget", 0.2), as_measured) == (trials[0], False)  # none within: the cheapest
 
 
 def test_floor_goal_takes_the_cheapest_whose_lower_bound_clears_the_floor():
     # with 1,000 images: 0.97 → lower bound ≈ 0.9598; 0.995 → ≈ 0.9898; 1.0 → ≈ 0.9973
     trials = with_bounds(1000)
-    assert choose_above_floor(trials, 0.955) == (trials[1], True)
-    assert choose_above_floor(trials, 0.96) == (trials[3], True)
-    assert choose_above_floor(trials, 0.97) == (trials[3], True)  # 0.97 measured is not enough
+    assert confirm(trials, Goal("floor", 0.955), as_measured) == (trials[1], True)
+    assert confirm(trials, Goal("floor", 0.96), as_measured) == (trials[3], True)
+    assert confirm(trials, Goal("floor", 0.97), as_measured) == (trials[3], True)  # 0.97 measured is not enough
     trials = with_bounds(100)
-    assert choose_above_floor(trials, 0.99) == (trials[4], False)  # 100 images: 1.0 → ≈ 0.974 only
+    assert confirm(trials, Goal("floor", 0.99), as_measured) == (trials[4], False)  # 100 images: 1.0 → ≈ 0.974 only
+
+
+def test_a_candidate_that_fails_on_the_held_out_images_gives_way_to_the_next():
+    """The cheapest trial clearing the floor on the search images (the winner of many) is
+    re-measured on held-out images; where it falls below the floor the next one is taken."""
+    trials = with_bounds(1000)
+    held_out = {1: 0.95, 2: 0.96, 3: 0.995, 4: 1.0}  # trials 1 and 2 do worse on the held-out images
+    measure = lambda row: {**row, "fidelity_low": agreement_lower_bound(held_out.get(row["trial"], 0.9), 1000)}  # noqa: E731
+    assert confirm(trials, Goal("floor", 0.955), measure) == (trials[3], True)
+    over = lambda row: {**row, "gflops": row["gflops"] + 0.06}  # noqa: E731  costs more on the held-out images
+    assert confirm(trials, Goal("budget", 0.55), over) == (trials[0], True)  # trial 1: 0.56 > 0.55; trial 0: 0.36
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +76,25 @@ def calibration_images():
 def test_budget_is_never_exceeded_on_the_calibration_images(calibration_images):
     model = small_vit()
     dense = atmerge.gflops(model, (3, 32, 32))
-    c = atmerge.calibrate(model, calibration_images, method="tome", budget=0.6, trials=6, batch_size=8)
+    c = atmerge.calibrate(model, calibration_images, method="tome", budget=0.6, trials=6, batch_size=8, holdout=0)
     assert c.met and c.goal == "budget" and c.target == pytest.approx(0.6 * dense)
     atmerge.patch(model, c.method)
     res, _ = evaluate(model, list(calibration_images.split(8)))
     assert res.gflops <= 0.6 * dense and res.gflops == pytest.approx(c.gflops)
-    assert len(c.trials) == 6 and c.images == 24
+    assert len(c.trials) == 6 and c.images == c.search_images == 24
+
+
+def test_the_reported_numbers_are_the_held_out_images(calibration_images):
+    model = small_vit()
+    c = atmerge.calibrate(model, calibration_images, method="atm", budget=0.6, trials=6, batch_size=8)
+    assert (c.search_images, c.images) == (18, 6)  # every 4th image held out
+    held_out = calibration_images[3::4]
+    reference = model(held_out)
+    atmerge.patch(model, c.method)
+    res, _ = evaluate(model, [held_out])
+    agreement = (model(held_out).argmax(-1) == reference.argmax(-1)).float().mean()
+    assert c.gflops == pytest.approx(res.gflops) and c.fidelity == pytest.approx(float(agreement))
+    assert c.met == (c.gflops <= c.target) and c.search["gflops"] <= c.target
 
 
 def test_config_round_trip_and_fingerprint(calibration_images, tmp_path):
@@ -77,6 +107,7 @@ def test_config_round_trip_and_fingerprint(calibration_images, tmp_path):
         atmerge.patch(model, str(path))
     document = json.loads(path.read_text())
     assert document["measured"]["agreement"] == c.agreement and document["calibration"]["goal"] == "floor"
+    assert document["calibration"]["held_out_images"] == c.images == 6
     assert document["measured"]["fidelity_measure"] == "agreement" and "top5_agreement" in document["measured"]
     torch.manual_seed(1)
     other = small_vit()  # same shape, other weights
@@ -114,7 +145,7 @@ def test_one_search_serves_several_goals(calibration_images):
     for c in results[:2]:
         assert not c.met or c.gflops <= c.target
     # the fitted space searches the similarity and the split layer too
-    assert {"similarity", "split_layer"} <= set(results[0].space) and results[0].profile["images"] == 24
+    assert {"similarity", "split_layer"} <= set(results[0].space) and results[0].profile["images"] == 18  # search images
 
 
 @pytest.mark.parametrize(
