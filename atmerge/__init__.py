@@ -5,12 +5,14 @@
     atmerge.patch(model, atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.88))
     logits = model(images)
     print(atmerge.last_stats(model).gflops)
+    atmerge.finetune(model, method, "train/", "val/", atmerge.FinetuneConfig(epochs=30))  # merging in the loop
 """
 
 from atmerge.budget import BudgetMatch, match_gflops
 from atmerge.calibrate import Calibration, calibrate, calibrate_goals
 from atmerge.config import FingerprintWarning, load_method, save_config
 from atmerge.evaluate import EvalResult, evaluate
+from atmerge.finetune import FinetuneConfig, FinetuneResult, finetune
 from atmerge.api import dense_tokens, gflops, is_patched, last_stats, merge_source, patch, unpatch
 from atmerge.core.merging import merging_error, merging_error_bounds
 from atmerge.methods.atm import ATM
@@ -20,7 +22,7 @@ from atmerge.methods.fixed import ToMe, TopR
 from atmerge.methods.mctf import MCTF
 from atmerge.methods.threshold import ConstantThreshold
 from atmerge.methods.zerotp import ZeroTP
-from atmerge.models.timm_vit import UnsupportedModelError
+from atmerge.models.adapter import UnsupportedModelError
 from atmerge.stats import MergeStats
 
 __version__ = "0.1.0"
@@ -44,6 +46,9 @@ __all__ = [
     "EvalResult",
     "dense_tokens",
     "evaluate",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
     "match_gflops",
     "Decision",
     "MergeStats",

@@ -1,4 +1,5 @@
-"""The public functions: patch a timm ViT with a method, undo it, read statistics, count FLOPs."""
+"""The public functions: patch a model with a method, undo it, read statistics, count FLOPs.
+The model's family is found by :func:`atmerge.models.adapter.adapter_for`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import nn
 
 from atmerge.core.merging import spread_by_source
 from atmerge.methods.base import Method
-from atmerge.models import timm_vit
+from atmerge.models import patching
+from atmerge.models.adapter import adapter_for
 from atmerge.runtime import MergeState
 from atmerge.stats import MergeStats
 
@@ -48,8 +50,8 @@ def patch(
             raise ValueError(f"{name} must be True, False or None (the default), got {value!r}")
     if not isinstance(trace_source, bool):
         raise ValueError(f"trace_source must be True or False, got {trace_source!r}")
-    timm_vit.check_supported(model)
-    method.check_depth(len(model.blocks))
+    adapter = adapter_for(model)
+    method.check_depth(len(adapter.blocks(model)))
     if method.needs_cls_token and getattr(model, "cls_token", None) is None:
         raise ValueError(
             f"{type(method).__name__} ranks tokens by the CLS token's attention and this model has no CLS token "
@@ -57,22 +59,21 @@ def patch(
         )
     prop = method.proportional_attention if prop_attn is None else prop_attn
 
-    def make_state(cost, num_protected: int, cls_pooled: bool) -> MergeState:
-        if prune_last_block and not cls_pooled:
-            raise ValueError(
-                "prune_last_block=True keeps only the CLS token in the last block, which changes the "
-                "output of a model that does not pool with CLS (global_pool='token'); pass None or False"
-            )
-        return MergeState(
-            method,
-            cost,
-            num_protected=num_protected,
-            prop_attn=bool(prop),
-            trace_source=bool(trace_source),
-            prune_last=cls_pooled if prune_last_block is None else prune_last_block,
+    cls_pooled = adapter.cls_pooled(model)
+    if prune_last_block and not cls_pooled:
+        raise ValueError(
+            "prune_last_block=True keeps only the CLS token in the last block, which changes the "
+            "output of a model that does not pool with CLS (global_pool='token'); pass None or False"
         )
-
-    return timm_vit.patch_vit(model, make_state)
+    state = MergeState(
+        method,
+        adapter.cost(model),
+        num_protected=adapter.num_protected(model),
+        prop_attn=bool(prop),
+        trace_source=bool(trace_source),
+        prune_last=cls_pooled if prune_last_block is None else prune_last_block,
+    )
+    return patching.patch_model(model, adapter, state)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -80,23 +81,23 @@ def unpatch(model: nn.Module) -> nn.Module:
     A model that is not patched is returned unchanged."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch takes a model (torch.nn.Module), got {type(model).__name__}")
-    return timm_vit.unpatch_vit(model)
+    return patching.unpatch_model(model)
 
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` is currently patched by atmerge."""
-    return timm_vit.is_patched(model)
+    return patching.is_patched(model)
 
 
 def last_stats(model: nn.Module) -> MergeStats:
     """Token counts, merges, thresholds and GFLOPs of the last forward pass of a patched model."""
-    return timm_vit.merge_state(model).stats()
+    return patching.merge_state(model).stats()
 
 
 def merge_source(model: nn.Module):
     """[B, N, N0] 0/1 map from the tokens of the last block to the original tokens (patched with
     ``trace_source=True``); None otherwise."""
-    return timm_vit.merge_state(model).source
+    return patching.merge_state(model).source
 
 
 def dense_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -117,9 +118,9 @@ def dense_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def gflops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
-    """GFLOPs (1e9 multiply-adds) per image of an unpatched timm ViT at ``input_size`` (C, H, W)."""
-    timm_vit.check_supported(model)
-    if timm_vit.is_patched(model):
+    """GFLOPs (1e9 multiply-adds) per image of an unpatched model at ``input_size`` (C, H, W)."""
+    adapter = adapter_for(model)
+    if patching.is_patched(model):
         raise ValueError(
             "gflops() counts the unpatched model; a patched model's cost depends on the images: "
             "run it and read atmerge.last_stats(model).gflops"
@@ -127,4 +128,4 @@ def gflops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -
     size = tuple(input_size) if isinstance(input_size, (tuple, list)) else ()
     if len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
         raise ValueError(f"input_size must be (C, H, W), three positive integers, got {input_size!r}")
-    return timm_vit.dense_gflops(model, size)
+    return adapter.dense_gflops(model, size)

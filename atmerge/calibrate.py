@@ -27,6 +27,7 @@ from atmerge.fidelity import FIDELITY_MEASURES, fidelity_interval, paired_fideli
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method
 from atmerge.methods.space import starting_point
+from atmerge.models.adapter import model_depth, model_patches
 
 ONE_SIDED_95 = 1.644854  # z of a one-sided 95% bound
 RUNGS = (0.125, 0.25, 0.5, 1.0)  # shares of the calibration images a trial must survive in turn
@@ -132,7 +133,7 @@ def staged_trials(
 
     from atmerge.api import last_stats, patch, unpatch
 
-    space = type(base).search_space(len(model.blocks), model.patch_embed.num_patches, profile)
+    space = type(base).search_space(model_depth(model), model_patches(model), profile)
     total = sum(x.shape[0] for x in batches)
     counts = torch.tensor([x.shape[0] for x in batches]).cumsum(0)
     rungs = rungs if goal is not None else (1.0,)
@@ -343,7 +344,7 @@ def calibrate_goals(
         raise ValueError(f"trials={trials!r} must be an integer >= 1")
     if not goals:
         raise ValueError("give at least one goal: budget, budget_gflops, min_agreement or min_cosine")
-    from atmerge.models.timm_vit import check_supported
+    from atmerge.models.adapter import check_supported
 
     check_supported(model)  # before any image is read
     base = build_method(method) if isinstance(method, str) else method
@@ -364,7 +365,7 @@ def calibrate_goals(
     dense = summary["gflops"]
     resolved = [resolve_goal(dense, **g) for g in goals]
     search_set, search_ref, confirm_set, confirm_ref = split_holdout(batches, reference, holdout, batch_size)
-    depth, patches = len(model.blocks), model.patch_embed.num_patches
+    depth, patches = model_depth(model), model_patches(model)
     profile = score_profile(model, search_set, limit=256) if fit_space else None
     space = type(base).search_space(depth, patches, profile)
     one = resolved[0] if len(resolved) == 1 and early_stop else None

@@ -6,6 +6,7 @@
     atmerge analyze info-loss | merge-profile | split-layer | batch-size | merging-error
     atmerge visualize --images a.jpg b.jpg
     atmerge probe                     # linear head for the shared DINOv2-S on CIFAR-10
+    atmerge finetune --epochs 30      # fine-tune with merging in the loop (torchrun for many GPUs)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from atmerge.methods.registry import METHODS, build_method, method_names
+from atmerge.models.adapter import model_depth, model_patches
 
 def _number(text: str) -> int | float:
     """An int where the text is one, else a float (MCTF's r: a count or a share)."""
@@ -92,6 +94,36 @@ def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None
         g.add_argument("--" + name.replace("_", "-"), type=kind, nargs=nargs, default=None)
 
 
+def _or_none(kind):
+    """argparse type: ``kind(text)``, or None for the word 'none'."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def add_dataclass_options(p: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One flag per field of the dataclass ``cls`` (``--min-lr``; a bool is ``--x / --no-x``; a
+    field that may be None takes the word 'none'), its help and default from the field.  Flags
+    left out are absent from the parsed arguments, so the dataclass keeps its default."""
+    g = p.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if str(f.type) == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            continue
+        kind, _ = _flag_kind([str(f.type)])
+        g.add_argument(flag, type=_or_none(kind) if "None" in str(f.type) else kind, default=argparse.SUPPRESS,
+                       help=text)
+
+
+def dataclass_from_args(cls: type, args) -> object:
+    """``cls(**the fields given as flags)``; the others keep their defaults."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
 def method_from_args(args) -> object:
     settings = {name: getattr(args, name) for name in METHOD_FLAGS}
     for name, (_, nargs) in METHOD_FLAGS.items():
@@ -110,6 +142,7 @@ def _setup_and_batches(args, *, limit=None):
 
 
 def cmd_eval(args) -> int:
+    from atmerge import distributed
     from atmerge.experiments.eval import eval_rows, run_eval
     from atmerge.experiments.io import format_table, write_csv, write_json
 
@@ -119,12 +152,21 @@ def cmd_eval(args) -> int:
         from atmerge.config import load_method
 
         method = load_method(args.config, setup.model)
+    world = distributed.init(args.device)
+    if world.size > 1:  # under torchrun: each process a shard of the batches, results reduced
+        batches = distributed.shard_loader(batches.dataset, args.batch_size, args.workers)
+        if len(batches) == 0:
+            raise ValueError(f"{len(batches.dataset)} images make fewer batches than the {world.size} processes; "
+                             "use a smaller --batch-size")
     result = run_eval(
-        setup.model, method, batches, device=args.device, progress=not args.no_progress,
+        setup.model, method, batches, device=world.device, progress=not args.no_progress and world.main,
         prop_attn=args.prop_attn, prune_last_block=args.prune_last_block,
     )
+    if not world.main:
+        return 0
     result["setup"] = setup.description
     result["data"] = str(args.data or setup.default_data)
+    result["processes"] = world.size
     rows = eval_rows(result)
     print(format_table(rows, ["run", "top1", "top5", "gflops", "params_m", "images_per_s", "output_cosine"]))
     d = result["difference"]
@@ -292,7 +334,7 @@ def cmd_visualize(args) -> int:
     methods = {args.method: method}
     if args.versus:
         target = budget.mean_gflops(model, method, singles)
-        factory = knob_factory(args.versus, len(model.blocks), model.patch_embed.num_patches)
+        factory = knob_factory(args.versus, model_depth(model), model_patches(model))
         found = budget.match_gflops(model, factory, target, singles, steps=args.steps)
         methods = {f"{args.versus} (same GFLOPs)": found.method, args.method: method}
     mean, std = data.normalization(transform)
@@ -303,6 +345,41 @@ def cmd_visualize(args) -> int:
         print(f"{name}: tokens left {left}")
     _write(result, Path(args.out), "visualize")
     print(f"picture: {result['png']}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from atmerge import data, distributed
+    from atmerge.experiments.io import format_table
+    from atmerge.experiments.setup import load_setup
+    from atmerge.finetune import FinetuneConfig, finetune, train_transform
+
+    config = dataclass_from_args(FinetuneConfig, args)
+    method = None if args.no_merging else method_from_args(args)
+    torch.manual_seed(config.seed)  # a randomly initialised model is the same in every process
+    setup = load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, args.probe)
+    preset = setup.default_data is not None  # the presets' data: cifar10-train / cifar10-test
+    train_root = args.data or (data.cifar10_folder("train") if preset else None)
+    val_root = args.val_data or setup.default_data
+    if train_root is None or val_root is None:
+        raise ValueError("no data given: pass --data and --val-data, folders of class folders (ImageFolder)")
+    if args.config:
+        from atmerge.config import load_method
+
+        method = load_method(args.config, setup.model)
+    train_set = data.image_folder(train_root, train_transform(setup.model, config, data.normalization(setup.transform)))
+    val_set = data.image_folder(val_root, setup.transform)
+    notes = {"setup": setup.description, "train_data": str(train_root), "val_data": str(val_root)}
+    result = finetune(setup.model, method, train_set, val_set, config, prop_attn=args.prop_attn,
+                      prune_last_block=args.prune_last_block, notes=notes)
+    if not distributed.init(config.device).main:
+        return 0
+    print(format_table(result.epochs, ["epoch", "lr", "train_loss", "val_top1", "val_gflops", "train_images_per_s",
+                                       "epoch_seconds"]))
+    top1 = "n/a" if result.best_val_top1 is None else f"{result.best_val_top1:.4f}"
+    print(f"best epoch {result.best_epoch}: val top-1 {top1}; training time {result.train_seconds:.1f} s "
+          f"(with validation {result.total_seconds:.1f} s)")
+    print("wrote " + ", ".join(result.files.values()))
     return 0
 
 
@@ -389,6 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/visualize")
     p.set_defaults(func=cmd_visualize)
+
+    from atmerge.finetune import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="fine-tune with merging in the forward pass (also under torchrun)",
+                       description="Fine-tune a patched model with its merges in the loop; the paper's recipe by "
+                                   "default. Data-parallel: torchrun --nproc_per_node N -m atmerge.cli finetune ...")
+    add_model_options(p)
+    add_method_options(p)
+    p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
+    p.add_argument("--no-merging", action="store_true", help="fine-tune the unpatched model (the control)")
+    p.add_argument("--data", default=None, help="training ImageFolder (default for the presets: cifar10-train)")
+    p.add_argument("--val-data", default=None, help="validation ImageFolder (default for the presets: cifar10-test)")
+    add_dataclass_options(p, FinetuneConfig, "training (atmerge.FinetuneConfig)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("probe", help="train a linear head for the shared DINOv2-S on CIFAR-10 features")
     p.add_argument("--train-images", type=int, default=2000, help="seeded subset of cifar10-train")

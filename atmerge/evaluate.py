@@ -13,7 +13,7 @@ from torch import nn
 
 from atmerge.api import gflops as dense_gflops
 from atmerge.api import is_patched, last_stats
-from atmerge.models.timm_vit import check_image_batch, check_supported
+from atmerge.models.adapter import check_model_images, check_supported
 
 
 @dataclass
@@ -79,7 +79,7 @@ def evaluate(
         if device is not None:
             x = x.to(device)
             y = None if y is None else y.to(device)
-        gh, gw = check_image_batch(model, x)
+        gh, gw = check_model_images(model, x)
         n = x.shape[0]
         if reference is not None and (i >= len(reference) or reference[i].shape[0] != n):
             raise ValueError(f"reference does not match batch {i} ({n} images); pass the outputs of the same batches")

@@ -260,7 +260,7 @@ def test_low_precision_forward_is_close_to_float32(method, dtype):
         out = low(x.to(dtype))
     assert out.dtype == dtype and (out.float() - expected).abs().max() < 0.05
     assert atmerge.last_stats(low).merged_per_block == merged
-    assert atmerge.api.timm_vit.merge_state(low).size.dtype == torch.float32
+    assert atmerge.models.patching.merge_state(low).size.dtype == torch.float32
 
 
 def _assert_same(got, expected) -> None:

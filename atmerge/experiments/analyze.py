@@ -17,6 +17,7 @@ from atmerge.evaluate import evaluate
 from atmerge.methods.atm import ATM
 from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.methods.threshold import ConstantThreshold
+from atmerge.models.adapter import model_depth
 
 
 def _images(batches) -> list[torch.Tensor]:
@@ -37,7 +38,7 @@ def info_loss(model: nn.Module, batches, thresholds=(0.80, 0.85, 0.90, 0.95)) ->
     images = _images(batches)
     unpatch(model)
     reference = _features(model, images)
-    depth = len(model.blocks)
+    depth = model_depth(model)
     distance: dict[str, list[float]] = {}
     for theta in thresholds:
         row = []
@@ -76,7 +77,7 @@ def merge_profile(model: nn.Module, batches, method: ATM, steps: int = 10) -> di
     unpatch(model)
     const_merged, const_gflops, const_thresholds = _mean_merged(model, found.method, images)
     return {
-        "blocks": list(range(1, len(model.blocks) + 1)),
+        "blocks": list(range(1, model_depth(model) + 1)),
         "atm": {"settings": dataclasses.asdict(method), "merged": atm_merged, "gflops": atm_gflops,
                 "thresholds": atm_thresholds},
         "constant": {"theta": found.method.theta, "merged": const_merged, "gflops": const_gflops,
@@ -87,7 +88,7 @@ def merge_profile(model: nn.Module, batches, method: ATM, steps: int = 10) -> di
 def split_layer_sweep(model: nn.Module, batches, method: ATM) -> dict:
     """Table 3: top-1 and GFLOPs of ``method`` for every split layer l_s = 0..depth."""
     rows = []
-    for ls in range(len(model.blocks) + 1):
+    for ls in range(model_depth(model) + 1):
         patch(model, dataclasses.replace(method, split_layer=ls))
         res, _ = evaluate(model, batches)
         rows.append({"split_layer": ls, "top1": res.top1, "gflops": res.gflops})

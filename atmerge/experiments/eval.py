@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from atmerge.api import last_stats, patch, unpatch
+from atmerge.distributed import reduce_eval
 from atmerge.evaluate import evaluate
 from atmerge.experiments.setup import count_params
 from atmerge.methods.base import Method
@@ -26,6 +27,8 @@ def run_eval(
     (a re-iterable of (images, labels)); returns both results and their differences.
 
     The baseline's outputs are kept so that the merged model's output cosine to them is reported.
+    Under torchrun each process passes its shard of the batches and gets the results over all
+    images (:func:`atmerge.distributed.reduce_eval`).
     prop_attn, prune_last_block: patch options (None = defaults, see :func:`atmerge.patch`); the
     values used are reported.
     """
@@ -38,6 +41,7 @@ def run_eval(
         used = last_stats(model)
     finally:
         unpatch(model)
+    base, merged = reduce_eval(base), reduce_eval(merged)
     diff = {
         "gflops": merged.gflops - base.gflops,
         "gflops_ratio": merged.gflops / base.gflops,

@@ -25,6 +25,7 @@ from atmerge.api import patch, unpatch
 from atmerge.evaluate import evaluate
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method, method_settings
+from atmerge.models.adapter import model_depth, model_patches
 
 GOALS = ("budget", "stress", "pareto")
 METRICS = ("top1", "agreement")
@@ -123,7 +124,7 @@ def search(
     predictions = reference_outputs.argmax(-1)
     if (goal == "stress" or metric == "top1") and baseline["top1"] is None:
         raise ValueError("these images have no labels: use metric='agreement' (and goal 'pareto' or 'budget')")
-    space = type(base).search_space(len(model.blocks), model.patch_embed.num_patches, profile)
+    space = type(base).search_space(model_depth(model), model_patches(model), profile)
     rows: list[dict] = []
 
     def run(trial) -> tuple[float, float]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from atmerge.api import merge_source, patch, unpatch
 from atmerge.methods.base import Method
+from atmerge.models.adapter import model_depth
 
 
 @torch.no_grad()
@@ -88,7 +89,7 @@ def draw(
         for name, m in methods.items():
             blocks_b = sources_per_block(model, m, images)
             history[name] = [[s[i] for s in blocks_b] for i in range(len(images))]
-    depth = len(model.blocks)
+    depth = model_depth(model)
     blocks = list(range(depth)) if every_block else [depth - 1]
     rows = [(name, i) for name in methods for i in range(len(images))] if every_block else list(methods)
     cols = len(blocks) if every_block else len(images)

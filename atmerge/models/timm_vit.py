@@ -17,16 +17,16 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from atmerge.core.merging import spread_by_source
 from atmerge.flops import BlockCost, ModelCost
+from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, register_adapter
+from atmerge.models.patching import INDEX as _INDEX
+from atmerge.models.patching import ORIGINAL as _ORIGINAL
+from atmerge.models.patching import PREFIX as _PREFIX
+from atmerge.models.patching import STATE as _STATE
+from atmerge.models.patching import merge_state, patched_class
 from atmerge.runtime import MergeState
 
 SUPPORTED_POOLS = ("token", "avg", "")
-_STATE = "_atmerge_state"
-_INDEX = "_atmerge_block"
-_ORIGINAL = "_atmerge_original_class"
-
-
-class UnsupportedModelError(TypeError):
-    """The model is not one that atmerge can patch; the message says what is missing."""
+__all__ = ["TimmViT", "UnsupportedModelError", "attention_with_keys", "check_image_batch", "merge_state"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -297,19 +297,6 @@ def _merging_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.
     return (x[:, start:] * w).sum(1) / w.sum(1)
 
 
-_CLASS_CACHE: dict[type, type] = {}
-_PREFIX = "Merging"
-
-
-def _subclass(cls: type, methods: dict) -> type:
-    """The patched subclass of ``cls``; also a module attribute, so patched models pickle."""
-    if cls not in _CLASS_CACHE:
-        name = _PREFIX + cls.__name__
-        _CLASS_CACHE[cls] = type(name, (cls,), {**methods, "__module__": __name__, "__qualname__": name})
-        globals().setdefault(name, _CLASS_CACHE[cls])
-    return _CLASS_CACHE[cls]
-
-
 def _merging_forward_intermediates(
     self,
     x: torch.Tensor,
@@ -385,50 +372,44 @@ def __getattr__(name: str) -> type:
 
     original = getattr(vit, name[len(_PREFIX) :], None) if name.startswith(_PREFIX) else None
     if isinstance(original, type) and issubclass(original, (VisionTransformer, Block)):
-        return _subclass(original, _patched_methods(original))
+        return patched_class(original, _patched_methods(original), __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _swap_class(module: nn.Module, methods: dict) -> None:
-    original = type(module)
-    setattr(module, _ORIGINAL, original)
-    module.__class__ = _subclass(original, methods)
+class TimmViT(ModelAdapter):
+    """timm ``VisionTransformer`` models built from timm's pre-norm ``Block`` and ``Attention``."""
+
+    family = "timm VisionTransformer models (DeiT, ViT, DINOv2, MAE-style)"
+
+    def claims(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def check(self, model: nn.Module) -> None:
+        check_supported(model)
+
+    def check_images(self, model: nn.Module, images: object) -> tuple[int, int]:
+        return check_image_batch(model, images)
+
+    def cost(self, model: nn.Module) -> ModelCost:
+        return model_cost(model)
+
+    def dense_gflops(self, model: nn.Module, input_size: tuple[int, int, int]) -> float:
+        return dense_gflops(model, input_size)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
+    def num_protected(self, model: nn.Module) -> int:
+        return model.num_prefix_tokens
+
+    def num_patches(self, model: nn.Module) -> int:
+        return model.patch_embed.num_patches
+
+    def cls_pooled(self, model: nn.Module) -> bool:
+        return model.global_pool == "token"
+
+    def patched_methods(self, cls: type) -> dict:
+        return _patched_methods(cls)
 
 
-def is_patched(model: nn.Module) -> bool:
-    return hasattr(model, _STATE)
-
-
-def patch_vit(model: VisionTransformer, state_factory) -> VisionTransformer:
-    """Patch ``model`` in place; ``state_factory(cost, num_protected, cls_pooled)`` builds the state."""
-    check_supported(model)
-    if is_patched(model):
-        unpatch_vit(model)
-    cls_pooled = model.global_pool == "token"
-    state = state_factory(model_cost(model), model.num_prefix_tokens, cls_pooled)
-    _swap_class(model, _patched_methods(type(model)))
-    setattr(model, _STATE, state)
-    for i, block in enumerate(model.blocks):
-        _swap_class(block, _patched_methods(type(block)))
-        object.__setattr__(block, _STATE, state)  # a plain attribute, not a submodule
-        setattr(block, _INDEX, i)
-    return model
-
-
-def unpatch_vit(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch_vit`; a model that isn't patched is returned unchanged."""
-    if not is_patched(model):
-        return model
-    for module in [model, *model.blocks]:
-        module.__class__ = getattr(module, _ORIGINAL)
-        for name in (_ORIGINAL, _STATE, _INDEX):
-            if name in module.__dict__:
-                delattr(module, name)
-    return model
-
-
-def merge_state(model: nn.Module) -> MergeState:
-    """The :class:`MergeState` of a patched model (ValueError if it isn't patched)."""
-    if not is_patched(model):
-        raise ValueError("this model is not patched; call atmerge.patch(model, method) first")
-    return getattr(model, _STATE)
+register_adapter(TimmViT())

@@ -1,0 +1,114 @@
+"""What a model family must provide to be patched, and how the right adapter is found.
+
+An adapter knows one family of models (timm ViTs, …): whether a model belongs to it and can be
+patched, how images must look, what every token costs in every block, which tokens are
+protected, and which classes to swap in.  The generic patching (class swap, unpatch, state
+lookup) is :mod:`atmerge.models.patching`; the merging itself is :class:`atmerge.runtime.MergeState`
+and the methods — shared by every family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from atmerge.flops import ModelCost
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not one that atmerge can patch; the message says what is missing."""
+
+
+class ModelAdapter(ABC):
+    """One model family.  ``family``: how messages name it."""
+
+    family: str = ""
+
+    @abstractmethod
+    def claims(self, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family (it may still be unsupported: :meth:`check`)."""
+
+    @abstractmethod
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`UnsupportedModelError` naming what is missing if ``model`` can't be patched."""
+
+    @abstractmethod
+    def check_images(self, model: nn.Module, images: object) -> tuple[int, int]:
+        """Validate a batch the model is called with; return its patch grid (H/p, W/p)."""
+
+    @abstractmethod
+    def cost(self, model: nn.Module) -> ModelCost:
+        """Per-token and per-image multiply-adds of every part (see :mod:`atmerge.flops`)."""
+
+    @abstractmethod
+    def dense_gflops(self, model: nn.Module, input_size: tuple[int, int, int]) -> float:
+        """GFLOPs per image of the unpatched model at ``input_size`` (C, H, W)."""
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks in which tokens merge, in order."""
+
+    @abstractmethod
+    def num_protected(self, model: nn.Module) -> int:
+        """Leading tokens that never merge (CLS, distillation token, registers)."""
+
+    @abstractmethod
+    def num_patches(self, model: nn.Module) -> int:
+        """Patch tokens at the model's own input size."""
+
+    @abstractmethod
+    def cls_pooled(self, model: nn.Module) -> bool:
+        """Whether only the CLS token reaches the head (the last block may then keep only it)."""
+
+    @abstractmethod
+    def patched_methods(self, cls: type) -> dict:
+        """The methods that the patched subclass of ``cls`` (the model's or a block's class) overrides."""
+
+
+ADAPTERS: list[ModelAdapter] = []
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Add a model family (its module calls this when imported)."""
+    ADAPTERS.append(adapter)
+    return adapter
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``'s family, checked: UnsupportedModelError names what is missing."""
+    _load_adapters()
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"atmerge patches torch models (nn.Module); got {type(model).__name__}")
+    for adapter in ADAPTERS:
+        if adapter.claims(model):
+            adapter.check(model)
+            return adapter
+    families = ", ".join(a.family for a in ADAPTERS)
+    raise UnsupportedModelError(f"atmerge patches {families}; got {type(model).__name__}")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` if no adapter can patch ``model``."""
+    adapter_for(model)
+
+
+def _load_adapters() -> None:
+    """Import the built-in families (each registers itself)."""
+    import atmerge.models.timm_vit  # noqa: F401
+
+
+def model_depth(model: nn.Module) -> int:
+    """Number of blocks in which tokens merge."""
+    return len(adapter_for(model).blocks(model))
+
+
+def model_patches(model: nn.Module) -> int:
+    """Patch tokens at the model's own input size."""
+    return adapter_for(model).num_patches(model)
+
+
+def check_model_images(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
+    """Validate images for ``model``; return the patch grid."""
+    return adapter_for(model).check_images(model, images)

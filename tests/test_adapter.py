@@ -1,0 +1,34 @@
+"""The model-adapter layer: the public API finds a model's family; the generic patching undoes
+exactly what it did."""
+
+import pytest
+import torch
+
+import atmerge
+from atmerge.models.adapter import ADAPTERS, adapter_for, model_depth, model_patches
+from atmerge.models.patching import ORIGINAL, STATE, is_patched
+from atmerge.models.timm_vit import TimmViT
+from conftest import small_vit
+
+
+def test_the_timm_family_is_found_and_describes_the_model():
+    model = small_vit(reg_tokens=2, global_pool="avg")
+    adapter = adapter_for(model)
+    assert isinstance(adapter, TimmViT) and sum(isinstance(a, TimmViT) for a in ADAPTERS) == 1
+    assert (model_depth(model), model_patches(model), adapter.num_protected(model)) == (6, 64, 3)
+    assert not adapter.cls_pooled(model) and adapter_for(small_vit()).cls_pooled(small_vit())
+
+
+def test_unsupported_models_are_told_which_families_are_supported():
+    with pytest.raises(atmerge.UnsupportedModelError, match=r"atmerge patches timm VisionTransformer models .*got Linear"):
+        adapter_for(torch.nn.Linear(2, 2))
+
+
+def test_unpatch_restores_every_swapped_module():
+    model = small_vit()
+    atmerge.patch(model, atmerge.ToMe(r=2))
+    swapped = [m for m in model.modules() if ORIGINAL in m.__dict__]
+    assert len(swapped) == 1 + 6 and is_patched(model)
+    atmerge.unpatch(model)
+    assert not any(ORIGINAL in m.__dict__ or STATE in m.__dict__ for m in model.modules())
+    assert type(model).__name__ == "VisionTransformer" and not is_patched(model)
