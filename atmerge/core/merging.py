@@ -53,11 +53,11 @@ class Merge:
         """
         if self.r == 0:
             return x
-        p = self.num_protected
-        a = take_tokens(x, self.a_idx)
+        p, batch = self.num_protected, x.shape[0]
+        a_idx = _expand_index(self.a_idx, batch)
         b = take_tokens(x, self.b_idx)
-        unmerged = take_tokens(a, self.keep)
-        moved = take_tokens(a, self.src)
+        unmerged = take_tokens(x, a_idx.gather(1, self.keep))  # one gather each, no copy of set A
+        moved = take_tokens(x, a_idx.gather(1, self.src))
         index = self.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         b = b.scatter_reduce(1, index, moved, reduce=reduce, include_self=True)
         return torch.cat([x[:, :p], unmerged, b], dim=1)
@@ -155,6 +155,13 @@ def spread_by_source(source: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     [B, N, N0] → [B, N0, C]; every original token gets the value of the token that holds it
     (exactly: one product by 1), one that no token holds (pruned) gets zeros."""
     return source.transpose(1, 2).to(tokens.dtype) @ tokens
+
+
+def size_weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Mean of tokens x [B, N, C] in which each token counts as often as its size [B, N] says, so
+    that every original patch counts once (padding, of size 0, not at all) → [B, C]."""
+    weight = size.unsqueeze(-1).to(x.dtype)
+    return (x * weight).sum(1) / weight.sum(1)
 
 
 def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
