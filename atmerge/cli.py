@@ -352,7 +352,8 @@ def cmd_finetune(args) -> int:
     from atmerge import data, distributed
     from atmerge.experiments.io import format_table
     from atmerge.experiments.setup import load_setup
-    from atmerge.finetune import FinetuneConfig, finetune, train_transform
+    from atmerge.finetune import FinetuneConfig, finetune
+    from atmerge.recipe import train_transform
 
     config = dataclass_from_args(FinetuneConfig, args)
     method = None if args.no_merging else method_from_args(args)

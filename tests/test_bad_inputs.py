@@ -159,6 +159,17 @@ API_ROWS = [
     ("zoo.load_checkpoint('vit_tiny_patch16_224', truncated_checkpoint)", "unreadable (truncated)", ValueError, "is not a safetensors file"),
     ("zoo.load_checkpoint('vit_tiny_patch16_224', tiny_checkpoint, **{**TINY, 'embed_dim': 32})", "weights of other settings", ValueError, "does not fit vit_tiny_patch16_224"),
     ("zoo.load_checkpoint('not_a_model', tiny_checkpoint)", "unknown model", ValueError, "unknown timm model 'not_a_model'"),
+    # --- finetune: settings, data, resume files (tests/test_finetune.py has more)
+    ("FinetuneConfig(epochs=0)", "out of range", ValueError, "epochs must be an integer >= 1, got 0"),
+    ("FinetuneConfig(lr=0.0)", "out of range", ValueError, "lr=0.0 is out of range; allowed (0.0, inf]"),
+    ("FinetuneConfig(lr=nan)", "NaN", ValueError, "lr must be a finite number, got nan"),
+    ("FinetuneConfig(amp='fp8')", "unknown choice", ValueError, "amp='fp8' is not supported; choose one of none, bf16, fp16"),
+    ("FinetuneConfig(batch_size=0)", "out of range", ValueError, "batch_size must be an integer >= 1, got 0"),
+    ("finetune(vit, ATM(), missing, good_folder)", "missing folder", FileNotFoundError, "does not exist; pass a folder of class folders"),
+    ("finetune(features_vit, ATM(), good_folder, good_folder)", "a feature model", ValueError, "this model has num_classes=0"),
+    ("finetune(vit, ATM(), good_folder, good_folder, FinetuneConfig(resume=missing))", "missing checkpoint", FileNotFoundError, "resume checkpoint"),
+    ("finetune(vit, ATM(), good_folder, good_folder, FinetuneConfig(resume=text_file))", "not a checkpoint", ValueError, "is not a fine-tuning checkpoint"),
+    ("finetune(vit, ATM(), good_folder, good_folder)", "fewer images than a batch", ValueError, "2 training images make no full batch of batch_size=256"),
     # --- data folders
     ("data.image_folder(missing, None)", "missing folder", FileNotFoundError, "does not exist; pass a folder of class folders"),
     ("data.image_folder(text_folder, None)", "non-image files", FileNotFoundError, "Found no valid file for the classes"),
@@ -196,6 +207,11 @@ CLI_ROWS = [
     ("analyze split-layer $tiny --data $good_folder --method tome", "method the study is not about", "split-layer studies ATM"),
     ("visualize $tiny --images $missing --versus ''", "missing image", "not found"),
     ("visualize $tiny --images $text_file --versus ''", "a file that is not an image", "is not a readable image"),
+    ("finetune $tiny --data $good_folder --val-data $good_folder --epochs 0", "out of range", "epochs must be an integer >= 1, got 0"),
+    ("finetune $tiny --data $good_folder --val-data $good_folder --lr -1", "out of range", "lr=-1.0 is out of range"),
+    ("finetune $tiny --data $missing --val-data $good_folder", "missing folder", "does not exist"),
+    ("finetune $tiny --data $good_folder --val-data $good_folder --resume $text_file", "not a checkpoint",
+     "is not a fine-tuning checkpoint"),
     ("probe --train-images 0", "out of range", "train-images must be a positive number of images, got 0"),
 ]
 
