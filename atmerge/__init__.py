@@ -1,4 +1,4 @@
-"""atmerge: training-free Adaptive Token Merging (ATM) and baselines for timm Vision Transformers.
+"""atmerge: training-free Adaptive Token Merging (ATM) and baselines for timm and HF ViTs.
 
     import timm, atmerge
     model = timm.create_model("deit_small_patch16_224", pretrained=True).eval()

@@ -24,7 +24,8 @@ def patch(
     prune_last_block: bool | None = None,
     trace_source: bool = False,
 ) -> nn.Module:
-    """Patch a timm VisionTransformer in place so that every block reduces tokens with ``method``.
+    """Patch a timm VisionTransformer or a Hugging Face ViT / DeiT / DINOv2 / CLIP vision model in
+    place so that every block reduces tokens with ``method``.
 
     prop_attn: add log(merge size) to the attention logits (proportional attention).  None = the
         method's own default (``method.proportional_attention``: on for the merging methods, off
@@ -32,7 +33,8 @@ def patch(
     prune_last_block: in the last block only the protected tokens (CLS, distillation token,
         registers) reach the MLP — the paper's rule (Appendix A).  It changes no output of a
         CLS-pooled model and saves the last MLP's cost on the other tokens.  None = on for
-        CLS-pooled models (``global_pool='token'``), off otherwise; the same rule for every method.
+        CLS-pooled models (timm ``global_pool='token'``; Hugging Face ``*ForImageClassification``
+        that read CLS), off otherwise; the same rule for every method.
     trace_source: track which original patches each token holds (``merge_source(model)``), for
         visualisation and dense outputs; costs an extra [B, N, N] tensor.
     method may also be the path of a config written by :func:`atmerge.save_config` (a warning
@@ -52,7 +54,7 @@ def patch(
         raise ValueError(f"trace_source must be True or False, got {trace_source!r}")
     adapter = adapter_for(model)
     method.check_depth(len(adapter.blocks(model)))
-    if method.needs_cls_token and getattr(model, "cls_token", None) is None:
+    if method.needs_cls_token and not adapter.has_cls_token(model):
         raise ValueError(
             f"{type(method).__name__} ranks tokens by the CLS token's attention and this model has no CLS token "
             "(class_token=False); choose a method that does not need one, e.g. atmerge.ToMe or atmerge.ATM"
@@ -63,7 +65,8 @@ def patch(
     if prune_last_block and not cls_pooled:
         raise ValueError(
             "prune_last_block=True keeps only the CLS token in the last block, which changes the "
-            "output of a model that does not pool with CLS (global_pool='token'); pass None or False"
+            "output of a model that does not pool with CLS (timm: global_pool='token'; Hugging Face: "
+            "the image classifiers that read CLS); pass None or False"
         )
     state = MergeState(
         method,

@@ -1,6 +1,11 @@
 """The model-adapter layer: the public API finds a model's family; the generic patching undoes
 exactly what it did."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,3 +37,20 @@ def test_unpatch_restores_every_swapped_module():
     atmerge.unpatch(model)
     assert not any(ORIGINAL in m.__dict__ or STATE in m.__dict__ for m in model.modules())
     assert type(model).__name__ == "VisionTransformer" and not is_patched(model)
+
+
+def test_importing_atmerge_and_patching_a_timm_model_never_imports_transformers():
+    # transformers is an optional extra (and slow to import): only a model of its classes, which
+    # cannot exist before transformers is imported, loads the Hugging Face adapter
+    code = (
+        "import sys, torch, atmerge\n"
+        "from conftest import small_vit\n"
+        "model = atmerge.patch(small_vit(), atmerge.ToMe(r=2))\n"
+        "model(torch.randn(1, 3, 32, 32)); atmerge.last_stats(model); atmerge.gflops(small_vit(), (3, 32, 32))\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' or m.endswith('hf_vit'))\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

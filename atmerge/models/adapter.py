@@ -9,6 +9,7 @@ and the methods — shared by every family.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 
 import torch
@@ -66,6 +67,14 @@ class ModelAdapter(ABC):
     def patched_methods(self, cls: type) -> dict:
         """The methods that the patched subclass of ``cls`` (the model's or a block's class) overrides."""
 
+    def patched_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules whose class is swapped for a patched subclass (default: the model and its blocks)."""
+        return [model, *self.blocks(model)]
+
+    def has_cls_token(self, model: nn.Module) -> bool:
+        """Whether the first token is a CLS token (methods that rank tokens by its attention need one)."""
+        return getattr(model, "cls_token", None) is not None
+
 
 ADAPTERS: list[ModelAdapter] = []
 
@@ -95,8 +104,13 @@ def check_supported(model: nn.Module) -> None:
 
 
 def _load_adapters() -> None:
-    """Import the built-in families (each registers itself)."""
+    """Import the built-in families (each registers itself).  The Hugging Face family only once
+    ``transformers`` has been imported: a model of its classes cannot exist before, and atmerge
+    never imports ``transformers`` itself (it is an optional extra, and slow to import)."""
     import atmerge.models.timm_vit  # noqa: F401
+
+    if "transformers" in sys.modules:
+        import atmerge.models.hf_vit  # noqa: F401
 
 
 def model_depth(model: nn.Module) -> int:
@@ -112,3 +126,11 @@ def model_patches(model: nn.Module) -> int:
 def check_model_images(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
     """Validate images for ``model``; return the patch grid."""
     return adapter_for(model).check_images(model, images)
+
+
+def check_image_tensor(x: object) -> torch.Tensor:
+    """Return ``x`` if it is a floating-point tensor (normalised pixels), else raise TypeError."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+        raise TypeError(f"images must be a floating-point tensor [B, C, H, W] (normalised pixels), got {got}")
+    return x

@@ -35,7 +35,7 @@ def patch_model(model: nn.Module, adapter, state: MergeState) -> nn.Module:
     if is_patched(model):
         unpatch_model(model)
     module_name = type(adapter).__module__
-    for module in [model, *adapter.blocks(model)]:
+    for module in adapter.patched_modules(model):
         original = type(module)
         setattr(module, ORIGINAL, original)
         module.__class__ = patched_class(original, adapter.patched_methods(original), module_name)

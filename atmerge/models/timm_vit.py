@@ -1,8 +1,10 @@
 """Adapter for timm ``VisionTransformer`` models (DeiT, ViT, DINOv2, MAE-style, distilled DeiT).
 
-Model surgery only: the patched Block runs attention with a log-size bias (proportional
-attention) and returns the keys' head-mean, hands both to the shared :class:`MergeState`, and
-runs the MLP on what is left.  Which tokens merge is the method's business, never this module's.
+Model surgery only: the patched Block runs the shared merging step
+(:func:`atmerge.models.block.merging_step`) with timm's parts — attention with a log-size bias
+(proportional attention) returning the keys' head-mean, the residual branches — and the shared
+:class:`MergeState` decides nothing either: which tokens merge is the method's business, never
+this module's.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_m
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from atmerge.core.merging import spread_by_source
+from atmerge.core.merging import size_weighted_mean, spread_by_source
 from atmerge.flops import BlockCost, ModelCost
-from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, register_adapter
-from atmerge.models.patching import INDEX as _INDEX
+from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, check_image_tensor, register_adapter
+from atmerge.models.block import AttentionOutput, BlockParts, merging_step
+from atmerge.models.costs import layer_norm_macs, linear_macs
 from atmerge.models.patching import ORIGINAL as _ORIGINAL
 from atmerge.models.patching import PREFIX as _PREFIX
 from atmerge.models.patching import STATE as _STATE
@@ -81,33 +84,10 @@ def check_images(model: VisionTransformer, shape: tuple[int, ...]) -> tuple[int,
 def check_image_batch(model: VisionTransformer, x: object) -> tuple[int, int]:
     """Validate the images a model is called with: a floating-point tensor [B, C, H, W] of the
     model's channels and size; return the patch grid (H/p, W/p)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
-        raise TypeError(f"images must be a floating-point tensor [B, C, H, W] (normalised pixels), got {got}")
-    return check_images(model, tuple(x.shape))
+    return check_images(model, tuple(check_image_tensor(x).shape))
 
 
 # ----------------------------------------------------------------------------- FLOPs
-
-
-def _layer_norm_macs(module: nn.Module) -> int:
-    """Per-call LayerNorm cost per vector (fvcore: 5 per element with affine weights, 4 without)."""
-    if not isinstance(module, nn.LayerNorm):
-        return 0
-    numel = 1
-    for d in module.normalized_shape:
-        numel *= d
-    return numel * (5 if module.elementwise_affine else 4)
-
-
-def _linear_macs(module: nn.Module) -> int:
-    """Multiply-adds per token of all Linear layers (and LayerNorms) inside ``module``."""
-    total = 0
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            total += m.weight.numel()
-        total += _layer_norm_macs(m)
-    return total
 
 
 def model_cost(model: VisionTransformer) -> ModelCost:
@@ -122,23 +102,23 @@ def model_cost(model: VisionTransformer) -> ModelCost:
             BlockCost(
                 attn_linear=attn_linear,
                 attn_dim=attn.num_heads * attn.head_dim,
-                mlp=_linear_macs(block.mlp),
-                norm1=_layer_norm_macs(block.norm1),
-                norm2=_layer_norm_macs(block.norm2),
-                qk_norms=attn.num_heads * (_layer_norm_macs(attn.q_norm) + _layer_norm_macs(attn.k_norm)),
-                out_norm=_layer_norm_macs(getattr(attn, "norm", nn.Identity())),
+                mlp=linear_macs(block.mlp),
+                norm1=layer_norm_macs(block.norm1),
+                norm2=layer_norm_macs(block.norm2),
+                qk_norms=attn.num_heads * (layer_norm_macs(attn.q_norm) + layer_norm_macs(attn.k_norm)),
+                out_norm=layer_norm_macs(getattr(attn, "norm", nn.Identity())),
                 qk_linear=2 * attn.qkv.weight.numel() // 3,
             )
         )
-    head = _layer_norm_macs(model.fc_norm) + _linear_macs(model.head)
+    head = layer_norm_macs(model.fc_norm) + linear_macs(model.head)
     if isinstance(getattr(model, "head_dist", None), nn.Module):
-        head += _linear_macs(model.head_dist)
+        head += linear_macs(model.head_dist)
     pe = model.patch_embed
     return ModelCost(
         blocks=tuple(blocks),
-        patch_embed=pe.proj.weight.numel() // pe.proj.groups + _layer_norm_macs(pe.norm),
-        norm_pre=_layer_norm_macs(model.norm_pre),
-        final_norm=_layer_norm_macs(model.norm),
+        patch_embed=pe.proj.weight.numel() // pe.proj.groups + layer_norm_macs(pe.norm),
+        norm_pre=layer_norm_macs(model.norm_pre),
+        final_norm=layer_norm_macs(model.norm),
         head=head,
     )
 
@@ -215,37 +195,38 @@ def attend(attn: Attention, x: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
     return attn.proj_drop(attn.proj(out))
 
 
+class TimmParts(BlockParts):
+    """The parts of timm's pre-norm ``Block`` for :func:`atmerge.models.block.merging_step`."""
+
+    def norm1(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        return block.norm1(x)
+
+    def attention(self, block: Block, h, bias, mask, is_causal, need_probs, **kwargs) -> AttentionOutput:
+        return attention_with_keys(block.attn, h, bias, mask, is_causal, need_probs)
+
+    def attention_map(self, block: Block, h, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_map(block.attn, h, bias)
+
+    def attend(self, block: Block, h, probs) -> torch.Tensor:
+        return attend(block.attn, h, probs)
+
+    def attn_branch(self, block: Block, out: torch.Tensor) -> torch.Tensor:
+        return block.drop_path1(block.ls1(out))
+
+    def mlp(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        return block.ls2(block.mlp(block.norm2(x)))
+
+    def mlp_drop(self, block: Block, update: torch.Tensor) -> torch.Tensor:
+        return block.drop_path2(update)
+
+
+TIMM_PARTS = TimmParts()
+
+
 def _merging_block_forward(
     self: Block, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
 ) -> torch.Tensor:
-    state: MergeState = getattr(self, _STATE)
-    index: int = getattr(self, _INDEX)
-    if index == 0:
-        state.begin(x)
-    elif attn_mask is not None and state.merged_any:
-        raise ValueError("attn_mask is defined on the original tokens and cannot follow merged tokens")
-    method = state.method
-    bias = state.attention_bias(x.dtype)
-    h = self.norm1(x)
-    if method.stage == "before_attention":
-        if attn_mask is not None or is_causal:
-            raise ValueError(f"{type(method).__name__} reduces tokens before attention and takes no attn_mask")
-        probs, metric = attention_map(self.attn, h, bias)
-        x, merged_probs = state.reduce_before(index, x, metric, probs)
-        if merged_probs is not None:
-            h, probs = self.norm1(x), merged_probs
-        out, metric, probs = attend(self.attn, h, probs), None, None
-    else:
-        current = method.attention == "current"
-        out, metric, probs = attention_with_keys(self.attn, h, bias, attn_mask, is_causal, current)
-    x = x + self.drop_path1(self.ls1(out))
-    x = state.reduce(index, x, metric, probs)
-    valid = state.padding_mask()
-    if valid is None:
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-    real = self.ls2(self.mlp(self.norm2(x[valid])))  # a padded batch: the MLP runs on real tokens only
-    update = real.new_zeros(x.shape).index_put_((valid,), real)  # (dtype: autocast's)
-    return x + self.drop_path2(update)
+    return merging_step(TIMM_PARTS, self, x, attn_mask, is_causal)
 
 
 def _checkpointed_block(block: Block, state: MergeState, x: torch.Tensor) -> torch.Tensor:
@@ -293,8 +274,7 @@ def _merging_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.
     if pool_type != "avg" or size is None or size.shape[1] != x.shape[1]:
         return getattr(self, _ORIGINAL).pool(self, x, pool_type)
     start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-    w = size[:, start:, None].to(x.dtype)
-    return (x[:, start:] * w).sum(1) / w.sum(1)
+    return size_weighted_mean(x[:, start:], size[:, start:])
 
 
 def _merging_forward_intermediates(

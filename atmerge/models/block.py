@@ -1,0 +1,108 @@
+"""The merging step of a transformer block, shared by every model family.
+
+A family says how its block computes each part (:class:`BlockParts`: norms, attention with an
+additive bias returning the keys' head-mean, the residual branches); :func:`merging_step` runs
+them in the order every pre-norm ViT block has, asks the shared :class:`MergeState` for the
+method's decision between attention and MLP, and runs the MLP only on what is left.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from atmerge.models.patching import INDEX, STATE
+from atmerge.runtime import MergeState
+
+AttentionOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class BlockParts(ABC):
+    """How one family's block computes its parts.  Stateless: every method takes the block."""
+
+    @abstractmethod
+    def norm1(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The norm before attention, x [B, N, C] → [B, N, C]."""
+
+    @abstractmethod
+    def attention(
+        self,
+        block: nn.Module,
+        h: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        need_probs: bool,
+        **kwargs,
+    ) -> AttentionOutput:
+        """Attention on the normed tokens h [B, N, C] with an additive ``bias`` [B, 1, 1, N] (or
+        None) and the caller's ``mask``; returns (output [B, N, C], keys' head-mean [B, N, C_h],
+        probabilities [B, H, N, N] when ``need_probs``, else None or whatever was computed)."""
+
+    @abstractmethod
+    def attention_map(
+        self, block: nn.Module, h: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities [B, H, N, N] and keys' head-mean [B, N, C_h] of h [B, N, C] (q, k only)."""
+
+    @abstractmethod
+    def attend(self, block: nn.Module, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The rest of attention given its probabilities [B, H, N, N]: values of h, AV, output
+        projection → [B, N, C]."""
+
+    @abstractmethod
+    def attn_branch(self, block: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """What the attention output adds to the residual stream (layer scale, dropout / drop path)."""
+
+    @abstractmethod
+    def mlp(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """norm → MLP → layer scale on tokens x [..., C] (dropout / drop path follow in :meth:`mlp_drop`)."""
+
+    @abstractmethod
+    def mlp_drop(self, block: nn.Module, update: torch.Tensor) -> torch.Tensor:
+        """Dropout / drop path on the MLP's update [B, N, C]."""
+
+
+def merging_step(
+    parts: BlockParts,
+    block: nn.Module,
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    **kwargs,
+) -> torch.Tensor:
+    """One patched block on tokens x [B, N, C] → [B, N', C]: attention with the log-size bias,
+    the method's decision through the block's :class:`MergeState` (before attention for a
+    method whose stage is 'before_attention'), the MLP on the remaining real tokens.  ``mask``
+    (the caller's attention mask) is honoured until the first merge; ``kwargs`` go to attention."""
+    state: MergeState = getattr(block, STATE)
+    index: int = getattr(block, INDEX)
+    if index == 0:
+        state.begin(x)
+    elif mask is not None and state.merged_any:
+        raise ValueError("an attention mask is defined on the original tokens and cannot follow merged tokens")
+    method = state.method
+    bias = state.attention_bias(x.dtype)
+    h = parts.norm1(block, x)
+    if method.stage == "before_attention":
+        if mask is not None or is_causal:
+            raise ValueError(f"{type(method).__name__} reduces tokens before attention and takes no attention mask")
+        probs, metric = parts.attention_map(block, h, bias)
+        x, merged_probs = state.reduce_before(index, x, metric, probs)
+        if merged_probs is not None:
+            h, probs = parts.norm1(block, x), merged_probs
+        out, metric, probs = parts.attend(block, h, probs), None, None
+    else:
+        need_probs = method.attention == "current"
+        out, metric, probs = parts.attention(block, h, bias, mask, is_causal, need_probs, **kwargs)
+        probs = probs if need_probs else None
+    x = x + parts.attn_branch(block, out)
+    x = state.reduce(index, x, metric, probs)
+    valid = state.padding_mask()
+    if valid is None:
+        return x + parts.mlp_drop(block, parts.mlp(block, x))
+    real = parts.mlp(block, x[valid])  # a padded batch: the MLP runs on real tokens only
+    update = real.new_zeros(x.shape).index_put_((valid,), real)  # (dtype: autocast's)
+    return x + parts.mlp_drop(block, update)
