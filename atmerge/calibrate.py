@@ -27,6 +27,7 @@ from atmerge.fidelity import FIDELITY_MEASURES, fidelity_interval, paired_fideli
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method
 from atmerge.methods.space import starting_point
+from atmerge.models.adapter import is_classifier, model_output
 from atmerge.models.adapter import model_depth, model_patches
 
 ONE_SIDED_95 = 1.644854  # z of a one-sided 95% bound
@@ -150,7 +151,7 @@ def staged_trials(
             with torch.no_grad():
                 for x in batches[done:bound]:
                     n = x.shape[0]
-                    values.append(per_image_fidelity(model(x).float().cpu(), reference[images : images + n], measure))
+                    values.append(per_image_fidelity(model_output(model, x).float().cpu(), reference[images : images + n], measure))
                     gflops_sum += last_stats(model).gflops * n
                     images += n
             done = bound
@@ -250,7 +251,7 @@ def _image_batches(images, model: nn.Module, batch_size: int, transform) -> tupl
 def fidelity_measure(model: nn.Module, fidelity: str | None) -> str:
     """'agreement' for a classifier, 'cosine' for a feature model (``num_classes == 0``), unless
     ``fidelity`` names one; agreement on a feature model is refused."""
-    features = getattr(model, "num_classes", 1) == 0
+    features = not is_classifier(model)
     if fidelity is None:
         return "cosine" if features else "agreement"
     if fidelity not in FIDELITY_MEASURES:
@@ -450,14 +451,14 @@ def _measure(model: nn.Module, batches: list[torch.Tensor], method: Method, refe
     patch(model, method)
     outputs, gflops = [], 0.0
     for x in batches:
-        outputs.append(model(x).float().cpu())
+        outputs.append(model_output(model, x).float().cpu())
         gflops += last_stats(model).gflops * x.shape[0]
     unpatch(model)
     outputs = torch.cat(outputs)
     values = per_image_fidelity(outputs, reference, measure)
     numbers = {"images": outputs.shape[0], "gflops": gflops / outputs.shape[0], "fidelity": float(values.mean()),
                "fidelity_low": fidelity_interval(values, measure, ONE_SIDED_95)[0], "details": {}}
-    if paired and getattr(model, "num_classes", 1) == 0:
+    if paired and not is_classifier(model):
         cosine = per_image_fidelity(outputs, reference, "cosine")
         low, high = fidelity_interval(cosine, "cosine")
         numbers["details"] = {"images": outputs.shape[0], "cosine": float(cosine.mean()), "cosine_low": low,

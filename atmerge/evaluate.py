@@ -13,7 +13,7 @@ from torch import nn
 
 from atmerge.api import gflops as dense_gflops
 from atmerge.api import is_patched, last_stats
-from atmerge.models.adapter import check_model_images, check_supported
+from atmerge.models.adapter import adapter_for, check_model_images
 
 
 @dataclass
@@ -67,7 +67,7 @@ def evaluate(
     device: where to run (the batches are moved there); None = where they are.
     Returns (result, outputs per batch if keep_outputs else []).
     """
-    check_supported(model)
+    adapter = adapter_for(model)
     model.eval()
     images = correct1 = correct5 = 0
     labelled = True
@@ -85,7 +85,7 @@ def evaluate(
             raise ValueError(f"reference does not match batch {i} ({n} images); pass the outputs of the same batches")
         _sync(x.device)
         start = time.perf_counter()
-        out = model(x)
+        out = adapter.main_output(model, model(x))
         _sync(x.device)
         seconds += time.perf_counter() - start
         if is_patched(model):
@@ -93,7 +93,7 @@ def evaluate(
             g, mg, tok = s.gflops, s.matching_gflops, s.tokens_per_block
         else:
             g, mg = dense_gflops(model, tuple(x.shape[1:])), 0.0
-            tok = [float(gh * gw + model.num_prefix_tokens)] * len(model.blocks)
+            tok = [float(gh * gw + adapter.num_protected(model))] * len(adapter.blocks(model))
         gflops_sum += g * n
         matching_sum += mg * n
         tokens = [t * n for t in tok] if not tokens else [a + t * n for a, t in zip(tokens, tok)]

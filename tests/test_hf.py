@@ -380,3 +380,18 @@ def test_patched_gflops_equal_fvcores_trace_of_the_merging_forward(cls_name, met
     decided = stats.merged_per_block[:-1] if stats.prune_last_block else stats.merged_per_block
     assert all(r > 0 for r in decided)
     assert stats.gflops + stats.matching_gflops == pytest.approx(fvcore_gflops(model, x), rel=1e-3)
+
+
+@pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "ViTModel", "CLIPVisionModelWithProjection"])
+def test_evaluate_and_calibrate_judge_the_main_output(cls_name):
+    """evaluate and calibrate read logits / image_embeds / pooler_output; a model without a
+    class head is judged by cosine, a classifier by agreement."""
+    model = randomise(hf_model(cls_name))
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = main_output(model(pixel_values=x))
+    res, outputs = atmerge.evaluate(model, [x], keep_outputs=True)
+    assert torch.equal(outputs[0], expected) and res.gflops == pytest.approx(atmerge.gflops(model, (3, 32, 32)))
+    c = atmerge.calibrate(model, x, method="tome", budget=0.7, trials=3, batch_size=6, holdout=0)
+    assert c.measure == ("agreement" if cls_name.endswith("Classification") else "cosine")
+    assert c.gflops <= 0.7 * res.gflops or not c.met

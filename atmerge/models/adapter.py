@@ -76,6 +76,16 @@ class ModelAdapter(ABC):
         return getattr(model, "cls_token", None) is not None
 
 
+    def is_classifier(self, model: nn.Module) -> bool:
+        """Whether the model ends in a class head (else it outputs features)."""
+        return getattr(model, "num_classes", 1) != 0
+
+    def main_output(self, model: nn.Module, output: object) -> torch.Tensor:
+        """The tensor [B, K] a forward is judged on (logits of a classifier, else the pooled
+        feature), from whatever the model returns."""
+        return output
+
+
 ADAPTERS: list[ModelAdapter] = []
 
 
@@ -121,6 +131,16 @@ def model_depth(model: nn.Module) -> int:
 def model_patches(model: nn.Module) -> int:
     """Patch tokens at the model's own input size."""
     return adapter_for(model).num_patches(model)
+
+
+def model_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(images)`` as the tensor [B, K] it is judged on (logits, or the pooled feature)."""
+    return adapter_for(model).main_output(model, model(images))
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` ends in a class head (else it outputs features)."""
+    return adapter_for(model).is_classifier(model)
 
 
 def check_model_images(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:

@@ -394,6 +394,18 @@ class HFViT(ModelAdapter):
     def patched_methods(self, cls: type) -> dict:
         return _patched_methods(cls)
 
+    def is_classifier(self, model: nn.Module) -> bool:
+        return type(model).__name__.endswith(("ForImageClassification", "ForImageClassificationWithTeacher"))
+
+    def main_output(self, model: nn.Module, output: object) -> torch.Tensor:
+        """logits (classifiers), image_embeds (CLIP with projection), else pooler_output, else the
+        first token of last_hidden_state."""
+        for name in ("logits", "image_embeds", "pooler_output"):
+            value = getattr(output, name, None)
+            if isinstance(value, torch.Tensor):
+                return value
+        return output.last_hidden_state[:, 0]
+
     def patched_modules(self, model: nn.Module) -> list[nn.Module]:
         blocks = layers(model)
         modules = [*blocks, *(getattr(b, layout(model).attention) for b in blocks)]
