@@ -54,7 +54,9 @@ class ModelCost:
     """Costs of a ViT outside its blocks, in multiply-adds.
 
     patch_embed: per patch.  norm_pre: per token before the blocks.  final_norm: per token
-    after the blocks.  head: per image (pooling norm + classifier linears).
+    after the blocks.  head: per image (pooling norm + classifier linears).  pool_per_token:
+    per token that an attention pool reads (keys, values, scores), after skipping the first
+    ``pool_skips`` tokens (prefix tokens it leaves out).
     """
 
     blocks: tuple[BlockCost, ...]
@@ -62,6 +64,8 @@ class ModelCost:
     norm_pre: int
     final_norm: int
     head: int
+    pool_per_token: int = 0
+    pool_skips: int = 0
 
     @property
     def depth(self) -> int:
@@ -84,7 +88,7 @@ class ModelCost:
         out = tokens_mlp[-1] if tokens_out is None else tokens_out
         total = num_patches * self.patch_embed + tokens_attn[0] * self.norm_pre
         total += sum(b.macs(n, a, m) for b, n, a, m in zip(self.blocks, tokens_attn, attended, tokens_mlp))
-        total += out * self.final_norm + self.head
+        total += out * self.final_norm + self.head + max(out - self.pool_skips, 0) * self.pool_per_token
         return total / 1e9
 
     def dense_gflops(self, num_patches: int, num_prefix: int) -> float:

@@ -75,7 +75,8 @@ API_ROWS = [
     ("patch(resnet, ATM())", "a ResNet", UNSUPPORTED, f"{NOT_A_VIT} (DeiT, ViT, DINOv2, MAE-style)"),
     ("patch(swin, ATM())", "a Swin", UNSUPPORTED, "got SwinTransformer"),
     ("patch(eva, ATM())", "an EVA", UNSUPPORTED, "got Eva"),
-    ("patch(map_vit, ATM())", "attention pooling", UNSUPPORTED, "global_pool='map' is not supported; supported: 'token', 'avg' or ''"),
+    ("patch(map_vit, ATM())", "attention pooling with a position embedding", UNSUPPORTED,
+     "global_pool='map' with a AttentionPoolLatent with a position embedding is not supported; supported: 'token', 'avg', 'map'"),
     ("patch(nn.Linear(2, 2), ATM())", "not a model", UNSUPPORTED, "got Linear"),
     # --- patch: methods and options
     ("patch(vit, {'alpha': 0.9})", "not a method", TypeError, "method must be an atmerge method such as atmerge.ATM(...), got dict"),
@@ -105,7 +106,7 @@ API_ROWS = [
     ("dense_tokens(patched, torch.zeros(2, 65, 48))", "no source tracking", ValueError, "dense_tokens needs the model patched with trace_source=True"),
     # --- gflops
     ("gflops(resnet)", "a ResNet", UNSUPPORTED, "got ResNet"),
-    ("gflops(map_vit, (3, 32, 32))", "attention pooling", UNSUPPORTED, "global_pool='map' is not supported"),
+    ("gflops(map_vit, (3, 32, 32))", "attention pooling with a position embedding", UNSUPPORTED, "with a position embedding is not supported"),
     ("gflops(vit)", "wrong image size (default 224)", ValueError, "images of shape [1, 3, 224, 224] given; this model takes [B, 3, 32, 32]"),
     ("gflops(vit, (1, 32, 32))", "wrong channel count", ValueError, "images of shape [1, 1, 32, 32] given"),
     ("gflops(vit, (3, 32))", "wrong shape", ValueError, "input_size must be (C, H, W), three positive integers, got (3, 32)"),
@@ -230,6 +231,14 @@ def _config(path, document: dict) -> str:
     return str(path)
 
 
+def map_pool_with_position_embedding():
+    """Attention pooling whose keys carry a position embedding per token: merged tokens have no
+    single position, so it is refused."""
+    model = small_vit(global_pool="map")
+    model.attn_pool.pos_embed = torch.nn.Parameter(torch.zeros(65, 48))
+    return model
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     """Files and folders the rows refer to, named for what they hold."""
@@ -275,7 +284,7 @@ def unsupported_models() -> dict[str, nn.Module]:
         "swin": timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=(1, 1),
                                   num_heads=(1, 1), img_size=56, num_classes=3).eval(),
         "eva": timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1, img_size=28, num_classes=3).eval(),
-        "map_vit": small_vit(global_pool="map"),
+        "map_vit": map_pool_with_position_embedding(),
     }
 
 

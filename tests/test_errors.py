@@ -42,8 +42,8 @@ def test_non_vit_model():
 
 
 def test_unsupported_pooling():
-    with pytest.raises(atmerge.UnsupportedModelError, match="global_pool='map' is not supported"):
-        atmerge.patch(small_vit(global_pool="map"), atmerge.ATM())
+    with pytest.raises(atmerge.UnsupportedModelError, match="global_pool='max' is not supported; supported: 'token', 'avg', 'map'"):
+        atmerge.patch(small_vit(global_pool="max"), atmerge.ATM())
 
 
 def test_method_must_be_a_method():

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models._features import feature_take_indices
+from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from atmerge.core.merging import size_weighted_mean, spread_by_source
@@ -42,9 +43,16 @@ def check_supported(model: nn.Module) -> None:
             f"atmerge patches timm VisionTransformer models (DeiT, ViT, DINOv2, MAE-style); "
             f"got {type(model).__name__}"
         )
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and (type(pool) is not AttentionPoolLatent or pool.pos_embed is not None):
         raise UnsupportedModelError(
-            f"global_pool={model.global_pool!r} is not supported; supported: 'token', 'avg' or '' (none)"
+            f"global_pool={model.global_pool!r} with a {type(pool).__name__}"
+            f"{' with a position embedding' if getattr(pool, 'pos_embed', None) is not None else ''} is not "
+            "supported; supported: 'token', 'avg', 'map' (timm's AttentionPoolLatent without position embedding) or ''"
+        )
+    if pool is None and model.global_pool not in SUPPORTED_POOLS:
+        raise UnsupportedModelError(
+            f"global_pool={model.global_pool!r} is not supported; supported: 'token', 'avg', 'map' or '' (none)"
         )
     if not isinstance(model.patch_embed.proj, nn.Conv2d):
         raise UnsupportedModelError("the patch embedding must be a single Conv2d (timm PatchEmbed)")
@@ -111,6 +119,13 @@ def model_cost(model: VisionTransformer) -> ModelCost:
             )
         )
     head = layer_norm_macs(model.fc_norm) + linear_macs(model.head)
+    pool, pool_per_token = getattr(model, "attn_pool", None), 0
+    if pool is not None:  # timm's AttentionPoolLatent: latent queries attend over the tokens
+        width = pool.num_heads * pool.head_dim
+        pool_per_token = pool.kv.weight.numel() + 2 * pool.latent_len * width + pool.num_heads * layer_norm_macs(pool.k_norm)
+        per_latent = linear_macs(pool.q) + linear_macs(pool.proj) + pool.num_heads * layer_norm_macs(pool.q_norm)
+        per_latent += (linear_macs(pool.mlp) + layer_norm_macs(pool.norm)) if pool.mlp is not None else 0
+        head += pool.latent_len * per_latent
     if isinstance(getattr(model, "head_dist", None), nn.Module):
         head += linear_macs(model.head_dist)
     pe = model.patch_embed
@@ -120,6 +135,8 @@ def model_cost(model: VisionTransformer) -> ModelCost:
         norm_pre=layer_norm_macs(model.norm_pre),
         final_norm=layer_norm_macs(model.norm),
         head=head,
+        pool_per_token=pool_per_token,
+        pool_skips=0 if model.pool_include_prefix else model.num_prefix_tokens,
     )
 
 
@@ -268,9 +285,14 @@ def _merging_forward_features(
 
 
 def _merging_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-    """timm's pooling, with 'avg' weighted by merge size so that every original patch counts once."""
+    """timm's pooling, with every original patch counting once: 'avg' weighted by merge size,
+    'map' (attention pool) with log(size) added to its logits (−inf for padding)."""
     pool_type = self.global_pool if pool_type is None else pool_type
-    size = getattr(self, _STATE).size
+    state: MergeState = getattr(self, _STATE)
+    size = state.size
+    if self.attn_pool is not None and state.merged_any and size is not None and size.shape[1] == x.shape[1]:
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        return self.attn_pool(x[:, start:], attn_mask=size[:, None, None, start:].to(x.dtype).log())
     if pool_type != "avg" or size is None or size.shape[1] != x.shape[1]:
         return getattr(self, _ORIGINAL).pool(self, x, pool_type)
     start = 0 if self.pool_include_prefix else self.num_prefix_tokens
