@@ -42,7 +42,7 @@ MODES = {"batch-mean r": True, "per-image r": False}
 
 
 # name: (setup, calibration images, report images, timing repeats)
-MODELS = {"cifar10-vit": (cifar10_model, 512, 3000, 11), "dinov2-probe": (dinov2_probe_model, 128, 512, 11)}
+MODELS = {"cifar10-vit": (cifar10_model, 512, 3000, 11), "dinov2-probe": (dinov2_probe_model, 64, 256, 11)}
 BATCH = 64
 
 
