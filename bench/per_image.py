@@ -8,7 +8,7 @@ every image of a batch merges the batch's mean count, with ``False`` each image 
 (one batched pass, padded to the batch's longest image: ``atmerge.core.padding``).
 
 1. Fidelity at matched mean GFLOPs: for each target (75%, 60%, 50% of the unpatched GFLOPs)
-   both modes get θ_min bisected (α = 1, β = 0.04; ``atmerge.match_gflops``) on calibration
+   both modes get β bisected in [0, 0.1] (α = 1, θ_min = 0.5; ``atmerge.match_gflops``) on calibration
    images, at batch 64; then both run on disjoint report images (batch 64): GFLOPs share,
    agreement with the unpatched model (95% Wilson interval), top-1 change (paired SE), KL, and
    the paired difference in agreement between the modes (per-image minus batch-mean, ± SE).
@@ -47,7 +47,7 @@ BATCH = 64
 
 
 def factory(batch_adaptive: bool):
-    return lambda t: atmerge.ATM(alpha=1.0, beta=0.04, theta_min=0.5 + 0.5 * t, batch_adaptive=batch_adaptive)
+    return lambda t: atmerge.ATM(alpha=1.0, beta=0.1 * (1 - t), theta_min=0.5, batch_adaptive=batch_adaptive)
 
 
 def run(model, method, batches):
@@ -106,7 +106,7 @@ def bench_model(name: str, quick: bool) -> dict:
             measured = paired_fidelity(outputs, reference, labels)
             same = (outputs.argmax(-1) == reference.argmax(-1)).double()
             per_mode[mode] = same
-            rows.append(dict(model=name, target=share, mode=mode, theta_min=match.method.theta_min,
+            rows.append(dict(model=name, target=share, mode=mode, beta=match.method.beta,
                              calib_gflops_share=match.gflops / dense, gflops_share=gflops / dense,
                              executed_gflops_share=executed / dense, **measured))
             if share == 0.6:
