@@ -23,6 +23,7 @@ from atmerge.methods.mctf import MCTF
 from atmerge.methods.threshold import ConstantThreshold
 from atmerge.methods.zerotp import ZeroTP
 from atmerge.models.adapter import UnsupportedModelError
+from atmerge.models import lvvit as _lvvit, mae as _mae, t2t_vit as _t2t_vit  # noqa: F401  (timm names: lvvit_s, …)
 from atmerge.stats import MergeStats
 
 __version__ = "0.1.0"

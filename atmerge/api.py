@@ -28,8 +28,9 @@ def patch(
     place so that every block reduces tokens with ``method``.
 
     prop_attn: add log(merge size) to the attention logits (proportional attention).  None = the
-        method's own default (``method.proportional_attention``: on for the merging methods, off
-        for EViT as released); the paper turns it off for MAE.
+        model's default if it has one (off for ``mae_vit_base_ft``, as in the paper), else the
+        method's own (``method.proportional_attention``: on for the merging methods, off for EViT
+        as released).
     prune_last_block: in the last block only the protected tokens (CLS, distillation token,
         registers) reach the MLP — the paper's rule (Appendix A).  It changes no output of a
         CLS-pooled model and saves the last MLP's cost on the other tokens.  None = on for
@@ -59,7 +60,8 @@ def patch(
             f"{type(method).__name__} ranks tokens by the CLS token's attention and this model has no CLS token "
             "(class_token=False); choose a method that does not need one, e.g. atmerge.ToMe or atmerge.ATM"
         )
-    prop = method.proportional_attention if prop_attn is None else prop_attn
+    prop = prop_attn if prop_attn is not None else adapter.default_prop_attn(model)
+    prop = method.proportional_attention if prop is None else prop
 
     cls_pooled = adapter.cls_pooled(model)
     if prune_last_block and not cls_pooled:

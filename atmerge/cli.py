@@ -65,13 +65,15 @@ METHOD_FLAGS = method_flags()
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="timm model name, or a preset: cifar10-vit (default), dinov2-probe")
-    g.add_argument("--checkpoint", default=None, help="safetensors weights for --model")
+    g.add_argument("--checkpoint", default=None,
+                   help="weights for --model: safetensors, or a PyTorch file (.pth, .pth.tar; official "
+                        "LV-ViT, T2T-ViT and MAE files as they are), loaded with weights_only=True")
     g.add_argument("--model-kwargs", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 32}\'')
     g.add_argument("--pretrained", action="store_true", help="let timm download pretrained weights")
     g.add_argument("--probe", default=None, help="probe head file for --model dinov2-probe")
     g.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=None,
-                   help="proportional attention (+log size) on/off; default: the method's own (off for EViT; "
-                        "use --no-prop-attn for MAE)")
+                   help="proportional attention (+log size) on/off; default: the model's (off for mae_vit_base_ft), "
+                        "else the method's own (off for EViT)")
     g.add_argument("--prune-last-block", action=argparse.BooleanOptionalAction, default=None,
                    help="only CLS reaches the last MLP; default: on for CLS-pooled models, for every method")
 

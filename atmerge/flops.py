@@ -55,8 +55,10 @@ class ModelCost:
 
     patch_embed: per patch.  norm_pre: per token before the blocks.  final_norm: per token
     after the blocks.  head: per image (pooling norm + classifier linears).  pool_per_token:
-    per token that an attention pool reads (keys, values, scores), after skipping the first
-    ``pool_skips`` tokens (prefix tokens it leaves out).
+    per token that an attention pool or a per-token head reads (keys, values, scores; LV-ViT's
+    auxiliary head), after skipping the first ``pool_skips`` tokens (prefix tokens it leaves
+    out).  stem: per image, a patch embedding that is not one linear map per patch (LV-ViT's
+    convolutions, T2T-ViT's tokens-to-token module).
     """
 
     blocks: tuple[BlockCost, ...]
@@ -66,6 +68,7 @@ class ModelCost:
     head: int
     pool_per_token: int = 0
     pool_skips: int = 0
+    stem: int = 0
 
     @property
     def depth(self) -> int:
@@ -86,7 +89,7 @@ class ModelCost:
         if not len(tokens_attn) == len(tokens_mlp) == len(attended) == self.depth:
             raise ValueError(f"need token counts for all {self.depth} blocks, got {len(tokens_attn)}/{len(tokens_mlp)}")
         out = tokens_mlp[-1] if tokens_out is None else tokens_out
-        total = num_patches * self.patch_embed + tokens_attn[0] * self.norm_pre
+        total = self.stem + num_patches * self.patch_embed + tokens_attn[0] * self.norm_pre
         total += sum(b.macs(n, a, m) for b, n, a, m in zip(self.blocks, tokens_attn, attended, tokens_mlp))
         total += out * self.final_norm + self.head + max(out - self.pool_skips, 0) * self.pool_per_token
         return total / 1e9

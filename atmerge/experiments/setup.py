@@ -36,7 +36,7 @@ def load_setup(
     model_name None or 'cifar10-vit': the shared CIFAR-10 reference ViT (default data: the shared
     cifar10-test).  'dinov2-probe': the shared DINOv2-S with the linear head of ``atmerge probe``
     (``probe`` path, default in the cache).  Any other name: ``timm.create_model(model_name,
-    pretrained=..., **model_kwargs)``, with weights from ``checkpoint`` (safetensors) if given.
+    pretrained=..., **model_kwargs)``, with weights from ``checkpoint`` (safetensors or an official PyTorch file) if given.
     """
     if isinstance(model_kwargs, str):
         try:

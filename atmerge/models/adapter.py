@@ -76,6 +76,11 @@ class ModelAdapter(ABC):
         return getattr(model, "cls_token", None) is not None
 
 
+    def default_prop_attn(self, model: nn.Module) -> bool | None:
+        """Proportional attention for this model when ``patch`` is not told (None: the method's
+        own default); the paper turns it off for MAE."""
+        return None
+
     def is_classifier(self, model: nn.Module) -> bool:
         """Whether the model ends in a class head (else it outputs features)."""
         return getattr(model, "num_classes", 1) != 0
@@ -118,6 +123,7 @@ def _load_adapters() -> None:
     ``transformers`` has been imported: a model of its classes cannot exist before, and atmerge
     never imports ``transformers`` itself (it is an optional extra, and slow to import)."""
     import atmerge.models.timm_vit  # noqa: F401
+    import atmerge.models.lvvit, atmerge.models.t2t_vit, atmerge.models.mae  # noqa: F401, E401  (timm names)
 
     if "transformers" in sys.modules:
         import atmerge.models.hf_vit  # noqa: F401

@@ -27,9 +27,11 @@ from atmerge.models.patching import ORIGINAL as _ORIGINAL
 from atmerge.models.patching import PREFIX as _PREFIX
 from atmerge.models.patching import STATE as _STATE
 from atmerge.models.patching import merge_state, patched_class
+from atmerge.models.stem import Stem
 from atmerge.runtime import MergeState
 
 SUPPORTED_POOLS = ("token", "avg", "")
+SUPPORTED_BLOCKS: set[type] = {Block}  # and the subclasses registered by atmerge's own model definitions
 __all__ = ["TimmViT", "UnsupportedModelError", "attention_with_keys", "check_image_batch", "merge_state"]
 
 
@@ -54,10 +56,10 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"global_pool={model.global_pool!r} is not supported; supported: 'token', 'avg', 'map' or '' (none)"
         )
-    if not isinstance(model.patch_embed.proj, nn.Conv2d):
-        raise UnsupportedModelError("the patch embedding must be a single Conv2d (timm PatchEmbed)")
+    if not isinstance(model.patch_embed, Stem) and not isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
+        raise UnsupportedModelError("the patch embedding must be a single Conv2d (timm PatchEmbed) or an atmerge Stem")
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block and getattr(block, _ORIGINAL, None) is not Block:
+        if getattr(block, _ORIGINAL, type(block)) not in SUPPORTED_BLOCKS:
             raise UnsupportedModelError(
                 f"block {i} is a {type(block).__name__}; atmerge supports timm's pre-norm Block"
             )
@@ -77,7 +79,8 @@ def expected_image_size(model: VisionTransformer) -> tuple[int, int] | None:
 
 def check_images(model: VisionTransformer, shape: tuple[int, ...]) -> tuple[int, int]:
     """Validate an image batch shape [B, C, H, W]; return the patch grid (H/p, W/p)."""
-    in_chans = model.patch_embed.proj.in_channels
+    pe = model.patch_embed
+    in_chans = pe.in_chans if isinstance(pe, Stem) else pe.proj.in_channels
     size = expected_image_size(model)
     ph, pw = model.patch_embed.patch_size
     wanted = f"[B, {in_chans}, {size[0]}, {size[1]}]" if size else f"[B, {in_chans}, H, W] with H, W multiples of {ph}"
@@ -128,15 +131,20 @@ def model_cost(model: VisionTransformer) -> ModelCost:
         head += pool.latent_len * per_latent
     if isinstance(getattr(model, "head_dist", None), nn.Module):
         head += linear_macs(model.head_dist)
+    pool_skips = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    if getattr(model, "head_reads_patch_tokens", False):  # LV-ViT's auxiliary head on every patch token
+        pool_per_token, pool_skips = pool_per_token + linear_macs(model.aux_head), model.num_prefix_tokens
     pe = model.patch_embed
+    stem = isinstance(pe, Stem)
     return ModelCost(
         blocks=tuple(blocks),
-        patch_embed=pe.proj.weight.numel() // pe.proj.groups + layer_norm_macs(pe.norm),
+        patch_embed=0 if stem else pe.proj.weight.numel() // pe.proj.groups + layer_norm_macs(pe.norm),
+        stem=pe.macs() if stem else 0,
         norm_pre=layer_norm_macs(model.norm_pre),
         final_norm=layer_norm_macs(model.norm),
         head=head,
         pool_per_token=pool_per_token,
-        pool_skips=0 if model.pool_include_prefix else model.num_prefix_tokens,
+        pool_skips=pool_skips,
     )
 
 
@@ -369,10 +377,15 @@ def _patched_methods(cls: type) -> dict:
 
 def __getattr__(name: str) -> type:
     """Rebuild a patched class by name when a pickled patched model is loaded in a fresh process
-    (the original class is looked up in timm's vision_transformer module)."""
+    (the original class is looked up in timm's vision_transformer module and atmerge's own
+    model definitions)."""
     import timm.models.vision_transformer as vit
 
-    original = getattr(vit, name[len(_PREFIX) :], None) if name.startswith(_PREFIX) else None
+    from atmerge.models import lvvit, t2t_vit
+
+    original = None
+    for module in (vit, lvvit, t2t_vit) if name.startswith(_PREFIX) else ():
+        original = original or getattr(module, name[len(_PREFIX) :], None)
     if isinstance(original, type) and issubclass(original, (VisionTransformer, Block)):
         return patched_class(original, _patched_methods(original), __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -408,7 +421,10 @@ class TimmViT(ModelAdapter):
         return model.patch_embed.num_patches
 
     def cls_pooled(self, model: nn.Module) -> bool:
-        return model.global_pool == "token"
+        return model.global_pool == "token" and not getattr(model, "head_reads_patch_tokens", False)
+
+    def default_prop_attn(self, model: nn.Module) -> bool | None:
+        return getattr(model, "atmerge_prop_attn", None)
 
     def patched_methods(self, cls: type) -> dict:
         return _patched_methods(cls)
