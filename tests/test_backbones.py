@@ -243,7 +243,7 @@ def _image_folder(root, size):
     return root
 
 
-@pytest.mark.parametrize("name, layout, suffix", [("lvvit_t", "state_dict", ".pth.tar"), ("t2t_vit_t_14", None, ".pth"),
+@pytest.mark.parametrize("name, layout, suffix", [("lvvit_s", "state_dict", ".pth.tar"), ("t2t_vit_t_14", None, ".pth"),
                                                   ("mae_vit_base_ft", "model", ".pth")])
 def test_official_layout_checkpoint_loads_through_eval(name, layout, suffix, tmp_path, capsys):
     kwargs = dict(depth=2, img_size=64, num_classes=2)
