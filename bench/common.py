@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+import atmerge
 from atmerge import data
 from atmerge.experiments.io import format_table
 
@@ -65,3 +68,31 @@ def write_json(report: dict, path: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}")
+
+
+def alternate_timings(runs: dict, repeats: int, warmup: int = 2, sync=None) -> dict[str, float]:
+    """Median seconds of each run, timed alternately (a, b, c, a, b, c, …: the machine's load
+    drifts, so one run's timings are never taken in a block) after ``warmup`` rounds.
+    runs: name → (prepare, run); ``prepare()`` (e.g. patching) is not timed, ``run()`` is.
+    sync: called before each clock read (e.g. ``torch.cuda.synchronize``)."""
+    sync = sync or (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for round_ in range(warmup + repeats):
+            for name, (prepare, run) in runs.items():
+                prepare()
+                sync()
+                start = time.perf_counter()
+                run()
+                sync()
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def method_runs(model, methods: dict, x) -> dict:
+    """For :func:`alternate_timings`: ``model(x)`` patched with each method (None: unpatched)."""
+    def prepare(method):
+        return lambda: atmerge.patch(model, method) if method is not None else atmerge.unpatch(model)
+
+    return {name: (prepare(method), lambda: model(x)) for name, method in methods.items()}

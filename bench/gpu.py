@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -27,7 +25,7 @@ import torch
 
 import atmerge
 from atmerge.methods.registry import knob_factory
-from common import imagenet_batches, write_json
+from common import alternate_timings, imagenet_batches, method_runs, write_json
 
 SHAPES = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)
@@ -50,23 +48,12 @@ def matched(model, factory, target: float, x: torch.Tensor):
 
 
 def timed(model, methods: dict, x: torch.Tensor, dtype, repeats: int) -> dict:
-    """Median seconds per batch of each method (None = unpatched), timed alternately."""
-    times = {name: [] for name in methods}
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype):
-        for method in methods.values():
-            atmerge.patch(model, method) if method is not None else atmerge.unpatch(model)
-            for _ in range(3):
-                model(x)
-        for _ in range(repeats):
-            for name, method in methods.items():
-                atmerge.patch(model, method) if method is not None else atmerge.unpatch(model)
-                sync(x.device)
-                start = time.perf_counter()
-                model(x)
-                sync(x.device)
-                times[name].append(time.perf_counter() - start)
+    """Median seconds per batch of each method (None = unpatched), timed alternately after three
+    warm-up rounds, CUDA-synchronised."""
+    with torch.autocast(x.device.type, dtype=dtype):
+        seconds = alternate_timings(method_runs(model, methods, x), repeats, warmup=3, sync=lambda: sync(x.device))
     atmerge.unpatch(model)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return seconds
 
 
 def main(argv=None) -> int:

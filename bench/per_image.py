@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 import atmerge
 from atmerge import data
 from atmerge.fidelity import paired_fidelity
-from common import cifar10_model, dinov2_probe_model, loader_batches, table, write_json
+from common import alternate_timings, cifar10_model, dinov2_probe_model, loader_batches, method_runs, table, write_json
 
 TARGETS = (0.75, 0.6, 0.5)
 MODES = {"batch-mean r": True, "per-image r": False}
@@ -65,20 +64,10 @@ def run(model, method, batches):
 
 
 def timings(model, methods: dict, x: torch.Tensor, repeats: int) -> dict:
-    """Seconds per batch of each method, timed alternately, median of ``repeats``."""
-    times = {name: [] for name in methods}
-    with torch.no_grad():
-        for name, method in methods.items():  # warm-up
-            atmerge.patch(model, method)
-            model(x)
-        for _ in range(repeats):
-            for name, method in methods.items():
-                atmerge.patch(model, method)
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
+    """Seconds per batch of each method, timed alternately after one warm-up round, median of ``repeats``."""
+    seconds = alternate_timings(method_runs(model, methods, x), repeats, warmup=1)
     atmerge.unpatch(model)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return seconds
 
 
 def bench_model(name: str, quick: bool) -> dict:
