@@ -2,6 +2,7 @@
 
     atmerge eval                      # CIFAR-10 reference ViT + ATM vs unpatched, offline
     atmerge eval --model deit_small_patch16_224 --pretrained --data /imagenet/val --method atm
+    atmerge eval --hf-model path/to/saved-vit --data my_folder/   # a Hugging Face model + its image processor
     atmerge search --budget 0.25      # Optuna over alpha, beta, theta_min
     atmerge analyze info-loss | merge-profile | split-layer | batch-size | merging-error
     atmerge visualize --images a.jpg b.jpg
@@ -62,9 +63,15 @@ def method_flags() -> dict[str, tuple[object, str | None]]:
 METHOD_FLAGS = method_flags()
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, hf: bool = True) -> None:
+    """The model flags; ``hf``: also ``--hf-model`` (a Hugging Face model instead of a timm one)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="timm model name, or a preset: cifar10-vit (default), dinov2-probe")
+    if hf:
+        g.add_argument("--hf-model", default=None, metavar="NAME_OR_DIR",
+                       help="a Hugging Face transformers model instead: a save_pretrained directory (with its "
+                            "image processor's preprocessor_config.json) or a hub name; not with --model, "
+                            "--checkpoint")
     g.add_argument("--checkpoint", default=None,
                    help="weights for --model: safetensors, or a PyTorch file (.pth, .pth.tar; official "
                         "LV-ViT, T2T-ViT and MAE files as they are), loaded with weights_only=True")
@@ -134,11 +141,19 @@ def method_from_args(args) -> object:
     return build_method(args.method, **settings)
 
 
+def setup_from_args(args):
+    """:func:`atmerge.experiments.setup.load_setup` with the model flags of ``args``."""
+    from atmerge.experiments.setup import load_setup
+
+    return load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, getattr(args, "probe", None),
+                      hf_model=getattr(args, "hf_model", None))
+
+
 def _setup_and_batches(args, *, limit=None):
-    from atmerge.experiments.setup import load_dataset, load_setup, loader
+    from atmerge.experiments.setup import load_dataset, loader
 
     torch.manual_seed(args.seed)
-    setup = load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, getattr(args, "probe", None))
+    setup = setup_from_args(args)
     dataset = load_dataset(setup, args.data, args.limit if limit is None else limit, args.seed)
     return setup, loader(dataset, args.batch_size, args.workers)
 
@@ -231,12 +246,11 @@ def cmd_calibrate(args) -> int:
     from atmerge.calibrate import calibrate_goals, folder_batches
     from atmerge.config import save_config
     from atmerge.experiments.io import format_table, write_csv
-    from atmerge.experiments.setup import load_setup
 
     goals = ([{"budget": v} for v in args.budget or []] + [{"budget_gflops": v} for v in args.budget_gflops or []]
              + [{"min_agreement": v} for v in args.min_agreement or []] + [{"min_cosine": v} for v in args.min_cosine or []])
     torch.manual_seed(args.seed)
-    setup = load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, getattr(args, "probe", None))
+    setup = setup_from_args(args)
     folder = args.images or setup.default_data
     batches, skipped = folder_batches(folder, setup.transform, args.batch_size, args.limit, args.seed)
     if skipped:
@@ -273,6 +287,9 @@ def cmd_analyze(args) -> int:
     from atmerge.methods.atm import ATM
 
     method = method_from_args(args)
+    if args.study == "info-loss" and args.hf_model is not None:
+        raise ValueError(f"analyze info-loss reads a timm model's pre-logits feature; it does not take --hf-model "
+                         f"{args.hf_model} (the other studies do): use --model")
     setup, batches = _setup_and_batches(args)
     model = setup.model
     out = Path(args.out)
@@ -315,16 +332,15 @@ def cmd_analyze(args) -> int:
 
 def cmd_visualize(args) -> int:
     from atmerge import budget, data, zoo
-    from atmerge.experiments.setup import load_setup
     from atmerge.experiments.visualize import draw
     from atmerge.methods.registry import knob_factory
 
     torch.manual_seed(args.seed)
-    if args.model is None:  # real photos on real pretrained weights, offline
+    if args.model is None and args.hf_model is None:  # real photos on real pretrained weights, offline
         model = zoo.dinov2_small()
         transform = data.model_transform(model)
     else:
-        setup = load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, args.probe)
+        setup = setup_from_args(args)
         model, transform = setup.model, setup.transform
     files = [Path(f) for f in args.images] if args.images else sorted(data.imagenet_samples_folder().iterdir())[: args.count]
     for f in files:
@@ -475,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune with merging in the forward pass (also under torchrun)",
                        description="Fine-tune a patched model with its merges in the loop; the paper's recipe by "
                                    "default. Data-parallel: torchrun --nproc_per_node N -m atmerge.cli finetune ...")
-    add_model_options(p)
+    add_model_options(p, hf=False)  # the training recipe is timm's
     add_method_options(p)
     p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
     p.add_argument("--no-merging", action="store_true", help="fine-tune the unpatched model (the control)")

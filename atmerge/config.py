@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -21,26 +22,65 @@ from atmerge.methods.base import Method
 from atmerge.methods.registry import METHODS, build_method
 
 FORMAT = "atmerge-config/1"
+# fingerprint fields that must match for a config to hold (the architecture name is not: a model
+# built in code and the same model loaded from its save_pretrained directory name it differently)
+COMPARED = ("class", "input_size", "patch_size", "hidden_size", "layers", "weights_sha256")
+ADDED = ("patch_size", "hidden_size", "layers")  # configs written before these fields lack them
 
 
 class FingerprintWarning(UserWarning):
     """The model being patched is not the one a config was calibrated on."""
 
 
+def _pair(value) -> list[int] | None:
+    """[h, w] of an int or a pair; None where unknown."""
+    if value is None:
+        return None
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value), int(value)]
+
+
+def _hf_config(model: nn.Module) -> object | None:
+    """The config of a Hugging Face model (None for other models; transformers is not imported
+    here: a model of its classes exists only once it has been)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    return model.config
+
+
+def _architecture(model: nn.Module) -> dict:
+    """Architecture name, input size [H, W], patch size [h, w], hidden size and number of blocks:
+    from ``model.config`` for a Hugging Face model, from the timm model's attributes otherwise."""
+    config = _hf_config(model)
+    if config is not None:
+        names = getattr(config, "architectures", None) or []
+        return {
+            "architecture": names[0] if names else getattr(config, "model_type", None),
+            "input_size": _pair(getattr(config, "image_size", None)),
+            "patch_size": _pair(getattr(config, "patch_size", None)),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "layers": getattr(config, "num_hidden_layers", None),
+        }
+    pe = getattr(model, "patch_embed", None)
+    blocks = getattr(model, "blocks", None)
+    return {
+        "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+        "input_size": _pair(getattr(pe, "img_size", None)),
+        "patch_size": _pair(getattr(pe, "patch_size", None)),
+        "hidden_size": getattr(model, "embed_dim", None),
+        "layers": len(blocks) if isinstance(blocks, nn.Sequential | nn.ModuleList) else None,
+    }
+
+
 def model_fingerprint(model: nn.Module) -> dict:
-    """Class, timm architecture name, input size and sha256 of the weights (state_dict) of a model."""
+    """Class, architecture (timm name; a Hugging Face model's ``config.architectures[0]`` or
+    ``model_type``), input size, patch size, hidden size, number of blocks and sha256 of the
+    weights (state_dict) of a timm or Hugging Face model; None where a model does not say."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    return {
-        "class": type(model).__qualname__,
-        "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
-        "input_size": list(size) if size is not None else None,
-        "weights_sha256": h.hexdigest(),
-    }
+    return {"class": type(model).__qualname__, **_architecture(model), "weights_sha256": h.hexdigest()}
 
 
 def _encode(value):
@@ -120,7 +160,7 @@ def load_method(path: str | Path, model: nn.Module | None = None) -> Method:
     method = method_from_dict(document["method"])
     if model is not None:
         saved, actual = document.get("model") or {}, model_fingerprint(model)
-        differing = [k for k in ("class", "input_size", "weights_sha256") if saved.get(k) != actual[k]]
+        differing = [k for k in COMPARED if (k in saved or k not in ADDED) and saved.get(k) != actual[k]]
         if differing:
             warnings.warn(
                 f"config {path} was calibrated on another model (differs in {', '.join(differing)}); "

@@ -98,7 +98,12 @@ def model_transform(model: nn.Module):
 
 
 def normalization(transform) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the Normalize step of a torchvision transform ((0,0,0), (1,1,1) if none)."""
+    """(mean, std) of the Normalize step of a torchvision transform ((0,0,0), (1,1,1) if none), or
+    what a transform that knows its own says (``transform.normalization``, e.g. a Hugging Face
+    image processor's, :class:`atmerge.experiments.hf.ProcessorTransform`)."""
+    own = getattr(transform, "normalization", None)
+    if own is not None:
+        return own
     for t in getattr(transform, "transforms", [transform]):
         if type(t).__name__ == "Normalize":
             return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)

@@ -11,6 +11,7 @@ from atmerge.evaluate import evaluate
 from atmerge.experiments.setup import count_params
 from atmerge.methods.base import Method
 from atmerge.methods.registry import method_settings
+from atmerge.models.adapter import is_classifier
 
 
 def run_eval(
@@ -26,7 +27,8 @@ def run_eval(
     """Evaluate the unpatched model, then ``model`` patched with ``method``, on ``batches``
     (a re-iterable of (images, labels)); returns both results and their differences.
 
-    The baseline's outputs are kept so that the merged model's output cosine to them is reported.
+    The baseline's outputs are kept so that the merged model's output cosine to them is reported;
+    a feature model (no class head) has no top-1 / top-5 (None), only that cosine.
     Under torchrun each process passes its shard of the batches and gets the results over all
     images (:func:`atmerge.distributed.reduce_eval`).
     prop_attn, prune_last_block: patch options (None = defaults, see :func:`atmerge.patch`); the
@@ -42,6 +44,9 @@ def run_eval(
     finally:
         unpatch(model)
     base, merged = reduce_eval(base), reduce_eval(merged)
+    if not is_classifier(model):  # features (num_classes=0, an HF *Model): no classes, judged by the cosine only
+        for r in (base, merged):
+            r.top1 = r.top5 = None
     diff = {
         "gflops": merged.gflops - base.gflops,
         "gflops_ratio": merged.gflops / base.gflops,

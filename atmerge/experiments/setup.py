@@ -1,4 +1,5 @@
-"""Models and data for experiments: a timm name, a local checkpoint, or an offline preset."""
+"""Models and data for experiments: a timm name, a local checkpoint, an offline preset, or a
+Hugging Face model (:mod:`atmerge.experiments.hf`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def load_setup(
     model_kwargs: dict | str | None = None,
     pretrained: bool = False,
     probe: str | None = None,
+    hf_model: str | None = None,
 ) -> Setup:
     """Build the model of an experiment.
 
@@ -37,7 +39,19 @@ def load_setup(
     cifar10-test).  'dinov2-probe': the shared DINOv2-S with the linear head of ``atmerge probe``
     (``probe`` path, default in the cache).  Any other name: ``timm.create_model(model_name,
     pretrained=..., **model_kwargs)``, with weights from ``checkpoint`` (safetensors or an official PyTorch file) if given.
+    ``hf_model``: a Hugging Face model instead (a ``save_pretrained`` directory or a hub name,
+    :func:`atmerge.experiments.hf.load_hf_setup`); the timm options are then refused.
     """
+    if hf_model is not None:
+        given = [flag for flag, value in (("--model", model_name), ("--checkpoint", checkpoint),
+                                          ("--model-kwargs", model_kwargs), ("--pretrained", pretrained),
+                                          ("--probe", probe)) if value]
+        if given:
+            raise ValueError(f"--hf-model {hf_model} cannot be combined with {', '.join(given)}; "
+                             "pass either --hf-model or the timm options (--model, --checkpoint, ...)")
+        from atmerge.experiments.hf import load_hf_setup
+
+        return load_hf_setup(hf_model)
     if isinstance(model_kwargs, str):
         try:
             model_kwargs = json.loads(model_kwargs)

@@ -10,7 +10,7 @@ from torch import nn
 
 from atmerge.api import merge_source, patch, unpatch
 from atmerge.methods.base import Method
-from atmerge.models.adapter import model_depth
+from atmerge.models.adapter import adapter_for, check_model_images, model_depth
 
 
 @torch.no_grad()
@@ -19,7 +19,8 @@ def sources_per_block(model: nn.Module, method: Method, images: torch.Tensor) ->
     token holds: a list (one per block) of [B, N_l, N0] 0/1 tensors.  The model is unpatched after."""
     patch(model, method, trace_source=True)
     history: list[torch.Tensor] = []
-    hooks = [blk.register_forward_hook(lambda *_: history.append(merge_source(model).clone())) for blk in model.blocks]
+    blocks = adapter_for(model).blocks(model)  # timm's model.blocks, a Hugging Face model's layers
+    hooks = [blk.register_forward_hook(lambda *_: history.append(merge_source(model).clone())) for blk in blocks]
     try:
         model(images)
     finally:
@@ -77,8 +78,8 @@ def draw(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = model.patch_embed.grid_size
-    p = model.num_prefix_tokens
+    grid = check_model_images(model, images)  # patch grid of these images (timm or Hugging Face)
+    p = adapter_for(model).num_protected(model)
     pictures = [denormalize(x, mean, std) for x in images]
     if per_image:
         history = {
