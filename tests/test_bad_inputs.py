@@ -72,7 +72,7 @@ API_ROWS = [
     ("ZeroTP(importance_share=nan)", "NaN", ValueError, "importance_share must be a finite number, got nan"),
     ("ZeroTP(iterations=0)", "out of range", ValueError, "iterations must be an integer >= 1, got 0"),
     # --- patch: unsupported models
-    ("patch(resnet, ATM())", "a ResNet", UNSUPPORTED, f"{NOT_A_VIT} (DeiT, ViT, DINOv2, MAE-style)"),
+    ("patch(resnet, ATM())", "a ResNet", UNSUPPORTED, f"{NOT_A_VIT} (DeiT, ViT, DINOv2, MAE-style; atmerge's LV-ViT, T2T-ViT)"),
     ("patch(swin, ATM())", "a Swin", UNSUPPORTED, "got SwinTransformer"),
     ("patch(eva, ATM())", "an EVA", UNSUPPORTED, "got Eva"),
     ("patch(map_vit, ATM())", "attention pooling with a position embedding", UNSUPPORTED,

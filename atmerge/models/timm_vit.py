@@ -42,7 +42,7 @@ def check_supported(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` naming what is missing if ``model`` can't be patched."""
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
-            f"atmerge patches timm VisionTransformer models (DeiT, ViT, DINOv2, MAE-style); "
+            f"atmerge patches timm VisionTransformer models (DeiT, ViT, DINOv2, MAE-style; atmerge's LV-ViT, T2T-ViT); "
             f"got {type(model).__name__}"
         )
     pool = getattr(model, "attn_pool", None)
@@ -394,7 +394,7 @@ def __getattr__(name: str) -> type:
 class TimmViT(ModelAdapter):
     """timm ``VisionTransformer`` models built from timm's pre-norm ``Block`` and ``Attention``."""
 
-    family = "timm VisionTransformer models (DeiT, ViT, DINOv2, MAE-style)"
+    family = "timm VisionTransformer models (DeiT, ViT, DINOv2, MAE-style; atmerge's LV-ViT, T2T-ViT)"
 
     def claims(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
