@@ -32,12 +32,6 @@ def loader_batches(dataset, batch_size: int):
     return [batch for batch in loader]
 
 
-def warm_up(model, batches) -> None:
-    first = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
-    with torch.no_grad():
-        model(first)
-
-
 def imagenet_batches(model, count: int, batch_size: int):
     tf = data.model_transform(model)
     files = sorted(data.imagenet_samples_folder().iterdir())[:count]

@@ -2,8 +2,10 @@
 
     python bench/core.py [--out bench/results/core.json] [--quick]
 
-1. CIFAR-10 reference ViT (../shared) on cifar10-test: top-1, mean GFLOPs, tokens per block,
-   images/s at batch 64, speed-up beside the FLOPs ratio.
+1. CIFAR-10 reference ViT (../shared) on cifar10-test: top-1, mean GFLOPs, tokens per block;
+   images/s at batch 64 (issue 10's protocol: one process, after warm-up, the models timed
+   alternately — dense, merged, dense, … —, median of 11 each), speed-up beside the FLOPs ratio
+   of the timed batch.
 2. DeiT-S shape, random init, 224 px, on the shared ImageNet photos: GFLOPs, tokens, images/s.
 3. Merge machinery cost at 197 tokens (DeiT-S block, batch 64) as a share of a block's time.
 4. DINOv2-S (../shared weights): raw vs centred key similarity at matched GFLOPs (85/75/65% of
@@ -15,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 
 import timm
 import torch
 
 import atmerge
 from atmerge import data, zoo
-from common import imagenet_batches, loader_batches, table, warm_up, write_json
+from common import alternate_timings, imagenet_batches, loader_batches, method_runs, table, write_json
 from atmerge.core.matching import alternate_split, best_match
 from atmerge.core.merging import bipartite_merge, merge_weighted_average
 from atmerge.core.schedules import batch_adaptive_r
@@ -32,43 +32,38 @@ from atmerge.core.schedules import batch_adaptive_r
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)  # Table A2, DeiT-S row at 3.26 GFLOPs
 
 
-def compare(model, batches, methods: dict, repeats: int = 2) -> list[dict]:
-    """Baseline and each method on the same batches, each after a warm-up batch; the best of
-    ``repeats`` timings."""
-    rows = []
+def compare(model, batches, methods: dict, timed: torch.Tensor, repeats: int = 11) -> list[dict]:
+    """Accuracy, GFLOPs and fidelity of the baseline and each method on all ``batches``; speed on
+    the batch ``timed`` (64 images): all models timed alternately (baseline, method, …, baseline,
+    …) after warm-up, median of ``repeats`` each, with the FLOPs ratio of that same batch."""
     atmerge.unpatch(model)
-    warm_up(model, batches)
     base, ref = atmerge.evaluate(model, batches, keep_outputs=True)
-    base_time = min([base.seconds] + [atmerge.evaluate(model, batches)[0].seconds for _ in range(repeats - 1)])
-    rows.append(dict(method="baseline", **summary(base, base_time, base, base_time)))
+    results = {"baseline": base}
     for name, method in methods.items():
         atmerge.patch(model, method)
-        warm_up(model, batches)
-        res, _ = atmerge.evaluate(model, batches, reference=ref)
-        t = min([res.seconds] + [atmerge.evaluate(model, batches)[0].seconds for _ in range(repeats - 1)])
-        rows.append(dict(method=name, **summary(res, t, base, base_time)))
-        atmerge.unpatch(model)
+        results[name] = atmerge.evaluate(model, batches, reference=ref)[0]
+    atmerge.unpatch(model)
+    seconds = alternate_timings(method_runs(model, {"baseline": None, **methods}, timed), repeats)
+    timed_gflops = {"baseline": atmerge.gflops(atmerge.unpatch(model), tuple(timed.shape[1:]))}
+    for name, method in methods.items():
+        atmerge.patch(model, method)
+        with torch.no_grad():
+            model(timed)
+        timed_gflops[name] = atmerge.last_stats(model).gflops
+    atmerge.unpatch(model)
+    rows = []
+    for name, res in results.items():
+        speedup, flops_ratio = seconds["baseline"] / seconds[name], timed_gflops["baseline"] / timed_gflops[name]
+        rows.append(dict(method=name, top1=res.top1, gflops=res.gflops, matching_gflops=res.matching_gflops,
+                         images_per_s=timed.shape[0] / seconds[name], speedup=speedup, flops_ratio=flops_ratio,
+                         speedup_over_flops_ratio=speedup / flops_ratio, output_cosine=res.output_cosine,
+                         tokens_per_block=[round(t, 1) for t in res.tokens_per_block]))
     return rows
 
 
-def summary(res, seconds, base, base_seconds) -> dict:
-    flops_ratio = base.gflops / res.gflops
-    speedup = base_seconds / seconds
-    return dict(
-        top1=res.top1,
-        gflops=res.gflops,
-        matching_gflops=res.matching_gflops,
-        images_per_s=res.images / seconds,
-        speedup=speedup,
-        flops_ratio=flops_ratio,
-        speedup_over_flops_ratio=speedup / flops_ratio,
-        output_cosine=res.output_cosine,
-        tokens_per_block=[round(t, 1) for t in res.tokens_per_block],
-    )
-
-
-def merge_overhead(batch: int = 64, repeats: int = 20) -> dict:
-    """Time of one DeiT-S block at 197 tokens vs. the ATM merge step alone (matching, r, merge)."""
+def merge_overhead(batch: int = 64, repeats: int = 21) -> dict:
+    """Time of one DeiT-S block at 197 tokens vs. the ATM merge step alone (matching, r, merge),
+    timed alternately, median of ``repeats``."""
     torch.manual_seed(0)
     block = timm.create_model("deit_small_patch16_224").blocks[0].eval()
     x = torch.randn(batch, 197, 384)
@@ -81,17 +76,8 @@ def merge_overhead(batch: int = 64, repeats: int = 20) -> dict:
         r = batch_adaptive_r(scores, 0.0)  # about half of A above 0 on random keys
         return merge_weighted_average(bipartite_merge(scores, match, a, b, r, 1), x, size)
 
-    def timed(fn):
-        with torch.no_grad():
-            fn()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    t_block, t_merge = timed(lambda: block(x)), timed(merge_step)
+    seconds = alternate_timings({"block": (lambda: None, lambda: block(x)), "merge": (lambda: None, merge_step)}, repeats)
+    t_block, t_merge = seconds["block"], seconds["merge"]
     return dict(batch=batch, tokens=197, block_ms=1e3 * t_block, merge_ms=1e3 * t_merge, share=t_merge / t_block)
 
 
@@ -149,7 +135,8 @@ def main(argv=None) -> int:
     model = zoo.cifar10_reference_vit()
     ds = data.subset(data.image_folder(data.cifar10_folder("test"), data.cifar10_transform()), 256 if q else None)
     methods = {**atm, "ATM centred (0.99, 0.04, 0.88)": atmerge.ATM(**PAPER_DEIT_S, similarity="centered")}
-    rows = compare(model, loader_batches(ds, 64), methods, repeats=1 if q else 2)
+    batches = [x for x, _ in loader_batches(ds, 64)]
+    rows = compare(model, loader_batches(ds, 64), methods, batches[0], repeats=3 if q else 11)
     print(table(rows, cols))
     for r in rows:
         print(f"  {r['method']}: tokens per block {r['tokens_per_block']}")
@@ -158,14 +145,14 @@ def main(argv=None) -> int:
     print("\n== 2. DeiT-S (random init), 224 px, shared ImageNet photos ==", flush=True)
     model = timm.create_model("deit_small_patch16_224").eval()
     batches = imagenet_batches(model, 64 if q else 256, 64)
-    rows = compare(model, batches, atm, repeats=1 if q else 2)
+    rows = compare(model, batches, atm, batches[0], repeats=3 if q else 11)
     print(table(rows, cols[:1] + cols[2:]))
     for r in rows:
         print(f"  {r['method']}: tokens per block {r['tokens_per_block']}")
     report["deit_s_random_init"] = dict(images=sum(len(b) for b in batches), rows=rows)
 
     print("\n== 3. Merge machinery at 197 tokens (DeiT-S block, batch 64) ==", flush=True)
-    overhead = merge_overhead(repeats=5 if q else 20)
+    overhead = merge_overhead(repeats=5 if q else 21)
     print(table([overhead], list(overhead)))
     report["merge_overhead"] = overhead
 
