@@ -98,3 +98,40 @@ def test_merging_error_closed_form():
     n_i, n_j = 3.0, 5.0
     expected = n_i + n_j - (n_i**2 + n_j**2 + 2 * n_i * n_j * 0.6) ** 0.5
     assert torch.isclose(merging_error(xi, xj, n_i, n_j), torch.tensor(expected, dtype=torch.float64))
+
+
+def _unfused_merge(x, size, a_idx, b_idx, src, dst, keep, p):
+    """The merge step written out per image and per token, the way it was before its gathers
+    were fused: take sets A and B, fold each merged A token into its B partner by merge size,
+    lay out [protected, kept A (in order), B]; merging nothing keeps the order."""
+    if src.shape[1] == 0:
+        return x, size
+    out_x, out_s = [], []
+    for b in range(x.shape[0]):
+        a_tokens, b_tokens = x[b, a_idx], x[b, b_idx].clone()
+        a_sizes, b_sizes = size[b, a_idx], size[b, b_idx].clone()
+        sums, totals = b_tokens * b_sizes[:, None], b_sizes.clone()
+        for i, j in zip(src[b].tolist(), dst[b].tolist()):
+            sums[j] += a_tokens[i] * a_sizes[i]
+            totals[j] += a_sizes[i]
+        kept = keep[b].tolist()
+        out_x.append(torch.cat([x[b, :p], a_tokens[kept], sums / totals[:, None]]))
+        out_s.append(torch.cat([size[b, :p], a_sizes[kept], totals]))
+    return torch.stack(out_x), torch.stack(out_s)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), tokens=st.integers(2, 40), protected=st.integers(0, 2), channels=st.integers(1, 8),
+       r_share=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_fused_merge_step_equals_the_unfused_one(batch, tokens, protected, channels, r_share, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = tokens + protected
+    x = torch.randn(batch, n, channels, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 5, (batch, n), generator=g).double()
+    a, b = alternate_split(n, protected)
+    scores, match = best_match(torch.randn(batch, n, 4, generator=g, dtype=torch.float64), a, b)
+    merge = bipartite_merge(scores, match, a, b, r=round(r_share * a.numel()), num_protected=protected)
+    fused = merge_weighted_average(merge, x, size)
+    expected = _unfused_merge(x, size, a, b, merge.src, merge.dst, merge.keep, protected)
+    assert fused[0].shape == expected[0].shape
+    assert torch.allclose(fused[0], expected[0], atol=1e-12) and torch.equal(fused[1], expected[1])
