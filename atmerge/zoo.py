@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import re
 from pathlib import Path
 
@@ -118,9 +120,17 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+# Plain-data classes that training scripts store beside the weights (timm's train.py and the
+# official LV-ViT / T2T-ViT checkpoints keep their argparse options under "args"); unpickling
+# them runs no code of theirs, so weights_only loading may accept them.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
 def _read_torch(path: Path) -> object:
     try:
-        with path.open("rb") as f:  # a file object: torch.load would go by a .safetensors suffix
+        allow = getattr(torch.serialization, "safe_globals", None)  # torch ≥ 2.5
+        with path.open("rb") as f, (allow(SAFE_GLOBALS) if allow else contextlib.nullcontext()):
+            # a file object: torch.load would go by a .safetensors suffix
             return torch.load(f, map_location="cpu", weights_only=True)
     except PermissionError:
         raise

@@ -269,17 +269,31 @@ def test_checkpoint_of_another_family_or_with_code_is_a_one_line_error(tmp_path,
     torch.save({"state_dict": small("lvvit_t", **kwargs).state_dict()}, tmp_path / "lvvit.pth.tar")
     with pytest.raises(ValueError, match=r"does not fit .*keys missing: \d+ \(tokens_to_token"):
         load_weights(timm.create_model("t2t_vit_t_14", **kwargs), tmp_path / "lvvit.pth.tar")
-    torch.save({"model": small("mae_vit_base_ft", **kwargs).state_dict(), "args": argparse_namespace()}, tmp_path / "code.pth")
+    torch.save({"model": small("mae_vit_base_ft", **kwargs).state_dict(), "trainer": Trainer()}, tmp_path / "code.pth")
     assert main(["eval", "--model", "mae_vit_base_ft", "--model-kwargs", json.dumps(kwargs), "--checkpoint",
                  str(tmp_path / "code.pth"), "--no-progress", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "needs code to unpickle" in err and "weights_only" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
-def argparse_namespace():
+class Trainer:
+    """A class only this test module defines: unpickling it would need code."""
+
+
+def test_training_options_beside_the_weights_load(tmp_path):
+    # timm's train.py, and so the official LV-ViT / T2T-ViT checkpoints, keep argparse options
+    # under "args" beside "state_dict" (and epoch, metric, …): plain data, accepted
     import argparse
 
-    return argparse.Namespace(lr=1e-3)  # what the official MAE checkpoints hold beside the weights
+    kwargs = dict(depth=2, img_size=64)
+    source = small("t2t_vit_t_14", **kwargs)
+    torch.save({"epoch": 309, "arch": "t2t_vit_t_14", "state_dict": source.state_dict(),
+                "args": argparse.Namespace(lr=1e-3, model="t2t_vit_t_14", input_size=(3, 224, 224)), "metric": 81.7},
+               tmp_path / "81.7_T2T_ViTt_14.pth.tar")
+    loaded = load_weights(timm.create_model("t2t_vit_t_14", **kwargs).eval(), tmp_path / "81.7_T2T_ViTt_14.pth.tar")
+    x = blocky_images(1, size=64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
 
 
 def test_no_hub_weights_is_a_clear_error():
