@@ -175,6 +175,13 @@ API_ROWS = [
     ("data.image_folder(missing, None)", "missing folder", FileNotFoundError, "does not exist; pass a folder of class folders"),
     ("data.image_folder(text_folder, None)", "non-image files", FileNotFoundError, "Found no valid file for the classes"),
     ("data.image_folder(broken_class_folder, None)[0]", "a file that is not an image", ValueError, "is not a readable image"),
+    # --- model families: Hugging Face classes and attention implementations, atmerge's timm definitions
+    ("patch(hf_masked_image_modeling, ToMe(r=2))", "an HF class atmerge does not patch", UNSUPPORTED,
+     "atmerge patches these Hugging Face models: ViTModel"),
+    ("patch(hf_flash_attention, ToMe(r=2))", "an HF attention implementation without additive masks", UNSUPPORTED,
+     "attn_implementation='flash_attention_2' is not supported; supported: 'eager', 'sdpa'"),
+    ("timm.create_model('lvvit_s', pretrained=True)", "hub weights atmerge's definitions do not have", ValueError,
+     "lvvit_s has no hub weights in atmerge; load the official checkpoint"),
 ]
 
 # (command line, refused input, message fragment); $tiny = a 2-block timm ViT for 32×32 images
@@ -288,13 +295,26 @@ def unsupported_models() -> dict[str, nn.Module]:
     }
 
 
+def hf_refused() -> dict[str, nn.Module]:
+    """Hugging Face models atmerge refuses (transformers comes with the dev extra)."""
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=32,
+                                    patch_size=4, intermediate_size=96, attn_implementation="sdpa")
+    masked_image_modeling = transformers.ViTForMaskedImageModeling(config).eval()
+    flash = transformers.ViTModel(config).eval()
+    flash.config._attn_implementation = "flash_attention_2"  # as if loaded with it (flash-attn is not installed here)
+    return {"hf_masked_image_modeling": masked_image_modeling, "hf_flash_attention": flash}
+
+
 @pytest.fixture
 def namespace(files, unsupported_models) -> dict:
     names = {name: getattr(atmerge, name) for name in atmerge.__all__}
     checkpointed = atmerge.patch(small_vit(), atmerge.ATM())
     checkpointed.set_grad_checkpointing(True)
     return {
-        **names, **files, **unsupported_models, "torch": torch, "nn": nn, "zoo": zoo, "data": data, "TINY": TINY,
+        **names, **files, **unsupported_models, **hf_refused(), "torch": torch, "nn": nn, "zoo": zoo, "data": data,
+        "TINY": TINY, "timm": timm,
         "nan": float("nan"), "images": torch.randn(2, 3, 32, 32),
         "vit": small_vit(), "patched": atmerge.patch(small_vit(), atmerge.ATM()), "checkpointed": checkpointed,
         "avg_vit": small_vit(class_token=False, global_pool="avg"), "features_vit": small_vit(num_classes=0),
