@@ -47,6 +47,11 @@ class ATM(Method):
     display_name = "ATM"
 
     @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "ATM":
+        """θ_min = 0.5 + 0.5 t, with α = 1 and β = 0.04 unless given."""
+        return cls(**{"alpha": 1.0, "beta": 0.04, **fixed, "theta_min": 0.5 + 0.5 * t})
+
+    @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """Without ``profile``: the paper's sweep (Appendix A: α ∈ [0.945, 1], β ∈ [0.015, 0.05],
         θ_min ∈ [0.80, 0.945] on a 0.005 grid) with θ_min extended to 1, so that light budgets

@@ -143,6 +143,13 @@ class Method(ABC):
         return dataclasses.replace(self, **params)
 
     @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "Method":
+        """The method at knob ``t`` ∈ [0, 1] of a one-knob family whose cost grows with t (t = 1:
+        little or no reduction), for budget matching and accuracy–GFLOPs curves; ``fixed``
+        settings are kept."""
+        raise NotImplementedError(f"{cls.__name__} has no one-knob family")
+
+    @classmethod
     def from_search(cls, params: dict, profile: "ScoreProfile | None" = None) -> dict:
         """The settings that searched values ``params`` stand for, where a space fitted to a
         score profile searches in other units (ATM: score quantile levels → thresholds)."""
@@ -155,3 +162,9 @@ class Method(ABC):
     @abstractmethod
     def decide(self, ctx: BlockContext) -> Decision:
         """Choose the merges of one block."""
+
+
+def knob_r(t: float, num_patches: int, share: float = 1.0) -> int:
+    """A fixed count for knob t: share · r_max (1 − t), rounded, with r_max = ⌊num_patches / 2⌋ / 4
+    (a quarter of the first block's set A)."""
+    return round(max(1, (num_patches // 2) // 4) * (1 - t) * share)

@@ -61,6 +61,12 @@ class EViT(Method):
     display_name = "EViT"
 
     @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "EViT":
+        """keep rate t (at least 0.02) at blocks ≈ (4, 7, 10) × depth / 12."""
+        locations = tuple(sorted({max(1, round(l * depth / 12)) for l in (4, 7, 10)}))
+        return cls(**{"locations": locations, **fixed, "keep_rate": max(t, 0.02)})
+
+    @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """keep_rate, and three locations (first, first + every, first + 2·every) — the release's
         are 4, 7, 10 — within the depth."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from atmerge.core.schedules import linear_r_schedule, tome_r_schedule
-from atmerge.methods.base import BlockContext, Decision, Method
+from atmerge.methods.base import BlockContext, Decision, Method, knob_r
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
 
@@ -29,6 +29,11 @@ class ToMe(Method):
 
     r: int | list[int] | tuple[int, float] = 8
     display_name = "ToMe"
+
+    @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "ToMe":
+        """r = r_max (1 − t) (:func:`knob_r`)."""
+        return cls(r=knob_r(t, num_patches), **fixed)
 
     @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
@@ -62,6 +67,11 @@ class TopR(Method):
     schedule: str = "constant"
     r: int = 8
     display_name = "top-r"
+
+    @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "TopR":
+        """An increasing schedule from r_max (1 − t) / 2."""
+        return cls(**{"schedule": "increasing", **fixed, "r": knob_r(t, num_patches, share=0.5)})
 
     @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from atmerge.core.importance import attention_received
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment
-from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number
+from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number, knob_r
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
@@ -121,6 +121,11 @@ class MCTF(Method):
     attention = "current"
     stage = "before_attention"
     display_name = "MCTF"
+
+    @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "MCTF":
+        """r = r_max (1 − t) (:func:`knob_r`)."""
+        return cls(r=knob_r(t, num_patches), **fixed)
 
     @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:

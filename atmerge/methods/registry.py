@@ -49,26 +49,11 @@ def method_settings(method: Method) -> dict:
 
 
 def knob_factory(name: str, depth: int, num_patches: int, **fixed):
-    """A one-knob family of ``name`` for budget matching and accuracy–GFLOPs curves:
-    ``factory(t)`` for t in [0, 1], cost growing with t (t = 1: little or no reduction).
-
-    atm/constant: threshold θ_min (or θ) = 0.5 + 0.5 t (ATM with α = 1, β = 0.04 unless given);
-    tome/mctf/zerotp: r = r_max (1 − t) with r_max = ⌊num_patches / 2⌋ / 4 (a quarter of the
-    first block's set A); topr: increasing schedule from r_max (1 − t) / 2; evit: keep rate t at
-    blocks ≈ (4, 7, 10) × depth / 12.
-    """
-    r_max = max(1, (num_patches // 2) // 4)
-    scale = depth / 12
-    locations = tuple(sorted({max(1, round(l * scale)) for l in (4, 7, 10)}))
-    families = {
-        "atm": lambda t: ATM(**{"alpha": 1.0, "beta": 0.04, **fixed, "theta_min": 0.5 + 0.5 * t}),
-        "constant": lambda t: ConstantThreshold(theta=0.5 + 0.5 * t, **fixed),
-        "tome": lambda t: ToMe(r=round(r_max * (1 - t)), **fixed),
-        "topr": lambda t: TopR(**{"schedule": "increasing", **fixed, "r": round(r_max * (1 - t) / 2)}),
-        "evit": lambda t: EViT(**{"locations": locations, **fixed, "keep_rate": max(t, 0.02)}),
-        "mctf": lambda t: MCTF(r=round(r_max * (1 - t)), **fixed),
-        "zerotp": lambda t: ZeroTP(r=round(r_max * (1 - t)), **fixed),
-    }
-    if name not in families:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(families))}")
-    return families[name]
+    """A one-knob family of method ``name`` for budget matching and accuracy–GFLOPs curves:
+    ``factory(t)`` for t in [0, 1], cost growing with t (t = 1: little or no reduction); each
+    method defines its family (:meth:`Method.one_knob`: thresholds 0.5 + 0.5 t, counts
+    r_max (1 − t), EViT's keep rate t)."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(method_names())}")
+    return lambda t: cls.one_knob(t, depth, num_patches, **fixed)

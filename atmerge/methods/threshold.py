@@ -30,6 +30,11 @@ class ConstantThreshold(Method):
     display_name = "constant θ"
 
     @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "ConstantThreshold":
+        """θ = 0.5 + 0.5 t."""
+        return cls(theta=0.5 + 0.5 * t, **fixed)
+
+    @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """θ on a 0.005 grid from 0.5 — or, with the model's score profile, from the lowest 5%
         raw-score quantile of any block — to 1."""

@@ -12,7 +12,7 @@ from atmerge.core.importance import weighted_pagerank
 from atmerge.core.matching import best_match
 from atmerge.core.merging import Assignment
 from atmerge.core.schedules import tome_r_schedule
-from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.methods.base import BlockContext, Decision, Method, check_number, knob_r
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
@@ -72,6 +72,11 @@ class ZeroTP(Method):
     iterations: int = 30
     attention = "current"
     display_name = "Zero-TP (simplified)"
+
+    @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "ZeroTP":
+        """r = r_max (1 − t) (:func:`knob_r`)."""
+        return cls(r=knob_r(t, num_patches), **fixed)
 
     @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
