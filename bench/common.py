@@ -32,11 +32,18 @@ def loader_batches(dataset, batch_size: int):
     return [batch for batch in loader]
 
 
+def imagenet_photos(transform, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` shared ImageNet photos through ``transform`` [count, 3, H, W] and
+    their ImageNet-1K class indices [count] (position of the wnid among the 1,000 sorted)."""
+    files = sorted(data.imagenet_samples_folder().iterdir())
+    wnids = sorted({f.name.split("_")[0] for f in files})
+    files = files[:count]
+    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    return x, torch.tensor([wnids.index(f.name.split("_")[0]) for f in files])
+
+
 def imagenet_batches(model, count: int, batch_size: int):
-    tf = data.model_transform(model)
-    files = sorted(data.imagenet_samples_folder().iterdir())[:count]
-    x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
-    return list(x.split(batch_size))
+    return list(imagenet_photos(data.model_transform(model), count)[0].split(batch_size))
 
 
 def cifar10_model():

@@ -32,7 +32,8 @@ import atmerge
 from atmerge import data
 from atmerge.finetune import FinetuneConfig, finetune
 from atmerge.recipe import train_transform
-from common import write_json
+from atmerge.resume import seed_everything
+from common import imagenet_photos, write_json
 
 TARGET_GFLOPS = 2.6  # Table 4: ATM fine-tuned DeiT-S
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -55,14 +56,8 @@ class Repeated(torch.utils.data.Dataset):
 def photos(model, config: FinetuneConfig, count: int, training: bool):
     """The shared ImageNet photos as tensors (training transform drawn once, or evaluation
     transform) and their ImageNet-1K class indices."""
-    files = sorted(data.imagenet_samples_folder().iterdir())
-    wnids = sorted({f.name.split("_")[0] for f in files})
-    files = files[:count]
-    tf = train_transform(model, config) if training else data.model_transform(model)
-    torch.manual_seed(0)
-    x = torch.stack([tf(data.load_image(f)) for f in files])
-    y = torch.tensor([wnids.index(f.name.split("_")[0]) for f in files])
-    return x, y
+    seed_everything(0)  # the augmentation draws from torch, Python's and NumPy's generators
+    return imagenet_photos(train_transform(model, config) if training else data.model_transform(model), count)
 
 
 def main(argv=None) -> int:

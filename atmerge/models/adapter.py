@@ -122,8 +122,7 @@ def _load_adapters() -> None:
     """Import the built-in families (each registers itself).  The Hugging Face family only once
     ``transformers`` has been imported: a model of its classes cannot exist before, and atmerge
     never imports ``transformers`` itself (it is an optional extra, and slow to import)."""
-    import atmerge.models.timm_vit  # noqa: F401
-    import atmerge.models.lvvit, atmerge.models.t2t_vit, atmerge.models.mae  # noqa: F401, E401  (timm names)
+    import atmerge.models.timm_vit  # noqa: F401  (atmerge/__init__ also registers LV-ViT, T2T-ViT, MAE with timm)
 
     if "transformers" in sys.modules:
         import atmerge.models.hf_vit  # noqa: F401

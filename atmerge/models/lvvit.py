@@ -117,14 +117,13 @@ class LVViT(VisionTransformer):
 
 
 def _real_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """[B, N] True for real tokens when ``model`` is patched and its last batch was padded."""
+    """[B, N] True for real tokens when ``model`` is patched and its last batch was padded
+    (:meth:`MergeState.padding_mask`)."""
     from atmerge.models.patching import STATE
 
     state = getattr(model, STATE, None)
-    size = None if state is None else state.size
-    if size is None or size.shape[:2] != x.shape[:2] or not state.per_image:
-        return None
-    return size > 0
+    real = None if state is None or state.size is None else state.padding_mask()
+    return real if real is not None and real.shape == x.shape[:2] else None
 
 
 def _create(variant: str, crop_pct: float, pretrained: bool, settings: dict, kwargs: dict) -> LVViT:
