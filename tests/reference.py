@@ -263,14 +263,14 @@ def _mctf_fuse(X, P, size, group, p, r, tau_sim, tau_info, tau_size):
         best2.append((w, b, a))
     ranked = sorted(range(len(B)), key=lambda i: (-best2[i][0], i))
     b_to_a = {best2[i][1]: best2[i][2] for i in ranked[:r2]}
-    # Final groups of entering tokens: [protected, unmerged A, unmoved B].
+    unmoved_b = [best2[i][1] for i in ranked[r2:]]  # by descending best score: the release's order
+    # Final groups of entering tokens: [protected, unmerged A in token order, unmoved B by score].
     members = [[i] for i in range(p)]
     for a in free_a:
         moved_b = [b for b in B if b_to_a.get(b) == a]
         members.append([a] + moved_b + [a2 for a2 in A if a_to_b.get(a2) in moved_b])
-    for b in B:
-        if b not in b_to_a:
-            members.append([b] + [a2 for a2 in A if a_to_b.get(a2) == b])
+    for b in unmoved_b:
+        members.append([b] + [a2 for a2 in A if a_to_b.get(a2) == b])
     assert sorted(i for m in members for i in m) == list(range(n))
     max_size = max(size)
     w = [info[i] * size[i] / max_size for i in range(n)]

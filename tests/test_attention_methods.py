@@ -67,6 +67,29 @@ def test_mctf_bidirectional_assignment_by_hand():
     assert red.assign.tolist() == [[0, 1, 2, 2, 1]]  # slots: CLS, A-token 4 (+1), B-token 3 (+2)
 
 
+def test_mctf_keeps_unmerged_b_tokens_in_the_releases_order():
+    """Worked out by hand from the release's algorithm (mlvlab/MCTF ``utils/mctf.py``), not from
+    atmerge's code: after the B→A step the unmerged B tokens stay in the order of their
+    descending best score (``node_max2.sort(descending=True)``), not in token order.
+
+    Tokens: CLS 0, A = {2, 4, 6, 8}, B = {1, 3, 5, 7}; r = 4, so r1 = 2 A→B and r2 = 2 B→A.
+    Step 1, best B per A: 2→7 (0.4), 4→1 (0.9), 6→3 (0.3), 8→3 (0.5); the two best fuse:
+    4→1, 8→3.  Unmerged A: 2, 6 (re-sorted into token order).
+    Step 2, best unmerged A per B: 1→6 (0.2), 3→6 (0.3), 5→2 (0.25), 7→2 (0.4); the two best
+    fuse: 7→2, 3→6 (3 carries 8).  Unmerged B by descending score: 5 (0.25), then 1 (0.2).
+    Output: [CLS, 2+7, 6+3+8, 5, 1+4].
+    """
+    weights = torch.tensor([[[0.1, 0.2, 0.25, 0.4],   # A-token 2 against B-tokens 1, 3, 5, 7
+                             [0.9, 0.1, 0.1, 0.1],    # A-token 4
+                             [0.2, 0.3, 0.2, 0.1],    # A-token 6
+                             [0.1, 0.5, 0.1, 0.2]]])  # A-token 8
+    a, b = torch.tensor([2, 4, 6, 8]), torch.tensor([1, 3, 5, 7])
+    red = bidirectional_assignment(weights, a, b, r=4, num_protected=1, num_tokens=9)
+    assert red.num_out == 5
+    #                      token: 0  1  2  3  4  5  6  7  8
+    assert red.assign.tolist() == [[0, 4, 1, 2, 4, 3, 2, 1, 2]]
+
+
 def test_zerotp_pruning_by_hand():
     importance = torch.tensor([[0.5, 0.3, 0.05, 0.1, 0.2, 0.01]])  # CLS + 5
     metric = torch.tensor([[[0.0, 1], [1.0, 0], [1.0, 0], [0.0, 1], [0.9, 0.1], [1.0, 0.0]]])

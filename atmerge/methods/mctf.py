@@ -51,7 +51,12 @@ def multi_criteria_weights(
 def bidirectional_assignment(weights: torch.Tensor, a_idx, b_idx, r: int, num_protected: int, num_tokens: int) -> Assignment:
     """MCTF's bidirectional bipartite matching: ⌊r/2⌋ A tokens fuse into their best B tokens,
     then the remaining ⌈r/2⌉ B tokens (with what they received) fuse into their best unmerged A
-    tokens.  weights [B, Na, Nb].  Output layout: [protected, unmerged A, unmerged B]."""
+    tokens.  weights [B, Na, Nb].
+
+    Output layout, as the release (``utils/mctf.py``) leaves it: [protected, unmerged A in token
+    order, unmerged B by descending best score of the B→A step].  The release re-sorts the A side
+    but not the B side; the order matters because the next block's alternate split works on
+    positions.  Ties keep token order (stable sort)."""
     batch, num_a, num_b = weights.shape
     device = weights.device
     r = min(r, num_a, num_b)
@@ -67,8 +72,8 @@ def bidirectional_assignment(weights: torch.Tensor, a_idx, b_idx, r: int, num_pr
     w2 = weights.gather(1, keep_a.unsqueeze(-1).expand(-1, -1, num_b)).transpose(1, 2)  # [B, Nb, Na-r1]
     best2, best_a2 = w2.max(dim=-1)
     order2 = torch.sort(best2, dim=-1, descending=True, stable=True).indices
-    src2, keep_b = order2[:, :r2], order2[:, r2:].sort(dim=-1).values  # positions within B
-    # Slots: protected, unmerged A (in order), unmerged B (in order).
+    src2, keep_b = order2[:, :r2], order2[:, r2:]  # positions within B; keep_b by descending score
+    # Slots: protected, unmerged A (token order), unmerged B (descending score, as released).
     slot_a = torch.full((batch, num_a), -1, dtype=torch.long, device=device)
     slot_a.scatter_(1, keep_a, torch.arange(num_protected, num_protected + keep_a.shape[1], device=device).expand(batch, -1))
     start_b = num_protected + keep_a.shape[1]
