@@ -394,4 +394,4 @@ def test_evaluate_and_calibrate_judge_the_main_output(cls_name):
     assert torch.equal(outputs[0], expected) and res.gflops == pytest.approx(atmerge.gflops(model, (3, 32, 32)))
     c = atmerge.calibrate(model, x, method="tome", budget=0.7, trials=3, batch_size=6, holdout=0)
     assert c.measure == ("agreement" if cls_name.endswith("Classification") else "cosine")
-    assert c.gflops <= 0.7 * res.gflops or not c.met
+    assert c.met and c.gflops <= 0.7 * res.gflops  # ToMe reaches 70% of the cost on these models
