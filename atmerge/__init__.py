@@ -14,11 +14,13 @@ from atmerge.config import FingerprintWarning, load_method, save_config
 from atmerge.evaluate import EvalResult, evaluate
 from atmerge.finetune import FinetuneConfig, FinetuneResult, finetune
 from atmerge.api import dense_tokens, gflops, is_patched, last_stats, merge_source, patch, unpatch
+from atmerge.api import freeze
 from atmerge.core.merging import merging_error, merging_error_bounds
 from atmerge.methods.atm import ATM
 from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.methods.evit import EViT
 from atmerge.methods.fixed import ToMe, TopR
+from atmerge.methods.frozen import Frozen
 from atmerge.methods.mctf import MCTF
 from atmerge.methods.threshold import ConstantThreshold
 from atmerge.methods.zerotp import ZeroTP
@@ -63,4 +65,6 @@ __all__ = [
     "merging_error_bounds",
     "patch",
     "unpatch",
+    "Frozen",
+    "freeze",
 ]

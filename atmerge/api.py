@@ -3,6 +3,7 @@ The model's family is found by :func:`atmerge.models.adapter.adapter_for`."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -134,3 +135,121 @@ def gflops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -
     if len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
         raise ValueError(f"input_size must be (C, H, W), three positive integers, got {input_size!r}")
     return adapter.dense_gflops(model, size)
+
+
+def _calibration_batches(images, model: nn.Module, batch_size: int):
+    """Batches [B, C, H, W] of ``images``: a tensor [N, C, H, W] (split into ``batch_size``), an
+    iterable of batches (or of (batch, labels)), or a folder (the model's preprocessing)."""
+    if isinstance(images, (str, Path)):
+        from atmerge.calibrate import folder_batches
+        from atmerge.data import model_transform
+
+        yield from folder_batches(images, model_transform(model), batch_size)[0]
+        return
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be a [N, C, H, W] tensor, got shape {list(images.shape)}")
+        yield from images.split(batch_size)
+        return
+    try:
+        iterator = iter(images)
+    except TypeError:
+        raise TypeError(f"images must be a tensor [N, C, H, W], an iterable of batches or a folder, got {type(images).__name__}") from None
+    for batch in iterator:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _weighted_quantile(values: list[float], weights: list[float], q: float) -> float:
+    """The smallest value whose cumulative weight reaches q of the total (q = 1: the largest)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    total, seen = sum(weights), 0.0
+    for i in order:
+        seen += weights[i]
+        if seen >= q * total - 1e-9:
+            return values[i]
+    return values[order[-1]]
+
+
+def freeze(model: nn.Module, images, quantile: float | None = None, *, batch_size: int = 64) -> Method:
+    """A fixed-count form of the adaptive method ``model`` is patched with (ATM, constant θ):
+    run the patched model on calibration ``images`` (a tensor [N, C, H, W], an iterable of
+    batches, or a folder), record each block's merge count, and return a
+    :class:`~atmerge.methods.frozen.Frozen` method with the source's matching rules (ATM's
+    size-distinctive split after l_s, its similarity) and those counts.
+
+    quantile: None = each block merges the mean count over the images (rounded so that the
+        tokens entering every block stay within ½ of the mean: the same GFLOPs as the adaptive
+        setting on these images, to the rounding of counts); q in (0, 1] = the q-quantile of the
+        counts in each block (1: the largest; fewer tokens than the mean).  The counts are those
+        of a forward pass — one per batch for batch-adaptive ATM (its r is the batch's mean), one
+        per image with ``batch_adaptive=False`` — weighted by images.
+    A method whose counts are already fixed (ToMe, top-r, MCTF, EViT, Zero-TP, a frozen one) is
+    returned as it is.  Patch the frozen method with the options the model has now (prop_attn,
+    prune_last_block): ``atmerge.patch(model, atmerge.freeze(model, images))``.  The model's last
+    statistics are those of the last calibration batch afterwards.
+    """
+    from atmerge.methods.atm import ATM
+    from atmerge.methods.frozen import Frozen
+    from atmerge.methods.registry import METHODS
+    from atmerge.methods.threshold import ConstantThreshold
+
+    if not isinstance(model, nn.Module) or not patching.is_patched(model):
+        raise ValueError("freeze needs a model patched by atmerge.patch(model, method); this model is not patched")
+    if quantile is not None and (
+        isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 < quantile <= 1
+    ):
+        raise ValueError(f"quantile={quantile!r} is out of range; allowed (0, 1], or None for the mean count")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    state = patching.merge_state(model)
+    method = state.method
+    if not method.adaptive:
+        return method
+    if not isinstance(method, (ATM, ConstantThreshold)):
+        raise ValueError(f"freeze knows the matching rules of ATM and the constant threshold, not of {type(method).__name__}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    samples: list[list[float]] = []  # merges per block of one sample (a batch, or an image)
+    weights: list[float] = []
+    first_tokens = None
+    with torch.no_grad():
+        for batch in _calibration_batches(images, model, batch_size):
+            if batch.shape[0] == 0:
+                continue
+            model(batch.to(device))
+            if len(state.records) != state.depth:
+                raise RuntimeError("the patched model's forward did not run every block")
+            first_tokens = state.records[0].tokens_in
+            if state.per_image_counts:  # every image merged its own counts
+                merged = torch.stack([c[2] for c in state.per_image_counts], dim=1).double().cpu()  # [B, depth]
+                samples.extend(merged.tolist())
+                weights.extend([1.0] * merged.shape[0])
+            else:
+                samples.append([float(r.merged) for r in state.records])
+                weights.append(float(batch.shape[0]))
+    if not samples:
+        raise ValueError("freeze needs at least one calibration image; got 0 images")
+    depth, p = state.depth, state.num_protected
+    total = sum(weights)
+    if quantile is None:
+        counts, cumulative, kept = [], 0.0, 0
+        for block in range(depth):  # round the running total: tokens per block stay within ½ of the mean
+            cumulative += sum(w * s[block] for s, w in zip(samples, weights)) / total
+            counts.append(max(int(math.floor(cumulative + 0.5)) - kept, 0))
+            kept += counts[-1]
+    else:
+        counts = [int(round(_weighted_quantile([s[b] for s in samples], weights, float(quantile)))) for b in range(depth)]
+    if isinstance(method, ATM):
+        split_layer, similarity = method.resolved_split_layer(depth), method.similarity
+    else:
+        split_layer, similarity = None, "raw"
+    # clip every block's count to its set A, so the frozen schedule runs exactly as given
+    n = first_tokens
+    for block in range(depth):
+        size_distinctive = split_layer is not None and block + 1 > split_layer
+        free = n - p
+        num_a = free // 2 if size_distinctive or p % 2 else (free + 1) // 2
+        num_b = free - num_a
+        counts[block] = min(counts[block], num_a if num_b > 0 else 0)
+        n -= counts[block]
+    source = next(k for k, v in METHODS.items() if type(method) is v)
+    return Frozen(counts=tuple(counts), split_layer=split_layer, similarity=similarity, source=source)

@@ -45,6 +45,7 @@ class ATM(Method):
     similarity: str = "raw"
     batch_adaptive: bool = True
     display_name = "ATM"
+    adaptive = True
 
     @classmethod
     def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "ATM":

@@ -109,6 +109,9 @@ class Method(ABC):
     images of a batch, which is then padded: :mod:`atmerge.core.padding`).
     needs_cls_token: the method reads the CLS token's attention; patching a model without one
         is refused.
+    adaptive: the token counts depend on the images (a threshold); False for fixed-count methods,
+        whose every shape is known before the forward (one static graph: compile, export).
+        :func:`atmerge.freeze` turns an adaptive setting into a fixed-count one.
     """
 
     proportional_attention: bool = True
@@ -117,6 +120,7 @@ class Method(ABC):
     stage: str = "after_attention"
     display_name: str = ""
     batch_adaptive: bool = True
+    adaptive: bool = False
 
     def check_depth(self, depth: int) -> None:
         """Validate settings that depend on the model's depth; raise ValueError if they don't fit."""

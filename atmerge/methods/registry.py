@@ -8,6 +8,7 @@ from atmerge.methods.atm import ATM
 from atmerge.methods.base import Method
 from atmerge.methods.evit import EViT
 from atmerge.methods.fixed import ToMe, TopR
+from atmerge.methods.frozen import Frozen
 from atmerge.methods.mctf import MCTF
 from atmerge.methods.threshold import ConstantThreshold
 from atmerge.methods.zerotp import ZeroTP
@@ -20,6 +21,7 @@ METHODS: dict[str, type[Method]] = {
     "evit": EViT,
     "mctf": MCTF,
     "zerotp": ZeroTP,
+    "frozen": Frozen,
 }
 
 

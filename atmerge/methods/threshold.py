@@ -28,6 +28,7 @@ class ConstantThreshold(Method):
     blocks: tuple[int, ...] | None = None
     batch_adaptive: bool = True
     display_name = "constant θ"
+    adaptive = True
 
     @classmethod
     def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "ConstantThreshold":
