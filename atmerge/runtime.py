@@ -18,6 +18,8 @@ class MergeState:
     """Tokens' merge sizes [B, N], optional sources [B, N, N0], and the records of a forward.
 
     prune_last: in the last block keep only the protected tokens before the MLP.
+    features_only: set by the model's forward when no head follows (e.g. timm's
+    ``forward_features`` on its own), so that the statistics leave the head's cost out.
     """
 
     def __init__(
@@ -42,6 +44,8 @@ class MergeState:
         self.records: list[BlockRecord] = []
         self.per_image_counts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.merged_any = False
+        self.pruned_last = False
+        self.features_only = False
         self._before: tuple[int, Decision] | None = None
 
     @property
@@ -61,9 +65,10 @@ class MergeState:
         self.records = []
         self.per_image_counts = []
         self.merged_any = False
+        self.pruned_last = False
         self._before = None
 
-    _PER_FORWARD = ("size", "source", "records", "per_image_counts", "merged_any", "_before")
+    _PER_FORWARD = ("size", "source", "records", "per_image_counts", "merged_any", "pruned_last", "_before")
 
     def snapshot(self) -> dict:
         """The state of the forward pass so far (tensors by reference), for :meth:`restore`."""
@@ -143,6 +148,7 @@ class MergeState:
         if block == self.depth - 1 and self.prune_last:
             self.size = self.size[:, :p]
             x = x[:, :p]
+            self.pruned_last = True
         elif self.method.stage == "after_attention":
             decision = self.method.decide(BlockContext(block, self.depth, metric, self.size, p, x, attention))
             x = self._apply(decision, x)
@@ -151,10 +157,21 @@ class MergeState:
             )
         if valid_in is not None:  # a padded batch: every image's own counts
             valid_out = (self.size > 0).sum(1)
-            merged_here = torch.zeros_like(valid_in) if block == self.depth - 1 and self.prune_last else valid_in - valid_out
+            merged_here = torch.zeros_like(valid_in) if block == self.depth - 1 and self.pruned_last else valid_in - valid_out
             self.per_image_counts.append((valid_in, valid_out, merged_here))
         self.records.append(BlockRecord(n_in, x.shape[1], merged, threshold, macs, requested, n_attended))
         return x
+
+    def _gflops(
+        self, num_patches: float, tokens_in: list[float], tokens_mlp: list[float], attended: list[float] | None = None
+    ) -> float:
+        """GFLOPs of one image as :meth:`ModelCost.gflops`, without the head and pooling when the
+        last forward ran no head (:attr:`features_only`)."""
+        total = self.cost.gflops(num_patches, tokens_in, tokens_mlp, tokens_attended=attended)
+        if self.features_only:
+            out = tokens_mlp[-1]
+            total -= (self.cost.head + max(out - self.cost.pool_skips, 0) * self.cost.pool_per_token) / 1e9
+        return total
 
     def stats(self) -> MergeStats:
         """Statistics of the last forward pass (token counts and GFLOPs: means over the images)."""
@@ -165,15 +182,16 @@ class MergeState:
         tokens_mlp = [float(r.tokens_mlp) for r in self.records]
         attended = [float(r.tokens_attended) for r in self.records]
         merged = [float(r.merged) for r in self.records]
-        executed = self.cost.gflops(tokens_in[0] - p, tokens_in, tokens_mlp, tokens_attended=attended)
+        gflops_of = self._gflops
+        executed = gflops_of(tokens_in[0] - p, tokens_in, tokens_mlp, attended)
         gflops = executed
         if self.per_image_counts and self.size.shape[0] > 0:
             counts_in, counts_mlp, counts_merged = (torch.stack(c).double().cpu() for c in zip(*self.per_image_counts))
             images = counts_in.shape[1]
-            gflops = sum(self.cost.gflops(tokens_in[0] - p, counts_in[:, b].tolist(), counts_mlp[:, b].tolist())
+            gflops = sum(gflops_of(tokens_in[0] - p, counts_in[:, b].tolist(), counts_mlp[:, b].tolist())
                          for b in range(images)) / images
             # attention ran on the padded widths, the MLP on the real tokens only
-            executed = self.cost.gflops(tokens_in[0] - p, tokens_in, counts_mlp.mean(1).tolist(), tokens_attended=attended)
+            executed = gflops_of(tokens_in[0] - p, tokens_in, counts_mlp.mean(1).tolist(), attended)
             tokens_in, tokens_mlp = counts_in.mean(1).tolist(), counts_mlp.mean(1).tolist()
             attended, merged = tokens_in, counts_merged.mean(1).tolist()
         return MergeStats(
@@ -186,7 +204,7 @@ class MergeState:
             matching_gflops=sum(r.matching_macs for r in self.records) / 1e9,
             batch_size=int(self.size.shape[0]),
             requested_per_block=[r.requested for r in self.records],
-            prune_last_block=self.prune_last,
+            prune_last_block=self.pruned_last,
             prop_attn=self.prop_attn,
             executed_gflops=executed,
         )

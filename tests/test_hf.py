@@ -281,15 +281,28 @@ def test_patched_model_deep_copies_and_pickles():
     assert hf_vit.__getattr__("MergingDinov2Layer").__mro__[1] is transformers.models.dinov2.modeling_dinov2.Dinov2Layer
 
 
-def test_training_forward_and_backward_run_and_checkpointing_is_refused():
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_training_forward_and_backward_run_and_checkpointing_gives_the_same_gradients(use_reentrant):
     model, x = hf_model("DeiTForImageClassification"), blocky_images(2)
     atmerge.patch(model, atmerge.ToMe(r=8))
     model.train()
     model(x).logits.sum().backward()
     assert atmerge.last_stats(model).tokens_per_block == [66, 58, 50, 42]
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing is not supported.*gradient_checkpointing_disable"):
-        model(x)
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:  # reentrant checkpointing needs an input that requires grad
+        model.enable_input_require_grads()
+    runs = []
+    hf_vit.layers(model)[-1].layernorm_after.register_forward_hook(lambda *_: runs.append(1))
+    model(x).logits.sum().backward()  # the recomputation merges as the forward pass did
+    assert len(runs) == 2  # the last layer ran again in the backward pass
+    assert atmerge.last_stats(model).tokens_per_block == [66, 58, 50, 42]
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_an_attention_mask_is_honoured_until_the_first_merge():

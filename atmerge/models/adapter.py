@@ -154,7 +154,11 @@ def check_model_images(model: nn.Module, images: torch.Tensor) -> tuple[int, int
 
 
 def check_image_tensor(x: object) -> torch.Tensor:
-    """Return ``x`` if it is a floating-point tensor (normalised pixels), else raise TypeError."""
+    """Return ``x`` if it is a floating-point tensor (normalised pixels), else raise TypeError
+    (RuntimeError for a torch.fx Proxy: symbolic tracing is not supported)."""
+    from atmerge.models.patching import refuse_fx
+
+    refuse_fx(x)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
         raise TypeError(f"images must be a floating-point tensor [B, C, H, W] (normalised pixels), got {got}")

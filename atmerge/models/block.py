@@ -9,11 +9,13 @@ method's decision between attention and MLP, and runs the MLP only on what is le
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from atmerge.models.patching import INDEX, STATE
+from atmerge.models.patching import INDEX, STATE, refuse_fx
 from atmerge.runtime import MergeState
 
 AttentionOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -77,6 +79,7 @@ def merging_step(
     the method's decision through the block's :class:`MergeState` (before attention for a
     method whose stage is 'before_attention'), the MLP on the remaining real tokens.  ``mask``
     (the caller's attention mask) is honoured until the first merge; ``kwargs`` go to attention."""
+    refuse_fx(x)
     state: MergeState = getattr(block, STATE)
     index: int = getattr(block, INDEX)
     if index == 0:
@@ -106,3 +109,34 @@ def merging_step(
     real = parts.mlp(block, x[valid])  # a padded batch: the MLP runs on real tokens only
     update = real.new_zeros(x.shape).index_put_((valid,), real)  # (dtype: autocast's)
     return x + parts.mlp_drop(block, update)
+
+
+def checkpointed_step(
+    state: MergeState,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    checkpoint_fn: Callable | None = None,
+) -> torch.Tensor:
+    """``step(x)`` (one patched block, tokens [B, N, C] → [B, N', C]) under activation
+    checkpointing (``checkpoint_fn(function, x)``; default torch's non-reentrant checkpoint).  The
+    backward pass recomputes the block from the merge state it saw in the forward pass (so it
+    makes the same merges) and leaves the state as the forward pass left it (so ``last_stats``
+    still describes the forward pass)."""
+    entry = state.snapshot()
+    runs = 0
+
+    def run(tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            return step(tokens)
+        after = state.snapshot()
+        state.restore(entry)
+        try:
+            return step(tokens)
+        finally:
+            state.restore(after)
+
+    if checkpoint_fn is None:
+        return checkpoint(run, x, use_reentrant=False)
+    return checkpoint_fn(run, x)

@@ -31,7 +31,7 @@ import atmerge.models.timm_vit  # noqa: F401  (the built-in families register in
 from atmerge.core.merging import size_weighted_mean
 from atmerge.flops import BlockCost, ModelCost
 from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, check_image_tensor, register_adapter
-from atmerge.models.block import AttentionOutput, BlockParts, merging_step
+from atmerge.models.block import AttentionOutput, BlockParts, checkpointed_step, merging_step
 from atmerge.models.costs import layer_norm_macs, linear_macs
 from atmerge.models.patching import ORIGINAL, PREFIX, STATE, patched_class
 
@@ -305,12 +305,17 @@ class HFParts(BlockParts):
 def _merging_layer_forward(
     self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
 ) -> torch.Tensor:
-    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-        raise ValueError(
-            "gradient checkpointing is not supported on a Hugging Face model patched by atmerge (its "
-            "recomputation would merge a second time); call model.gradient_checkpointing_disable()"
-        )
-    return merging_step(self._atmerge_parts, self, hidden_states, attention_mask, **kwargs)
+    """The layer on hidden_states [B, N, C] → [B, N', C].  Under gradient checkpointing
+    (``model.gradient_checkpointing_enable()``, training) the layer runs through the model's
+    checkpoint function and its recomputation merges exactly as the forward pass did."""
+    parts = self._atmerge_parts
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        return merging_step(parts, self, tokens, attention_mask, **kwargs)
+
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        return checkpointed_step(getattr(self, STATE), step, hidden_states, self._gradient_checkpointing_func)
+    return step(hidden_states)
 
 
 @can_return_tuple

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import torch.fx
 from torch import nn
 
 from atmerge.runtime import MergeState
@@ -14,6 +15,29 @@ INDEX = "_atmerge_block"
 ORIGINAL = "_atmerge_original_class"
 PREFIX = "Merging"
 _CLASS_CACHE: dict[type, type] = {}
+SCRIPT_REFUSED = (
+    "torch.jit.script does not support a model patched by atmerge (its token merging is data-dependent "
+    "Python); use torch.compile(model), or torch.export.export(model, (images,)) for a fixed-count method such as "
+    "ToMe, or atmerge.unpatch(model) first"
+)
+FX_REFUSED = (
+    "torch.fx symbolic tracing (torch.fx.symbolic_trace, timm/torchvision create_feature_extractor) does not "
+    "support a model patched by atmerge (its token merging is data-dependent); use torch.compile(model), or "
+    "torch.export.export(model, (images,)) for a fixed-count method such as ToMe, or trace the unpatched model "
+    "(atmerge.unpatch(model))"
+)
+
+
+def _refuse_script(self):
+    """torch.jit.script calls this on every module before compiling anything: refusing here leaves
+    the model as it was (no half-compiled class), so it still runs and a second attempt says the same."""
+    raise RuntimeError(SCRIPT_REFUSED)
+
+
+def refuse_fx(x: object) -> None:
+    """Raise RuntimeError (:data:`FX_REFUSED`) if ``x`` is a torch.fx Proxy (symbolic tracing)."""
+    if isinstance(x, torch.fx.Proxy):
+        raise RuntimeError(FX_REFUSED)
 
 
 def patched_class(cls: type, methods: dict, module_name: str) -> type:
@@ -21,7 +45,11 @@ def patched_class(cls: type, methods: dict, module_name: str) -> type:
     module ``module_name`` (as ``Merging<Name>``), so that pickled patched models load."""
     if cls not in _CLASS_CACHE:
         name = PREFIX + cls.__name__
-        _CLASS_CACHE[cls] = type(name, (cls,), {**methods, "__module__": module_name, "__qualname__": name})
+        namespace = {"__prepare_scriptable__": _refuse_script, **methods, "__module__": module_name, "__qualname__": name}
+        _CLASS_CACHE[cls] = new = type(name, (cls,), namespace)
+        for attr, value in methods.items():  # undo wrapping by __init_subclass__ (transformers' layers):
+            if callable(value) and vars(new).get(attr) is not value:  # the patched method handles it itself
+                setattr(new, attr, value)
         vars(sys.modules[module_name]).setdefault(name, _CLASS_CACHE[cls])
     return _CLASS_CACHE[cls]
 

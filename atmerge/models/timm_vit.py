@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models._features import feature_take_indices
 from timm.layers.attention_pool import AttentionPoolLatent
@@ -21,7 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from atmerge.core.merging import size_weighted_mean, spread_by_source
 from atmerge.flops import BlockCost, ModelCost
 from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, check_image_tensor, register_adapter
-from atmerge.models.block import AttentionOutput, BlockParts, merging_step
+from atmerge.models.block import AttentionOutput, BlockParts, checkpointed_step, merging_step
 from atmerge.models.costs import layer_norm_macs, linear_macs
 from atmerge.models.patching import ORIGINAL as _ORIGINAL
 from atmerge.models.patching import PREFIX as _PREFIX
@@ -255,41 +254,50 @@ def _merging_block_forward(
 
 
 def _checkpointed_block(block: Block, state: MergeState, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` under activation checkpointing.  The backward pass recomputes the block from
-    the merge state it saw in the forward pass (so it makes the same merges) and leaves the state
-    as the forward pass left it (so ``last_stats`` still describes the forward pass)."""
-    entry = state.snapshot()
-    runs = 0
+    """``block(x)`` under activation checkpointing, recomputed from the merge state it saw
+    (:func:`atmerge.models.block.checkpointed_step`)."""
+    return checkpointed_step(state, block, x)
 
-    def run(tokens: torch.Tensor) -> torch.Tensor:
-        nonlocal runs
-        runs += 1
-        if runs == 1:
-            return block(tokens)
-        after = state.snapshot()
-        state.restore(entry)
-        try:
-            return block(tokens)
-        finally:
-            state.restore(after)
 
-    return checkpoint(run, x, use_reentrant=False)
+def _features(
+    model: VisionTransformer,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    head_follows: bool,
+) -> torch.Tensor:
+    """timm's forward_features on images x [B, C, H, W] → tokens [B, N', C].  The last block keeps
+    only the protected tokens (``prune_last``) only when ``head_follows`` (the full forward, whose
+    CLS-pooled head reads nothing else); on its own forward_features returns every token left
+    after merging.  With ``set_grad_checkpointing(True)`` each block is checkpointed so that its
+    recomputation merges exactly as the forward pass did."""
+    check_image_batch(model, x)
+    state: MergeState = getattr(model, _STATE)
+    prune = state.prune_last
+    state.prune_last, state.features_only = prune and head_follows, not head_follows
+    try:
+        if not (model.grad_checkpointing and torch.is_grad_enabled()) or attn_mask is not None or is_causal:
+            return getattr(model, _ORIGINAL).forward_features(model, x, attn_mask=attn_mask, is_causal=is_causal)
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        for block in model.blocks:
+            x = _checkpointed_block(block, state, x)
+        return model.norm(x)
+    finally:
+        state.prune_last = prune
 
 
 def _merging_forward_features(
     self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
 ) -> torch.Tensor:
-    """timm's forward_features; with ``set_grad_checkpointing(True)`` each block is checkpointed
-    so that its recomputation merges exactly as the forward pass did."""
-    check_image_batch(self, x)
-    original = getattr(self, _ORIGINAL)
-    if not (self.grad_checkpointing and torch.is_grad_enabled()) or attn_mask is not None or is_causal:
-        return original.forward_features(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-    state: MergeState = getattr(self, _STATE)
-    for block in self.blocks:
-        x = _checkpointed_block(block, state, x)
-    return self.norm(x)
+    """timm's forward_features: images [B, C, H, W] → every token left after merging [B, N', C]
+    (no CLS-only last block: the caller may read any token)."""
+    return _features(self, x, attn_mask, is_causal, head_follows=False)
+
+
+def _merging_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    """timm's forward, images [B, C, H, W] → the head's output; the last block keeps only the
+    protected tokens when the model is CLS-pooled (``prune_last``: the head reads nothing else)."""
+    return self.forward_head(_features(self, x, attn_mask, is_causal, head_follows=True))
 
 
 def _merging_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
@@ -336,7 +344,7 @@ def _merging_forward_intermediates(
     sources: list[torch.Tensor] = []
     hooks = [block.register_forward_hook(lambda *_: sources.append(state.source)) for block in self.blocks]
     options = state.trace_source, state.prune_last
-    state.trace_source, state.prune_last = True, False
+    state.trace_source, state.prune_last, state.features_only = True, False, True
     try:
         out = getattr(self, _ORIGINAL).forward_intermediates(
             self, x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early, output_fmt="NLC",
@@ -370,7 +378,7 @@ def _merging_forward_intermediates(
 
 def _patched_methods(cls: type) -> dict:
     if issubclass(cls, VisionTransformer):
-        return {"forward_features": _merging_forward_features, "pool": _merging_pool,
+        return {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool,
                 "forward_intermediates": _merging_forward_intermediates}
     return {"forward": _merging_block_forward}
 
@@ -379,12 +387,13 @@ def __getattr__(name: str) -> type:
     """Rebuild a patched class by name when a pickled patched model is loaded in a fresh process
     (the original class is looked up in timm's vision_transformer module and atmerge's own
     model definitions)."""
+    import timm.models.deit as deit
     import timm.models.vision_transformer as vit
 
     from atmerge.models import lvvit, t2t_vit
 
     original = None
-    for module in (vit, lvvit, t2t_vit) if name.startswith(_PREFIX) else ():
+    for module in (vit, deit, lvvit, t2t_vit) if name.startswith(_PREFIX) else ():
         original = original or getattr(module, name[len(_PREFIX) :], None)
     if isinstance(original, type) and issubclass(original, (VisionTransformer, Block)):
         return patched_class(original, _patched_methods(original), __name__)
