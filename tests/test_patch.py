@@ -250,7 +250,10 @@ def test_patched_model_pickles_and_merges_the_same_in_a_fresh_process(tmp_path):
      atmerge.MCTF(r=6), atmerge.ZeroTP(r=4)],
 )
 def test_low_precision_forward_is_close_to_float32(method, dtype):
-    # bf16 / fp16 on the CPU: logits within 0.05 of float32 (they are O(1) here), sizes float32
+    # bf16 / fp16 on the CPU: logits close to float32 relative to their scale (max |logit| ≈ 0.36
+    # in this random-init model, so an absolute 0.05 would be 14%), sizes float32.  Measured
+    # worst cases: bf16 4.6% (EViT), fp16 1.9% (Zero-TPrune): the selecting methods may keep
+    # another token of a near tie; the merging ones stay under 2% (bf16) and 0.2% (fp16)
     model = atmerge.patch(small_vit(), method)
     x = blocky_images(4)
     with torch.no_grad():
@@ -258,7 +261,8 @@ def test_low_precision_forward_is_close_to_float32(method, dtype):
         merged = atmerge.last_stats(model).merged_per_block
         low = copy.deepcopy(model).to(dtype)
         out = low(x.to(dtype))
-    assert out.dtype == dtype and (out.float() - expected).abs().max() < 0.05
+    tolerance = {torch.bfloat16: 0.06, torch.float16: 0.025}[dtype] * expected.abs().max()
+    assert out.dtype == dtype and (out.float() - expected).abs().max() < tolerance
     assert atmerge.last_stats(low).merged_per_block == merged
     assert atmerge.models.patching.merge_state(low).size.dtype == torch.float32
 
