@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from atmerge.data import IMAGE_SUFFIXES  # noqa: F401  (kept importable from here)
 from atmerge.fidelity import FIDELITY_MEASURES, fidelity_interval, paired_fidelity, per_image_fidelity, wilson_interval
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method
@@ -33,7 +34,6 @@ from atmerge.models.adapter import model_depth, model_patches
 ONE_SIDED_95 = 1.644854  # z of a one-sided 95% bound
 RUNGS = (0.125, 0.25, 0.5, 1.0)  # shares of the calibration images a trial must survive in turn
 COST_SLACK = 1.05  # a partial GFLOPs estimate this far above a bar stops the trial
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -196,22 +196,19 @@ def staged_trials(
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, any layout), sorted."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    """Every image file under ``folder`` (recursively, any layout), sorted (:func:`atmerge.data.image_files`)."""
+    from atmerge.data import image_files as files
+
+    return files(folder)
 
 
 def folder_batches(
     folder: str | Path, transform, batch_size: int, limit: int | None = None, seed: int = 0
 ) -> tuple[list[torch.Tensor], int]:
     """Batches [B, C, H, W] of the images under ``folder`` (a seeded random ``limit`` of them);
-    unreadable files are skipped and counted.  Returns (batches, skipped)."""
-    from PIL import Image, UnidentifiedImageError
+    unreadable files are skipped, each named by a warning (:func:`atmerge.data.read_image`, the
+    same policy as eval's), and counted.  Returns (batches, skipped)."""
+    from atmerge.data import read_image
 
     files = image_files(folder)
     if limit is not None and limit < len(files):
@@ -219,11 +216,11 @@ def folder_batches(
         files = [files[i] for i in sorted(order.tolist())]
     images, skipped = [], 0
     for path in files:
-        try:
-            with Image.open(path) as img:
-                images.append(transform(img.convert("RGB")))
-        except (UnidentifiedImageError, OSError):
+        image = read_image(path)
+        if image is None:
             skipped += 1
+        else:
+            images.append(transform(image))
     if not images:
         raise ValueError(f"none of the images under {folder} could be read ({skipped} skipped)")
     return list(torch.stack(images).split(batch_size)), skipped

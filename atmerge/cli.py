@@ -85,15 +85,26 @@ def add_model_options(p: argparse.ArgumentParser, hf: bool = True) -> None:
                    help="only CLS reaches the last MLP; default: on for CLS-pooled models, for every method")
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
+def add_data_options(p: argparse.ArgumentParser, labels: bool = False, data_help: str | None = None) -> None:
+    """The data flags; ``labels``: also --labels/--no-labels and --class-map (eval)."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="ImageFolder root (class folders); default: the preset's data")
+    g.add_argument("--data", default=None, metavar="FOLDER",
+                   help=data_help or "a folder of images: class folders (cat/, dog/ or synsets n01440764/, matched to "
+                        "the model's class names) for top-1" + (", or any layout for fidelity only" if labels else "")
+                   + "; default: the preset's data (cifar10-vit: CIFAR-10 test images)")
+    if labels:
+        g.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
+                       help="--labels: class folders required; --no-labels: ignore them, measure fidelity only; "
+                            "default: use class folders when the folder has them")
+        g.add_argument("--class-map", default=None, metavar="FILE",
+                       help="JSON object {class folder name: the model's class index}, for folders whose names are "
+                            "not the model's class names")
     g.add_argument("--limit", type=int, default=None, help="use N images (seeded random subset)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--device", default="cpu")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
 def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None:
@@ -149,52 +160,116 @@ def setup_from_args(args):
                       hf_model=getattr(args, "hf_model", None))
 
 
-def _setup_and_batches(args, *, limit=None):
+def _setup_and_batches(args, *, limit=None, labels: bool | None = True):
     from atmerge.experiments.setup import load_dataset, loader
 
     torch.manual_seed(args.seed)
     setup = setup_from_args(args)
-    dataset = load_dataset(setup, args.data, args.limit if limit is None else limit, args.seed)
+    dataset = load_dataset(setup, args.data, args.limit if limit is None else limit, args.seed,
+                           labels=getattr(args, "labels", None) if labels is None else labels,
+                           class_map=getattr(args, "class_map", None))
     return setup, loader(dataset, args.batch_size, args.workers)
 
 
+def _describe_data(description: dict) -> str:
+    """One line: which images, and how their labels were found."""
+    text = f"{description['images']} images from {description['folder']}"
+    if description.get("labels") is None:
+        return text + ": no class folders used, so fidelity to the unpatched model only (no top-1)"
+    classes = description["classes"]
+    shown = ", ".join(f"{k}->{v}" for k, v in list(classes.items())[:5]) + (", ..." if len(classes) > 5 else "")
+    return (text + f": {len(classes)} class folders mapped to the model's {description['model_classes']} classes "
+            f"{description['labels']} ({shown}); top-1 over the full head")
+
+
 def cmd_eval(args) -> int:
-    from atmerge import distributed
+    from atmerge import data, distributed
     from atmerge.experiments.eval import eval_rows, run_eval
     from atmerge.experiments.io import format_table, write_csv, write_json
 
     method = method_from_args(args)
-    setup, batches = _setup_and_batches(args)
+    setup, batches = _setup_and_batches(args, labels=None)
+    promised = None
     if args.config:
-        from atmerge.config import load_method
+        from atmerge.config import load_method, read_config
 
         method = load_method(args.config, setup.model)
+        promised = read_config(args.config).get("measured")
     world = distributed.init(args.device)
     if world.size > 1:  # under torchrun: each process a shard of the batches, results reduced
-        batches = distributed.shard_loader(batches.dataset, args.batch_size, args.workers)
+        shard = distributed.batch_shard(len(batches.dataset), args.batch_size, world.rank, world.size)
+        batches = data.ReadableLoader(batches.dataset, batch_sampler=shard, num_workers=args.workers)
         if len(batches) == 0:
             raise ValueError(f"{len(batches.dataset)} images make fewer batches than the {world.size} processes; "
                              "use a smaller --batch-size")
+    described = batches.dataset.description
+    if world.main:
+        print(_describe_data(described))
     result = run_eval(
-        setup.model, method, batches, device=world.device, progress=not args.no_progress and world.main,
+        setup.model, method, batches, device=world.device, progress=args.progress and world.main,
         prop_attn=args.prop_attn, prune_last_block=args.prune_last_block,
     )
     if not world.main:
         return 0
     result["setup"] = setup.description
-    result["data"] = str(args.data or setup.default_data)
+    result["data"] = {**described, "folder": str(args.data or setup.default_data)}
     result["processes"] = world.size
     rows = eval_rows(result)
-    print(format_table(rows, ["run", "top1", "top5", "gflops", "params_m", "images_per_s", "output_cosine"]))
-    d = result["difference"]
-    top1 = "n/a" if d["top1"] is None else f"{100 * d['top1']:+.2f} pt"
-    print(f"difference: top-1 {top1}, GFLOPs x{d['gflops_ratio']:.3f}, speed x{d['speedup']:.2f}")
+    columns = ["run", "top1", "top5", "gflops", "params_m", "images_per_s", "output_cosine"]
+    if result["baseline"]["top1"] is None:
+        columns = [c for c in columns if c not in ("top1", "top5")]
+    print(format_table(rows, columns))
+    d, f = result["difference"], result["fidelity"]
+    top1 = "" if d["top1"] is None else f"top-1 {100 * d['top1']:+.2f} pt, "
+    print(f"difference: {top1}GFLOPs x{d['gflops_ratio']:.3f}, speed x{d['speedup']:.2f}")
+    print(fidelity_line(f))
+    if promised:
+        print(promise_line(promised, f, result["merged"]["gflops"] / result["baseline"]["gflops"]))
     print("tokens per block:", rows[1]["tokens_per_block"])
-    out = Path(args.out)
+    out = run_folder(args, args.method if not args.config else Path(args.config).stem)
     write_json(result, out / "eval.json")
     write_csv(rows, out / "eval.csv")
     print(f"wrote {out / 'eval.json'} and {out / 'eval.csv'}")
     return 0
+
+
+def fidelity_line(f: dict) -> str:
+    """The merged model against the unpatched one, in one line, rounded."""
+    if "agreement" not in f:
+        return f"fidelity to the unpatched model on {f['images']} images: output cosine {f['cosine']:.4f}"
+    return (f"agreement with the unpatched model: {100 * f['agreement']:.1f}% of {f['images']} images "
+            f"(95% {100 * f['agreement_low']:.1f}-{100 * f['agreement_high']:.1f}%), top-5 agreement "
+            f"{100 * f['top5_agreement']:.1f}%, KL {f['kl']:.4f} nats, output cosine {f['cosine']:.4f}")
+
+
+def promise_line(promised: dict, measured: dict, share: float) -> str:
+    """What the calibration config promised (on its held-out images) next to what eval measured."""
+    measure = promised.get("fidelity_measure", "agreement")
+    value = measured.get(measure)
+    said = (f"config promised {measure} {100 * promised['fidelity']:.1f}% (one-sided 95% lower bound "
+            f"{100 * promised['fidelity_low_one_sided_95']:.1f}%) at {100 * promised['gflops_share']:.1f}% of the "
+            f"unpatched GFLOPs")
+    got = "n/a" if value is None else f"{100 * value:.1f}%"
+    return f"{said}; measured here: {measure} {got} at {100 * share:.1f}%"
+
+
+def run_folder(args, label: str) -> Path:
+    """Where a run writes: ``--out`` when given (files already there are overwritten, and said
+    so), else a new folder per run, ``results/<command>/<UTC time>-<label>``."""
+    import time
+
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()):
+            print(f"--out {out} exists: files of the same name in it are overwritten")
+        return out
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = Path("results") / args.command
+    folder, n = base / f"{stamp}-{label}", 1
+    while folder.exists():
+        n += 1
+        folder = base / f"{stamp}-{label}-{n}"
+    return folder
 
 
 def _write(result: dict, out: Path, name: str, rows: list[dict] | None = None) -> None:
@@ -219,12 +294,12 @@ def cmd_search(args) -> int:
     setup.model.to(args.device)
     others = [m for m in (args.compare or []) if m != args.method]
     results = search_methods(setup.model, batches, [base, *others], goal=args.goal, budget=args.budget,
-                             trials=args.trials, seed=args.seed, metric=args.metric, progress=not args.no_progress,
+                             trials=args.trials, seed=args.seed, metric=args.metric, progress=args.progress,
                              cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"))
     result = next(iter(results.values()))
     result["setup"] = setup.description
     result["compared"] = {label: r for label, r in results.items() if r is not result}
-    out = Path(args.out)
+    out = run_folder(args, args.method)
     result["plot"] = plot_search(results, out / "search.png")
     for label, r in results.items():
         cols = ["trial", *r["space"], "top1", "agreement", "gflops", "feasible"]
@@ -242,6 +317,19 @@ def cmd_search(args) -> int:
     return 0
 
 
+def calibration_folder(args, setup) -> Path:
+    """calibrate's image folder: --data (any layout, labels ignored); --images is its old spelling."""
+    if args.images is not None:
+        if args.data is not None and Path(args.data) != Path(args.images):
+            raise ValueError(f"--data {args.data} and --images {args.images} name two folders; pass --data only "
+                             "(--images is its deprecated spelling)")
+        print("atmerge calibrate: --images is deprecated; use --data FOLDER", file=sys.stderr)
+    folder = args.data or args.images or setup.default_data
+    if folder is None:
+        raise ValueError("no images given: pass --data FOLDER (images in any layout; labels are not used)")
+    return Path(folder)
+
+
 def cmd_calibrate(args) -> int:
     from atmerge.calibrate import calibrate_goals, folder_batches
     from atmerge.config import save_config
@@ -251,16 +339,18 @@ def cmd_calibrate(args) -> int:
              + [{"min_agreement": v} for v in args.min_agreement or []] + [{"min_cosine": v} for v in args.min_cosine or []])
     torch.manual_seed(args.seed)
     setup = setup_from_args(args)
-    folder = args.images or setup.default_data
+    folder = calibration_folder(args, setup)
     batches, skipped = folder_batches(folder, setup.transform, args.batch_size, args.limit, args.seed)
     if skipped:
-        print(f"skipped {skipped} unreadable image files under {folder}")
-    described = f"{sum(b.shape[0] for b in batches)} images from {folder} (seed {args.seed}, limit {args.limit})"
+        print(f"skipped {skipped} unreadable image files under {folder} (each named above)")
+    count = sum(b.shape[0] for b in batches)
+    limit = "" if args.limit is None else f", a seeded random {args.limit} of them (seed {args.seed})"
+    described = f"{count} images from {folder}{limit}"
     methods = [method_from_args(args)] + [build_method(m) for m in args.compare if m != args.method]
-    out, rows, met = Path(args.out), [], True
+    out, rows, met = run_folder(args, args.method), [], True
     for method in methods:
         found = calibrate_goals(setup.model, batches, goals, method=method, fidelity=args.fidelity, trials=args.trials,
-                                seed=args.seed, progress=not args.no_progress, fit_space=not args.paper_space)
+                                seed=args.seed, progress=args.progress, fit_space=not args.paper_space)
         name = next(k for k, v in METHODS.items() if type(method) is v)
         for goal, c in zip(goals, found):
             (kind, value), = goal.items()
@@ -292,7 +382,7 @@ def cmd_analyze(args) -> int:
                          f"{args.hf_model} (the other studies do): use --model")
     setup, batches = _setup_and_batches(args)
     model = setup.model
-    out = Path(args.out)
+    out = run_folder(args, args.study)
     study = args.study
     if study == "info-loss":
         result = A.info_loss(model, batches, thresholds=tuple(args.thresholds))
@@ -336,16 +426,16 @@ def cmd_visualize(args) -> int:
     from atmerge.methods.registry import knob_factory
 
     torch.manual_seed(args.seed)
+    files = [Path(f) for f in args.images] if args.images else sorted(data.imagenet_samples_folder().iterdir())[: args.count]
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"image {f} not found")
     if args.model is None and args.hf_model is None:  # real photos on real pretrained weights, offline
         model = zoo.dinov2_small()
         transform = data.model_transform(model)
     else:
         setup = setup_from_args(args)
         model, transform = setup.model, setup.transform
-    files = [Path(f) for f in args.images] if args.images else sorted(data.imagenet_samples_folder().iterdir())[: args.count]
-    for f in files:
-        if not f.exists():
-            raise FileNotFoundError(f"image {f} not found")
     images = torch.stack([transform(data.load_image(f)) for f in files])
     singles = list(images.split(1))
     method = method_from_args(args)
@@ -356,12 +446,13 @@ def cmd_visualize(args) -> int:
         found = budget.match_gflops(model, factory, target, singles, steps=args.steps)
         methods = {f"{args.versus} (same GFLOPs)": found.method, args.method: method}
     mean, std = data.normalization(transform)
-    result = draw(model, images, methods, Path(args.out) / "visualize.png", mean=mean, std=std, every_block=args.every_block)
+    out = run_folder(args, args.method)
+    result = draw(model, images, methods, out / "visualize.png", mean=mean, std=std, every_block=args.every_block)
     result["images"] = [str(f) for f in files]
     result["methods"] = {name: repr(m) for name, m in methods.items()}
     for name, left in result["tokens_left"].items():
         print(f"{name}: tokens left {left}")
-    _write(result, Path(args.out), "visualize")
+    _write(result, out, "visualize")
     print(f"picture: {result['png']}")
     return 0
 
@@ -408,31 +499,39 @@ def cmd_probe(args) -> int:
     for flag, count in (("train-images", args.train_images), ("test-images", args.test_images)):
         if count < 1:
             raise ValueError(f"{flag} must be a positive number of images, got {count}")
-    result = run_probe(args.train_images, args.test_images, args.seed, args.save, progress=not args.no_progress)
+    result = run_probe(args.train_images, args.test_images, args.seed, args.save, progress=args.progress)
     print(f"DINOv2-S linear probe: train top-1 {result['train_top1']:.4f} on {result['train_images']} images, "
           f"test top-1 {result['test_top1']:.4f} on {result['test_images']} cifar10-test images")
-    _write(result, Path(args.out), "probe")
+    _write(result, run_folder(args, "probe"), "probe")
     print(f"probe saved to {result['path']}; use it with --model dinov2-probe")
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the bad value and what is allowed), then where
+    the options are listed, instead of the whole usage first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atmerge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="atmerge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("eval", help="a method against the unpatched model on the same images")
     add_model_options(p)
-    add_data_options(p)
+    add_data_options(p, labels=True)
     add_method_options(p)
     p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
-    p.add_argument("--out", default="results/eval", help="folder for eval.json and eval.csv")
+    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/eval/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", help="choose a method's settings from unlabeled images (budget or agreement floor)")
     add_model_options(p)
-    add_data_options(p)
+    add_data_options(p, data_help="a folder of images, any layout, labels ignored (default: the preset's data)")
     add_method_options(p)
-    p.add_argument("--images", default=None, help="folder of images, any layout, labels ignored (default: the preset's data)")
+    p.add_argument("--images", default=None, help=argparse.SUPPRESS)  # deprecated spelling of --data
     p.add_argument("--budget", type=float, nargs="+", help="share(s) of the unpatched GFLOPs, in (0, 1)")
     p.add_argument("--budget-gflops", type=float, nargs="+", help="GFLOPs per image")
     p.add_argument("--min-agreement", type=float, nargs="+", help="floor(s) on agreement's one-sided 95%% lower bound, in (0, 1]")
@@ -444,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-space", action="store_true",
                    help="search the methods' default ranges instead of ranges fitted to the model's similarity scores")
     p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--out", default="results/calibrate")
+    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/calibrate/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("search", help="Optuna search of a method's settings on a calibration set (same trials for --compare)")
@@ -461,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None,
                    help="where the unpatched model's predictions are kept between runs (default: $ATMERGE_CACHE/predictions)")
     p.add_argument("--no-cache", action="store_true", help="always recompute the unpatched model's predictions")
-    p.add_argument("--out", default="results/search")
+    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/search/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("analyze", help="the paper's studies")
@@ -471,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_options(p)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.80, 0.85, 0.90, 0.95], help="info-loss")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
-    p.add_argument("--out", default="results/analyze")
+    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/analyze/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("visualize", help="draw which patches merged")
@@ -483,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="bisection steps for --versus")
     p.add_argument("--every-block", action="store_true", help="one column per block (Figure A1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/visualize")
+    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/visualize/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_visualize)
 
     from atmerge.finetune import FinetuneConfig
@@ -505,15 +604,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images", type=int, default=1000, help="seeded subset of cifar10-test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="where to save the head (default: the cache)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default="results/probe")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/probe/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_probe)
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line, 'Category: message', without the source line that raised them."""
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:

@@ -23,6 +23,10 @@ class Setup:
     transform: object
     default_data: Path | None
     description: dict = field(default_factory=dict)
+    class_names: data.ClassNames | None = None  # None: the names the model carries, if any
+
+    def classes(self) -> data.ClassNames | None:
+        return self.class_names if self.class_names is not None else data.model_class_names(self.model)
 
 
 def load_setup(
@@ -59,14 +63,17 @@ def load_setup(
             raise ValueError(f"--model-kwargs must be a JSON object, got {model_kwargs!r} ({e.msg})") from None
     model_kwargs = dict(model_kwargs or {})
     name = model_name or "cifar10-vit"
+    cifar = data.ClassNames(list(data.CIFAR10_CLASSES), source="CIFAR-10")
     if name == "cifar10-vit":
         model = zoo.cifar10_reference_vit()
-        return Setup(model, data.cifar10_transform(), data.cifar10_folder("test"), {"model": name})
+        return Setup(model, data.cifar10_transform(), data.cifar10_test_or_sample(),
+                     {"model": name, "weights": str(zoo.cifar10_reference_weights())}, cifar)
     if name == "dinov2-probe":
         from atmerge.experiments.probe import load_probe_classifier
 
         model, path = load_probe_classifier(probe)
-        return Setup(model, data.model_transform(model), data.cifar10_folder("test"), {"model": name, "probe": str(path)})
+        return Setup(model, data.model_transform(model), data.cifar10_folder("test"), {"model": name, "probe": str(path)},
+                     cifar)
     if checkpoint:
         model = zoo.load_checkpoint(name, checkpoint, **model_kwargs)
     else:
@@ -75,20 +82,40 @@ def load_setup(
     return Setup(model, data.model_transform(model), None, description)
 
 
-def load_dataset(setup: Setup, folder: str | Path | None, limit: int | None = None, seed: int = 0):
-    """The ImageFolder of ``folder`` (default: the setup's), preprocessed for the model."""
+def num_classes(model: nn.Module) -> int:
+    """The classes of a classifier's head; 0 for a feature model."""
+    from atmerge.models.adapter import is_classifier
+
+    if not is_classifier(model):
+        return 0
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "num_labels", None):
+        return int(config.num_labels)
+    return int(getattr(model, "num_classes", 0) or 0)
+
+
+def load_dataset(setup: Setup, folder: str | Path | None, limit: int | None = None, seed: int = 0, *,
+                 labels: bool | None = True, class_map: str | Path | None = None):
+    """The images of ``folder`` (default: the setup's), preprocessed for the model, labelled
+    with the model's own class indices (:func:`atmerge.data.folder_dataset`: class folders
+    matched to the model's class names, or by ``class_map``).  labels None: unlabeled folders
+    (any layout) are accepted; True: class folders required; False: labels ignored."""
     root = folder or setup.default_data
     if root is None:
-        raise ValueError("no data given: pass --data with a folder of class folders (ImageFolder)")
+        raise ValueError("no data given: pass --data with a folder of images (class folders for top-1)")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
-    return data.subset(data.image_folder(root, setup.transform), limit, seed)
+    dataset = data.folder_dataset(root, setup.transform, num_classes=num_classes(setup.model), names=setup.classes(),
+                                  labels=labels, class_map=class_map)
+    chosen = data.subset(dataset, limit, seed)
+    chosen.description = {**dataset.description, "images": len(chosen)}
+    return chosen
 
 
 def loader(dataset, batch_size: int, workers: int = 0):
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return data.ReadableLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 def count_params(model: nn.Module) -> float:
