@@ -100,38 +100,51 @@ def test_merging_error_closed_form():
     assert torch.isclose(merging_error(xi, xj, n_i, n_j), torch.tensor(expected, dtype=torch.float64))
 
 
-def _unfused_merge(x, size, a_idx, b_idx, src, dst, keep, p):
-    """The merge step written out per image and per token, the way it was before its gathers
-    were fused: take sets A and B, fold each merged A token into its B partner by merge size,
-    lay out [protected, kept A (in order), B]; merging nothing keeps the order."""
-    if src.shape[1] == 0:
-        return x, size
+def _merge_by_hand(x, size, metric, r, p):
+    """One ToMe merge step written out per image and per token from its definition, using no
+    atmerge code: set A = the even positions from p on, set B = the odd ones; each A token's
+    partner is its most cosine-similar B token (by ``metric``; the first on ties); the r A
+    tokens with the highest such similarity (the earlier on ties) fold into their partners, as
+    size-weighted averages, sizes adding up; laid out [protected, unmerged A, B], each in
+    position order."""
     out_x, out_s = [], []
-    for b in range(x.shape[0]):
-        a_tokens, b_tokens = x[b, a_idx], x[b, b_idx].clone()
-        a_sizes, b_sizes = size[b, a_idx], size[b, b_idx].clone()
-        sums, totals = b_tokens * b_sizes[:, None], b_sizes.clone()
-        for i, j in zip(src[b].tolist(), dst[b].tolist()):
-            sums[j] += a_tokens[i] * a_sizes[i]
-            totals[j] += a_sizes[i]
-        kept = keep[b].tolist()
-        out_x.append(torch.cat([x[b, :p], a_tokens[kept], sums / totals[:, None]]))
-        out_s.append(torch.cat([size[b, :p], a_sizes[kept], totals]))
+    for img in range(x.shape[0]):
+        a_pos = [i for i in range(p, x.shape[1]) if i % 2 == 0]
+        b_pos = [j for j in range(p, x.shape[1]) if j % 2 == 1]
+        cos = lambda i, j: float(metric[img, i] @ metric[img, j] / (metric[img, i].norm() * metric[img, j].norm()))  # noqa: E731
+        partner = {i: max(b_pos, key=lambda j: (cos(i, j), -j)) for i in a_pos}
+        merged = sorted(a_pos, key=lambda i: (-cos(i, partner[i]), i))[: min(r, len(a_pos))]
+        sums = {j: x[img, j] * size[img, j] for j in b_pos}
+        totals = {j: size[img, j] for j in b_pos}
+        for i in merged:
+            sums[partner[i]] = sums[partner[i]] + x[img, i] * size[img, i]
+            totals[partner[i]] = totals[partner[i]] + size[img, i]
+        kept = [i for i in a_pos if i not in merged]
+        if not merged:  # merging nothing keeps the tokens where they are
+            out_x.append(x[img]), out_s.append(size[img])
+            continue
+        out_x.append(torch.stack([x[img, i] for i in range(p)] + [x[img, i] for i in kept]
+                                 + [sums[j] / totals[j] for j in b_pos]))
+        out_s.append(torch.stack([size[img, i] for i in range(p)] + [size[img, i] for i in kept]
+                                 + [totals[j] for j in b_pos]))
     return torch.stack(out_x), torch.stack(out_s)
 
 
 @settings(max_examples=40, deadline=None)
 @given(batch=st.integers(1, 3), tokens=st.integers(2, 40), protected=st.integers(0, 2), channels=st.integers(1, 8),
        r_share=st.floats(0, 1), seed=st.integers(0, 2**16))
-def test_fused_merge_step_equals_the_unfused_one(batch, tokens, protected, channels, r_share, seed):
+def test_merge_step_equals_its_definition_written_out(batch, tokens, protected, channels, r_share, seed):
+    """split → best_match → bipartite_merge → merge_weighted_average against _merge_by_hand."""
     g = torch.Generator().manual_seed(seed)
     n = tokens + protected
     x = torch.randn(batch, n, channels, generator=g, dtype=torch.float64)
     size = torch.randint(1, 5, (batch, n), generator=g).double()
+    metric = torch.randn(batch, n, 4, generator=g, dtype=torch.float64)
     a, b = alternate_split(n, protected)
-    scores, match = best_match(torch.randn(batch, n, 4, generator=g, dtype=torch.float64), a, b)
-    merge = bipartite_merge(scores, match, a, b, r=round(r_share * a.numel()), num_protected=protected)
+    r = round(r_share * a.numel())
+    scores, match = best_match(metric, a, b)
+    merge = bipartite_merge(scores, match, a, b, r=r, num_protected=protected)
     fused = merge_weighted_average(merge, x, size)
-    expected = _unfused_merge(x, size, a, b, merge.src, merge.dst, merge.keep, protected)
+    expected = _merge_by_hand(x, size, metric, r, protected)
     assert fused[0].shape == expected[0].shape
     assert torch.allclose(fused[0], expected[0], atol=1e-12) and torch.equal(fused[1], expected[1])
