@@ -331,13 +331,13 @@ def reference_mctf(
 def reference_zerotp(model, images, r=8, importance_share=0.5, iterations=30, prop_attn=True, prune_last=True):
     """Zero-TPrune (simplified): after attention, Weighted-PageRank importance; prune the
     ⌊share·r⌋ least important tokens, then split the rest by importance rank into anchors (even
-    ranks) and candidates (odd ranks) and prune the candidates most key-similar to an anchor."""
-    from atmerge.core.schedules import tome_r_schedule
-
+    ranks) and candidates (odd ranks) and prune the candidates most key-similar to an anchor.
+    r: the same count in every block, or the counts block by block written out (a list; missing
+    blocks 0) — no schedule of atmerge's is used."""
     depth = len(model.blocks)
     p = model.num_prefix_tokens
     cls_pooled = model.global_pool == "token" and prune_last
-    schedule = tome_r_schedule(depth, r)
+    schedule = list(r) + [0] * (depth - len(r)) if isinstance(r, list) else [r] * depth
     toks, sizes, groups = _embed(model, images)
     batch = len(toks)
     rs = []

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from atmerge.core.schedules import batch_adaptive_r, count_above, layer_threshold, threshold_schedule
+from atmerge.core.schedules import batch_adaptive_r, count_above, layer_threshold, threshold_schedule, tome_r_schedule
 
 
 def test_layer_threshold_hand_values():
@@ -52,3 +52,19 @@ def test_batch_adaptive_r_of_one_image_is_its_count():
 
 def test_batch_adaptive_r_empty_set_a():
     assert batch_adaptive_r(torch.zeros(3, 0), 0.5) == 0
+
+
+def test_tome_r_schedules_written_out_by_hand():
+    """The schedules that tests hand to the references, as literal numbers worked out by hand
+    (so that a reference given a schedule is checked against these, not against the library).
+    (r, inflection): from r(1 − inflection) in block 1 to 2r − that in the last block, in equal
+    steps, each rounded down."""
+    assert tome_r_schedule(4, 5) == [5, 5, 5, 5]
+    assert tome_r_schedule(4, [1, 2]) == [1, 2, 0, 0]
+    assert tome_r_schedule(4, (4, 0.5)) == [2, 3, 4, 6]  # 2, 3.33, 4.67, 6
+    assert tome_r_schedule(4, (4, -0.5)) == [6, 4, 3, 2]  # 6, 4.67, 3.33, 2
+    assert tome_r_schedule(4, (3, 1.0)) == [0, 2, 4, 6]  # 0 to 6 in steps of 2
+    assert tome_r_schedule(6, (6, 0.5)) == [3, 4, 5, 6, 7, 9]  # 3 to 9 in steps of 1.2 (test_reference_baselines)
+    # 2 to 6 in steps of 4/11 (test_methods' ToMe reference): 2, 2.36, 2.73, 3.09, 3.45, 3.82,
+    # 4.18, 4.55, 4.91, 5.27, 5.64, 6
+    assert tome_r_schedule(12, (4, 0.5)) == [2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 6]
