@@ -167,3 +167,67 @@ def load_method(path: str | Path, model: nn.Module | None = None) -> Method:
                 "its measured cost and fidelity may not hold", FingerprintWarning, stacklevel=2,
             )
     return method
+
+
+def save_method(
+    path: str | Path, model: nn.Module, method: Method, images_description: str | None = None, measured: dict | None = None
+) -> Path:
+    """Write ``method`` (e.g. what :func:`atmerge.freeze` returns) with ``model``'s fingerprint,
+    without a calibration: :func:`load_method` and ``atmerge.patch(model, path)`` read it back.
+    ``measured``: numbers to keep with it (e.g. its GFLOPs)."""
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be an atmerge method, got {type(method).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be the model the method is for (torch.nn.Module), got {type(model).__name__}")
+    path = Path(path)
+    document = {"format": FORMAT, "method": method_to_dict(method), "model": model_fingerprint(model),
+                "calibration": {"images_description": images_description}, "measured": dict(measured or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2))
+    return path
+
+
+def frozen_calibration(model: nn.Module, calibration: Calibration, images, quantile: float | None = None) -> Calibration:
+    """``calibration`` with its method frozen (:func:`atmerge.freeze`) on ``images`` (tensor
+    [N, C, H, W], batches, or a folder) — for ``atmerge calibrate --freeze`` and
+    :func:`save_config`.  ``gflops`` / ``gflops_share`` become the frozen method's (the same on
+    every image); the fidelity stays the adaptive setting's, measured on the held-out images
+    (``details['fidelity_of']`` says so).  details also hold ``frozen_from`` (the adaptive method),
+    ``frozen_quantile``, and ``adaptive_gflops`` / ``frozen_gflops`` on the freezing images.
+    ``model`` is left as it was (patched with its method, or not patched)."""
+    from atmerge.api import freeze, is_patched, last_stats, patch, unpatch
+    from atmerge.api import _calibration_batches
+    from atmerge.models import patching
+
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be what atmerge.calibrate returns, got {type(calibration).__name__}")
+    before = patching.merge_state(model) if is_patched(model) else None
+    batches = list(_calibration_batches(images, model, 64))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        def mean_gflops() -> float:
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for batch in batches:
+                    if batch.shape[0]:
+                        model(batch.to(device))
+                        total += last_stats(model).gflops * batch.shape[0]
+                        count += batch.shape[0]
+            return total / max(count, 1)
+
+        patch(model, calibration.method)
+        adaptive = mean_gflops()
+        frozen = freeze(model, batches, quantile)
+        patch(model, frozen)
+        frozen_gflops = mean_gflops()
+    finally:
+        if before is None:
+            unpatch(model)
+        else:
+            patch(model, before.method, prop_attn=before.prop_attn, prune_last_block=before.prune_last,
+                  trace_source=before.trace_source)
+    details = {**calibration.details, "frozen_from": method_to_dict(calibration.method), "frozen_quantile": quantile,
+               "adaptive_gflops": adaptive, "frozen_gflops": frozen_gflops,
+               "fidelity_of": "the adaptive setting it was frozen from, on the held-out images"}
+    share = frozen_gflops / calibration.unpatched_gflops if calibration.unpatched_gflops else calibration.gflops_share
+    return dataclasses.replace(calibration, method=frozen, gflops=frozen_gflops, gflops_share=share, details=details)
