@@ -15,6 +15,7 @@ from atmerge.evaluate import EvalResult, evaluate
 from atmerge.finetune import FinetuneConfig, FinetuneResult, finetune
 from atmerge.api import dense_tokens, gflops, is_patched, last_stats, merge_source, patch, unpatch
 from atmerge.api import freeze
+from atmerge.export import export_onnx
 from atmerge.core.merging import merging_error, merging_error_bounds
 from atmerge.methods.atm import ATM
 from atmerge.methods.base import BlockContext, Decision, Method
@@ -67,4 +68,5 @@ __all__ = [
     "unpatch",
     "Frozen",
     "freeze",
+    "export_onnx",
 ]
