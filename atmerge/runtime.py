@@ -14,6 +14,13 @@ from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.stats import BlockRecord, MergeStats
 
 
+PADDING_NEEDS_PER_IMAGE = (
+    "padding tokens (an attention mask that hides tokens) can follow merges only with per-image merging, and "
+    "{method} merges one count per batch; use atmerge.ATM(..., batch_adaptive=False) or "
+    "atmerge.ConstantThreshold(..., batch_adaptive=False), or a method that merges nothing, or pass no mask"
+)
+
+
 class MergeState:
     """Tokens' merge sizes [B, N], optional sources [B, N, N0], and the records of a forward.
 
@@ -45,7 +52,9 @@ class MergeState:
         self.per_image_counts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.merged_any = False
         self.pruned_last = False
+        self.padded = False
         self.features_only = False
+        self.caller_mask = False  # set by an adapter: the caller's mask is honoured until the first merge
         self._before: tuple[int, Decision] | None = None
 
     @property
@@ -54,10 +63,18 @@ class MergeState:
         :mod:`atmerge.core.padding`)."""
         return not self.method.batch_adaptive
 
-    def begin(self, x: torch.Tensor) -> None:
-        """Start a forward pass with tokens x [B, N, C]: every token has size 1."""
+    def begin(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Start a forward pass with tokens x [B, N, C]: every token has size 1, or — given a
+        key-padding mask ``valid`` [B, N] (True for real tokens, padding trailing in every image,
+        the protected tokens real) — size 0 for padding, which then never matches, merges,
+        is attended to or pooled (per-image merging, :mod:`atmerge.core.padding`)."""
         batch, num_tokens, _ = x.shape
         self.size = torch.ones(batch, num_tokens, device=x.device, dtype=torch.float32)
+        self.padded = False
+        if valid is not None:
+            self._check_padding(valid, batch, num_tokens)
+            self.size = valid.to(device=x.device, dtype=torch.float32).expand(batch, num_tokens).contiguous()
+            self.padded = True
         self.source = None
         if self.trace_source:
             eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)
@@ -68,7 +85,21 @@ class MergeState:
         self.pruned_last = False
         self._before = None
 
-    _PER_FORWARD = ("size", "source", "records", "per_image_counts", "merged_any", "pruned_last", "_before")
+    def _check_padding(self, valid: torch.Tensor, batch: int, num_tokens: int) -> None:
+        """Raise ValueError unless ``valid`` [B, N] is a padding mask this state can follow."""
+        if valid.dtype != torch.bool or valid.dim() != 2 or valid.shape[1] != num_tokens or valid.shape[0] not in (1, batch):
+            raise ValueError(f"a key-padding mask must be a bool tensor [{batch}, {num_tokens}], got "
+                             f"{valid.dtype} {list(valid.shape)}")
+        if not self.per_image:
+            raise ValueError(PADDING_NEEDS_PER_IMAGE.format(method=type(self.method).__name__))
+        if not bool(valid[:, : self.num_protected].all()):
+            raise ValueError(f"the attention mask hides a protected token (the first {self.num_protected}: CLS, "
+                             "distillation token, registers); only patch tokens may be padding")
+        if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+            raise ValueError("the attention mask hides a token before a token it keeps; padding must be "
+                             "trailing (the last tokens of each image), as atmerge's per-image batches lay it out")
+
+    _PER_FORWARD = ("size", "source", "records", "per_image_counts", "merged_any", "pruned_last", "padded", "_before")
 
     def snapshot(self) -> dict:
         """The state of the forward pass so far (tensors by reference), for :meth:`restore`."""
@@ -85,7 +116,7 @@ class MergeState:
         """log(size) as an additive attention bias [B, 1, 1, N] (−inf for padding, whose size is
         0), a 0 / −inf key-padding mask when proportional attention is off in a padded batch, or
         None when it would be zero (proportional attention off, or nothing merged yet)."""
-        if not self.merged_any:
+        if not (self.merged_any or self.padded):
             return None
         if self.prop_attn:
             return self.size.to(dtype).log()[:, None, None, :]
@@ -97,7 +128,7 @@ class MergeState:
     def padding_mask(self) -> torch.Tensor | None:
         """[B, N] True for real tokens when the batch may hold padding (per-image counts after a
         merge), so that per-token work can skip it; None otherwise."""
-        return self.size > 0 if self.per_image and self.merged_any else None
+        return self.size > 0 if self.per_image and (self.merged_any or self.padded) else None
 
     def _apply(self, decision: Decision, x: torch.Tensor) -> torch.Tensor:
         """Apply a decision to x [B, N, C], the sizes and the sources."""

@@ -305,7 +305,7 @@ def test_training_forward_and_backward_run_and_checkpointing_gives_the_same_grad
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_an_attention_mask_is_honoured_until_the_first_merge():
+def test_a_padding_mask_is_honoured_until_a_batch_adaptive_method_merges():
     model, x = hf_model("ViTModel", "eager"), blocky_images(2)
     mask = torch.ones(2, 65)
     mask[:, -3:] = 0
@@ -313,7 +313,7 @@ def test_an_attention_mask_is_honoured_until_the_first_merge():
     atmerge.patch(model, NO_MERGE)
     assert torch.equal(model(x, attention_mask=mask).last_hidden_state, expected)
     atmerge.patch(model, atmerge.ToMe(r=4))
-    with pytest.raises(ValueError, match="attention mask is defined on the original tokens and cannot follow merged"):
+    with pytest.raises(ValueError, match="padding tokens .* can follow merges only with per-image merging, and ToMe"):
         model(x, attention_mask=mask)
 
 

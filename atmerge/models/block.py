@@ -73,17 +73,20 @@ def merging_step(
     x: torch.Tensor,
     mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    key_padding: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """One patched block on tokens x [B, N, C] → [B, N', C]: attention with the log-size bias,
     the method's decision through the block's :class:`MergeState` (before attention for a
     method whose stage is 'before_attention'), the MLP on the remaining real tokens.  ``mask``
-    (the caller's attention mask) is honoured until the first merge; ``kwargs`` go to attention."""
+    (the caller's attention mask) is honoured until the first merge; ``key_padding`` [B, N]
+    (True for real tokens; first block only) makes the other tokens padding, followed through
+    every merge by the state; ``kwargs`` go to attention."""
     refuse_fx(x)
     state: MergeState = getattr(block, STATE)
     index: int = getattr(block, INDEX)
     if index == 0:
-        state.begin(x)
+        state.begin(x, key_padding)
     elif mask is not None and state.merged_any:
         raise ValueError("an attention mask is defined on the original tokens and cannot follow merged tokens")
     method = state.method

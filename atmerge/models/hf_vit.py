@@ -33,7 +33,8 @@ from atmerge.flops import BlockCost, ModelCost
 from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, check_image_tensor, register_adapter
 from atmerge.models.block import AttentionOutput, BlockParts, checkpointed_step, merging_step
 from atmerge.models.costs import layer_norm_macs, linear_macs
-from atmerge.models.patching import ORIGINAL, PREFIX, STATE, patched_class
+from atmerge.models.patching import INDEX, ORIGINAL, PREFIX, STATE, patched_class, refuse_fx
+from atmerge.runtime import PADDING_NEEDS_PER_IMAGE
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -302,16 +303,59 @@ class HFParts(BlockParts):
         return self._part(block, self.layout.drop)(update)
 
 
+def key_padding(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor | None:
+    """The real tokens [B, N] (bool) that an attention mask lets every query see, or None when it
+    hides nothing.  Accepted: [B, N] (1 / True = keep, the convention of a model's
+    ``attention_mask``) and what transformers builds from it for the layers, [B, 1, N, N]
+    broadcastable — bool (True = attend; sdpa) or additive (0 = attend, very negative or −inf =
+    hidden; eager).  A mask that differs between queries or heads, or adds other values, is not
+    key padding: ValueError."""
+    wanted = (f"atmerge follows key-padding masks only: [{batch}, {tokens}] of 1/0 or bool, or [{batch}, 1, "
+              f"{tokens}, {tokens}] that hides the same tokens from every query and head")
+    if mask.dim() == 2 and mask.shape[-1] == tokens and mask.shape[0] in (1, batch):
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"an attention mask [B, N] must hold 1 (keep) and 0 (padding); {wanted}")
+        valid = mask.bool()
+    elif mask.dim() == 4 and mask.shape[-1] == tokens and mask.shape[-2] in (1, tokens) and mask.shape[0] in (1, batch):
+        if not bool((mask == mask[:, :1, :1, :]).all()):
+            raise ValueError(f"the attention mask differs between queries or heads, so it is not key padding; {wanted}")
+        row = mask[:, 0, 0, :]
+        if row.dtype == torch.bool:
+            valid = row
+        else:
+            hidden = row <= -1e4
+            if not bool(((row == 0) | hidden).all()):
+                raise ValueError(f"an additive attention mask must hold 0 (attend) and -inf or a very negative "
+                                 f"value (padding), got values such as {row[(row != 0) & ~hidden][0].item():g}; {wanted}")
+            valid = ~hidden
+    else:
+        raise ValueError(f"an attention mask of shape {list(mask.shape)} does not fit {tokens} tokens; {wanted}")
+    return None if bool(valid.all()) else valid
+
+
 def _merging_layer_forward(
     self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
 ) -> torch.Tensor:
-    """The layer on hidden_states [B, N, C] → [B, N', C].  Under gradient checkpointing
+    """The layer on hidden_states [B, N, C] → [B, N', C].  An ``attention_mask`` must be key
+    padding (:func:`key_padding`): the first layer hands it to the merge state, which keeps padding
+    out of matching, merging, attention and pooling in every layer (so later layers ignore the
+    mask, which no longer fits the merged tokens).  Under gradient checkpointing
     (``model.gradient_checkpointing_enable()``, training) the layer runs through the model's
     checkpoint function and its recomputation merges exactly as the forward pass did."""
-    parts = self._atmerge_parts
+    refuse_fx(hidden_states)
+    parts, state = self._atmerge_parts, getattr(self, STATE)
+    padding, mask = None, None
+    if attention_mask is not None:
+        if getattr(self, INDEX) == 0:
+            padding = key_padding(attention_mask, *hidden_states.shape[:2])
+            # a method that merges one count per batch can't follow padding: the mask holds until it merges
+            state.caller_mask, padding = padding is not None and not state.per_image, padding if state.per_image else None
+        elif state.caller_mask and state.merged_any:
+            raise ValueError(PADDING_NEEDS_PER_IMAGE.format(method=type(state.method).__name__))
+        mask = attention_mask if state.caller_mask else None
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        return merging_step(parts, self, tokens, attention_mask, **kwargs)
+        return merging_step(parts, self, tokens, mask, key_padding=padding, **kwargs)
 
     if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
         return checkpointed_step(getattr(self, STATE), step, hidden_states, self._gradient_checkpointing_func)
