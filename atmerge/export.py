@@ -18,22 +18,28 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from atmerge.methods.base import Method
 from atmerge.models import patching
 
 
 def check_exportable(model: nn.Module) -> None:
-    """Raise ValueError (one line) if ``model`` is patched with an adaptive method."""
+    """Raise ValueError (one line) if ``model`` is patched with an adaptive method (or per-image
+    counts)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"export takes a model (torch.nn.Module), got {type(model).__name__}")
     if patching.is_patched(model):
-        method = patching.merge_state(model).method
-        if method.adaptive:
-            raise ValueError(
-                f"{type(method).__name__} is adaptive (its token counts depend on the images) and cannot be exported "
-                "to a static graph; freeze it first: atmerge.patch(model, atmerge.freeze(model, calibration_images))"
-            )
-        if not method.batch_adaptive:
-            raise ValueError(f"{type(method).__name__} with batch_adaptive=False pads per image and cannot be exported")
+        check_static(patching.merge_state(model).method)
+
+
+def check_static(method: Method) -> None:
+    """Raise ValueError (one line) if ``method``'s token counts depend on the images."""
+    if method.adaptive:
+        raise ValueError(
+            f"{type(method).__name__} is adaptive (its token counts depend on the images) and cannot be exported "
+            "to a static graph; freeze it first: atmerge.patch(model, atmerge.freeze(model, calibration_images))"
+        )
+    if not method.batch_adaptive:
+        raise ValueError(f"{type(method).__name__} with batch_adaptive=False pads per image and cannot be exported")
 
 
 @contextlib.contextmanager
@@ -114,3 +120,30 @@ def export_onnx(
     finally:
         model.train(was_training)
     return path
+
+
+def example_images(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    """Random images [batch, C, H, W] at the model's input size (timm: its patch embedding's
+    image size and channels; Hugging Face: ``config.image_size`` / ``num_channels``)."""
+    from atmerge.config import _architecture, _hf_config
+
+    size = _architecture(model)["input_size"]
+    if not size:
+        raise ValueError(f"cannot tell the input size of {type(model).__name__}; pass example images to export_onnx")
+    config = _hf_config(model)
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    channels = getattr(config, "num_channels", None) if config is not None else getattr(proj, "in_channels", None)
+    return torch.randn(batch, channels or 3, *size, generator=torch.Generator().manual_seed(0))
+
+
+def export_config(config: str | Path, model: nn.Module, out: str | Path, *, batch: int = 1, dynamic_batch: bool = True) -> Path:
+    """``atmerge export --config CFG --out model.onnx``: patch ``model`` with the method saved at
+    ``config`` (:func:`atmerge.load_method`; a frozen or fixed-count one) and write it as ONNX to
+    ``out`` (input 'images' of any batch size with ``dynamic_batch``).  Returns the path."""
+    from atmerge.api import patch
+    from atmerge.config import load_method
+
+    method = load_method(config, model)
+    check_static(method)  # before patching: a refused export leaves the model as it was
+    patch(model, method)
+    return export_onnx(model, out, example_images(model, batch), dynamic_batch=dynamic_batch)

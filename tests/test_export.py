@@ -74,3 +74,23 @@ def test_exporting_an_adaptive_method_is_refused(method, tmp_path):
         with pytest.raises(ValueError, match="is adaptive") as e:
             call()
         assert "\n" not in str(e.value) and "atmerge.freeze" in str(e.value)
+
+
+@needs_onnx
+def test_a_saved_frozen_config_exports_and_an_adaptive_one_is_refused(tmp_path):
+    import onnxruntime
+    from atmerge.config import save_method
+    from atmerge.export import export_config
+
+    torch.manual_seed(0)
+    model = tiny_vit()
+    frozen = save_method(tmp_path / "frozen.json", model, frozen_atm())
+    path = export_config(frozen, model, tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(path))
+    x = blocky_images(4, noise=0.2)
+    with torch.no_grad():
+        assert abs(session.run(None, {"images": x.numpy()})[0] - model(x).numpy()).max() < 1e-4
+    adaptive = save_method(tmp_path / "atm.json", atmerge.unpatch(model), atmerge.ATM())
+    with pytest.raises(ValueError, match="ATM is adaptive"):
+        export_config(adaptive, model, tmp_path / "atm.onnx")
+    assert not atmerge.is_patched(model)
