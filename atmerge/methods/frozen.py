@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from atmerge.core.matching import SIMILARITIES
+from atmerge.core.merging import Assignment
 from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, floats
@@ -88,6 +89,8 @@ class Frozen(Method):
 
     def decide(self, ctx: BlockContext) -> Decision:
         r = self.count(ctx.block)
+        if r == 0:  # nothing to match for
+            return Decision(Assignment.identity(ctx.metric.shape[0], ctx.metric.shape[1], ctx.metric.device), requested=0)
         size_distinctive = self.split_layer is not None and ctx.layer > self.split_layer
         m = match_tokens(ctx, size_distinctive=size_distinctive, similarity=self.similarity)
         return m.decision(r, ctx.num_protected, requested=r)
