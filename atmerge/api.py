@@ -3,6 +3,7 @@ The model's family is found by :func:`atmerge.models.adapter.adapter_for`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -159,6 +160,14 @@ def _calibration_batches(images, model: nn.Module, batch_size: int):
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+@contextlib.contextmanager
+def _restore_mode(model: nn.Module, training: bool):
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 def _weighted_quantile(values: list[float], weights: list[float], q: float) -> float:
     """The smallest value whose cumulative weight reaches q of the total (q = 1: the largest)."""
     order = sorted(range(len(values)), key=values.__getitem__)
@@ -211,7 +220,9 @@ def freeze(model: nn.Module, images, quantile: float | None = None, *, batch_siz
     samples: list[list[float]] = []  # merges per block of one sample (a batch, or an image)
     weights: list[float] = []
     first_tokens = None
-    with torch.no_grad():
+    was_training = model.training
+    model.eval()  # the counts of inference (no dropout); the mode is restored below
+    with torch.no_grad(), _restore_mode(model, was_training):
         for batch in _calibration_batches(images, model, batch_size):
             if batch.shape[0] == 0:
                 continue
