@@ -385,10 +385,10 @@ def _patched_methods(cls: type) -> dict:
 
 def __getattr__(name: str) -> type:
     """Rebuild a patched class by name when a pickled patched model is loaded in a fresh process
-    (the original class is looked up in timm's vision_transformer module and atmerge's own
-    model definitions)."""
-    import timm.models.deit as deit
-    import timm.models.vision_transformer as vit
+    (the original class is looked up in timm's vision_transformer and deit modules and atmerge's
+    own model definitions)."""
+    from timm.models import deit
+    from timm.models import vision_transformer as vit
 
     from atmerge.models import lvvit, t2t_vit
 
