@@ -20,7 +20,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 
 import atmerge
-from common import imagenet_batches, table, write_json
+from common import imagenet_batches, run_header, table, write_json
 
 PUBLISHED = {"lvvit_t": 2.9, "lvvit_s": 6.6, "lvvit_m": 12.7, "t2t_vit_t_14": 6.1, "t2t_vit_t_19": 9.8,
              "t2t_vit_t_24": 15.0, "mae_vit_base_ft": 17.6}
@@ -64,7 +64,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(row, flush=True)
     print(table(rows, ["model", "published", "atmerge", "fvcore", "vs_published", "params_m"]))
-    write_json(dict(command="python bench/backbones.py", torch=torch.__version__, timm=timm.__version__, rows=rows), args.out)
+    header = run_header(args, seed=0, image_size=224, weights="random init (timm.create_model, no pretrained)",
+                        lvvit_images=16, lvvit_merging="ToMe(r=8)", fvcore="fused attention off, 1 random image")
+    write_json(dict(**header, rows=rows), args.out)
     return 0
 
 

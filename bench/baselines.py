@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 import atmerge
@@ -36,7 +34,7 @@ from atmerge import data, zoo
 from atmerge.experiments.search import search_methods, trial_method, unpatched_outputs
 from atmerge.fidelity import paired_fidelity
 from atmerge.methods.registry import build_method, method_settings
-from common import TARGETS, describe, loader_batches, table, write_json
+from common import TARGETS, describe, loader_batches, run_header, table, write_json
 
 METHODS = ("atm", "tome", "topr", "constant", "evit", "mctf", "zerotp")
 
@@ -154,10 +152,12 @@ def main(argv=None) -> int:
             fronts[label].append({"setting": method_settings(chosen), "calib_agreement": point["agreement"],
                                   "calib_gflops": point["gflops"], **measured})
     report_json = dict(
-        command=f"python bench/baselines.py --model {args.model}" + (" --quick" if args.quick else f" --trials {args.trials}"),
-        model=args.model,
-        torch=torch.__version__, timm=timm.__version__, cpu=platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), trials_per_method=args.trials, calib_images=len(cal), report_images=len(rep),
+        **run_header(args, trials_per_method=args.trials, calib_images=len(cal), report_images=len(rep),
+                     batch_size=batch_size, front_points_per_method=front_points, targets=TARGETS, dtype="float32",
+                     split="seeded permutation of cifar10-test (seed 0): the first calib images calibrate, the "
+                           "next report images report", search="Optuna, seed 0, goal pareto, metric agreement",
+                     chosen_per_target="the most agreeing calibration trial within the target (rows.settings)"),
+        model=args.model, trials_per_method=args.trials, calib_images=len(cal), report_images=len(rep),
         patch_options="defaults: prune_last_block on (CLS only in the last MLP) for every method; "
                       "prop_attn = each method's default (off for EViT)",
         unpatched={"gflops": dense, "top1": base.top1, "calib_top1": reference[0]["top1"]},

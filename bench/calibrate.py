@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 import atmerge
 from atmerge import data, zoo
 from atmerge.calibrate import folder_batches
 from atmerge.fidelity import paired_fidelity
-from common import describe, loader_batches, table, write_json
+from common import describe, loader_batches, run_header, table, write_json
 
 GOALS = (("budget", 0.6), ("floor", 0.98))
 
@@ -72,9 +70,10 @@ def main(argv=None) -> int:
             report_gflops_share=res.gflops / base.gflops, **{f"report_{k}": v for k, v in measured.items()},
         ))
         print(f"{goal} {target}: {minutes:.1f} min, {c.method}", flush=True)
-    result = dict(command=f"python bench/calibrate.py --images {args.images} --trials {args.trials}",
-                  torch=torch.__version__, timm=timm.__version__, cpu=platform.processor() or platform.machine(),
-                  threads=torch.get_num_threads(), calibration_images=sum(b.shape[0] for b in batches),
+    header = run_header(args, goals=GOALS, method="ATM() (its default search space, fitted to the model)",
+                        calibration_batch_size=250, calibration_seed=0, optuna_seed=0, holdout=0.25, dtype="float32",
+                        report="all of cifar10-test, batch 250")
+    result = dict(**header, calibration_images=sum(b.shape[0] for b in batches),
                   skipped=skipped, image_loading_seconds=load_seconds, report_images=len(labels),
                   unpatched={"gflops": base.gflops, "top1": base.top1}, rows=rows)
     print(table(rows, ["goal", "target", "met", "minutes", "finished", "calib_gflops_share", "calib_agreement",

@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 import atmerge
 from atmerge import data
 from atmerge.calibrate import folder_batches
 from atmerge.fidelity import paired_fidelity
-from common import cifar10_model, dinov2_probe_model, describe, loader_batches, table, write_json
+from common import cifar10_model, dinov2_probe_model, describe, loader_batches, run_header, table, write_json
 
 GOALS = ({"budget": 0.75}, {"budget": 0.6}, {"budget": 0.5}, {"min_agreement": 0.99}, {"min_agreement": 0.98})
 METHODS = (("ATM", "atm", True), ("ATM (paper grid)", "atm", False), ("ToMe", "tome", True),
@@ -78,6 +76,10 @@ def main(argv=None) -> int:
     setup, n_calib, holdout, n_report, batch_size, trials, methods = MODELS[args.model]
     if args.quick:
         n_calib, n_report, batch_size, trials = 64, 64, 32, 3
+    chosen = dict(calibration_images=n_calib, held_out_share=holdout, report_images=n_report, batch_size=batch_size,
+                  trials_per_method=trials, goals=GOALS, methods=[m[0] for m in methods], calibration_seed=0,
+                  optuna_seed=0, report_subset_seed=0, early_stop=False, dtype="float32",
+                  calibration_data="cifar10-train (seeded subset)", report_data="cifar10-test (seeded subset)")
     torch.manual_seed(0)
     start = time.time()
     model, transform = setup()
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
                                                        search=c.search, held_out_images=c.images))
     paper = atmerge.ATM()
     if args.only and "ATM, paper DeiT-S setting" not in args.only:
-        return finish(args, out, rows, calib, labels, trials, dense, base, start)
+        return finish(args, out, rows, calib, labels, trials, dense, base, start, chosen)
     atmerge.patch(model, paper)
     res, outputs = atmerge.evaluate(model, calib, keep_outputs=True)
     atmerge.unpatch(model)
@@ -125,13 +127,14 @@ def main(argv=None) -> int:
     add("ATM, paper DeiT-S setting", "fixed", paper,
         dict(met=None, calib_gflops_share=res.gflops / dense, calib_agreement=agree,
              calib_agreement_low=agreement_lower_bound(agree, res.images)))
-    return finish(args, out, rows, calib, labels, trials, dense, base, start)
+    return finish(args, out, rows, calib, labels, trials, dense, base, start, chosen)
 
 
-def finish(args, out, rows, calib, labels, trials, dense, base, start) -> int:
-    """Write the JSON (with --only: the other methods' rows kept from the previous file)."""
+def finish(args, out, rows, calib, labels, trials, dense, base, start, chosen) -> int:
+    """Write the JSON (with --only: the other methods' rows kept from the previous file, and the
+    previous run's header under ``previous_run``)."""
     minutes = (time.time() - start) / 60
-    command = f"python bench/calibrated.py --model {args.model}" + (" --quick" if args.quick else "")
+    header = run_header(args, **chosen)
     if args.only and Path(out).exists():
         previous = json.loads(Path(out).read_text())
         rerun = {r["method"] for r in rows}
@@ -139,11 +142,9 @@ def finish(args, out, rows, calib, labels, trials, dense, base, start) -> int:
         order = [m[0] for m in METHODS] + ["ATM, paper DeiT-S setting"]
         rows.sort(key=lambda r: order.index(r["method"]))
         minutes = {"previous": previous["minutes"], "rerun " + ", ".join(sorted(rerun)): minutes}
-        command = f"{previous['command']}, then {command} --only " + " ".join(f"'{m}'" for m in sorted(rerun))
+        header["previous_run"] = {k: v for k, v in previous.items() if k not in ("rows", "unpatched", "minutes")}
     result = dict(
-        command=command, model=args.model, torch=torch.__version__,
-        timm=timm.__version__, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-        calibration_images=sum(b.shape[0] for b in calib), report_images=len(labels), trials_per_method=trials,
+        **header, model=args.model, calibration_images=sum(b.shape[0] for b in calib), report_images=len(labels), trials_per_method=trials,
         unpatched={"gflops": dense, "top1": base.top1}, minutes=minutes, rows=rows,
     )
     print(table(rows, ["method", "goal", "met", "calib_gflops_share", "calib_agreement", "calib_agreement_low",

@@ -1,9 +1,17 @@
-"""Helpers shared by the benchmarks: tables, data batches, warm-up."""
+"""Helpers shared by the benchmarks: tables, data batches, warm-up, and the header that every
+bench JSON starts with (:func:`run_header`: how the numbers were made)."""
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
+import os
+import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +23,103 @@ from atmerge import data
 from atmerge.experiments.io import format_table
 
 TARGETS = (0.85, 0.75, 0.65)  # shares of the unpatched model's GFLOPs for matched comparisons
+WARMUP = 2  # untimed rounds before every timing (alternate_timings)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, sysctl on macOS; else what platform says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, '+dirty' when tracked files differ from it; None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def gpu_info() -> dict | None:
+    """The GPU the run used (None without CUDA): name, compute capability, count, NVIDIA driver
+    (nvidia-smi) and the CUDA / cuDNN versions torch runs with."""
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    driver = None
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={index}"],
+                              capture_output=True, text=True, timeout=30)
+        driver = done.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return dict(name=torch.cuda.get_device_name(index), capability=".".join(map(str, torch.cuda.get_device_capability(index))),
+                count=torch.cuda.device_count(), driver=driver, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version())
+
+
+def _plain(value):
+    """``value`` as JSON: paths and other objects as text, containers element by element."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return str(value)
+
+
+def run_header(args=None, **chosen) -> dict:
+    """How a bench's numbers were made, the head of its JSON: the command line as typed
+    (``sys.argv``) and every parsed option (``args``, defaults included); the machine (CPU model,
+    cores, the torch threads in use now — call this after setting them —, and the GPU: name,
+    driver, CUDA); python / torch / timm / transformers / atmerge versions and the git commit;
+    the time (UTC); and ``chosen``: every setting the bench chose itself (bisected knobs,
+    warm-up and repeat counts, dtype, which epoch was timed, ...)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return dict(
+        command=shlex.join(["python", *sys.argv]),
+        argv=list(sys.argv),
+        python_executable=sys.executable,
+        arguments=_plain(vars(args)) if args is not None else None,
+        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=dict(cpu=cpu_model(), cores=os.cpu_count(), cores_usable=usable, torch_threads=torch.get_num_threads(),
+                     torch_interop_threads=torch.get_num_interop_threads(), platform=platform.platform()),
+        gpu=gpu_info(),
+        versions=dict(python=platform.python_version(), torch=torch.__version__, timm=_version("timm"),
+                      transformers=_version("transformers"), fvcore=_version("fvcore"), numpy=_version("numpy"),
+                      atmerge=_version("atmerge"), git_commit=_git_commit()),
+        chosen=_plain(chosen),
+    )
 
 
 def describe(method) -> str:
@@ -71,7 +176,7 @@ def write_json(report: dict, path: str) -> None:
     print(f"\nwrote {out}")
 
 
-def alternate_timings(runs: dict, repeats: int, warmup: int = 2, sync=None) -> dict[str, float]:
+def alternate_timings(runs: dict, repeats: int, warmup: int = WARMUP, sync=None) -> dict[str, float]:
     """Median seconds of each run, timed alternately (a, b, c, a, b, c, …: the machine's load
     drifts, so one run's timings are never taken in a block) after ``warmup`` rounds.
     runs: name → (prepare, run); ``prepare()`` (e.g. patching) is not timed, ``run()`` is.

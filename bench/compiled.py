@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 
 import timm
@@ -27,7 +26,7 @@ import torch._dynamo as dynamo
 import atmerge
 from atmerge import data
 from atmerge.methods.registry import knob_factory
-from common import alternate_timings, cifar10_model, imagenet_batches, loader_batches, table, write_json
+from common import WARMUP, alternate_timings, cifar10_model, describe, imagenet_batches, loader_batches, run_header, table, write_json
 
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)
 
@@ -54,12 +53,14 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     repeats = 2 if args.smoke else args.repeats
-    rows = []
+    rows, matched = [], {}
     for name, model, batches in models(args.smoke):
         depth, patches = len(model.blocks), model.patch_embed.num_patches
         atm = atmerge.ATM(**PAPER_DEIT_S)
         target = atmerge.budget.mean_gflops(model, atm, batches)
         tome = atmerge.match_gflops(model, knob_factory("tome", depth, patches), target, batches, steps=8).method
+        matched[name] = dict(target_gflops=target, tome=describe(tome), atm=describe(atm),
+                             images=sum(x.shape[0] for x in batches), batch_size=batches[0].shape[0])
         atmerge.unpatch(model)
         variants, graphs, compile_seconds, gflops = {}, {}, {}, {}
         for method_name, method in (("unpatched", None), ("ToMe", tome), ("ATM", atm)):
@@ -94,9 +95,10 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
     print(table(rows, ["model", "method", "mode", "gflops", "images_per_s", "speedup_vs_unpatched_eager",
                        "speedup_vs_own_eager", "flops_ratio", "first_call_seconds", "graphs"]))
-    write_json(dict(command="python bench/compiled.py" + (" --smoke" if args.smoke else ""), torch=torch.__version__,
-                    cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(), repeats=repeats,
-                    rows=rows), args.out)
+    header = run_header(args, repeats=repeats, warmup=WARMUP, dtype="float32", backend="inductor (torch.compile default)",
+                        tome_bisection_steps=8, matched_per_model=matched,
+                        timed="batches[0] of each model; the other batches run once first to make shapes dynamic")
+    write_json(dict(**header, repeats=repeats, rows=rows), args.out)
     return 0
 
 

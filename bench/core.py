@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 
 import timm
@@ -24,7 +23,7 @@ import torch
 
 import atmerge
 from atmerge import data, zoo
-from common import alternate_timings, imagenet_batches, loader_batches, method_runs, table, write_json
+from common import WARMUP, alternate_timings, imagenet_batches, loader_batches, method_runs, run_header, table, write_json
 from atmerge.core.matching import alternate_split, best_match
 from atmerge.core.merging import bipartite_merge, merge_weighted_average
 from atmerge.core.schedules import batch_adaptive_r
@@ -120,13 +119,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     q = args.quick
-    report: dict = dict(
-        command="python bench/core.py" + (" --quick" if q else ""),
-        torch=torch.__version__,
-        timm=timm.__version__,
-        cpu=platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(),
-        batch_size=64,
+    report: dict = run_header(
+        args, batch_size=64, dtype="float32", seed=0, warmup=WARMUP, repeats=3 if q else 11,
+        merge_overhead_repeats=5 if q else 21, cifar10_images=256 if q else "all", deit_s_images=64 if q else 256,
+        dinov2_images=16 if q else 64, dinov2_batch_size=32, dinov2_bisection_steps=5 if q else 12,
+        atm=PAPER_DEIT_S, note="the bisected beta of every DINOv2 row is in dinov2_similarity.rows",
     )
     atm = {"ATM (0.99, 0.04, 0.88)": atmerge.ATM(**PAPER_DEIT_S)}
     cols = ["method", "top1", "gflops", "images_per_s", "speedup", "flops_ratio", "speedup_over_flops_ratio", "output_cosine"]

@@ -25,11 +25,9 @@ import argparse
 import copy
 import dataclasses
 import json
-import platform
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 import atmerge
@@ -39,7 +37,7 @@ from atmerge.finetune import FinetuneConfig, finetune
 from atmerge.recipe import train_transform
 from atmerge.methods.registry import knob_factory, method_settings
 from atmerge.models.patching import merge_state
-from common import describe, loader_batches, table, write_json
+from common import describe, loader_batches, run_header, table, write_json
 
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)  # Table A2, DeiT-S row at 3.26 GFLOPs
 BATCH = 64  # evaluation batch (batch-adaptive merging depends on it)
@@ -108,10 +106,6 @@ def main(argv=None) -> int:
     epochs, train_images, batch = (1, 64, 16) if q else (args.epochs, args.train_images, args.batch_size)
     config = FinetuneConfig(epochs=epochs, batch_size=batch, train_limit=train_images, val_batch_size=BATCH,
                             progress=not q)
-    report = dict(command="python bench/finetune.py" + (" --quick" if q else ""), torch=torch.__version__,
-                  timm=timm.__version__, cpu=platform.processor() or platform.machine(),
-                  threads=torch.get_num_threads())
-
     start = zoo.cifar10_reference_vit()
     normalization = (data.CIFAR10_MEAN, data.CIFAR10_STD)
     test_all = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
@@ -127,6 +121,15 @@ def main(argv=None) -> int:
     target = mean_gflops(copy.deepcopy(start), atm, calib_images)
     tome = atmerge.match_gflops(copy.deepcopy(start), knob_factory("tome", len(start.blocks), start.patch_embed.num_patches),
                                 target, calib_images, steps=4 if q else 10).method
+    report = run_header(
+        args, epochs=epochs, train_images=train_images, batch_size=batch, eval_batch_size=BATCH, seed=0,
+        train_subset_seed=config.seed, val_images=32 if q else args.val_images, val_subset_seed=1,
+        test_images="64" if q else "all of cifar10-test", calibration_images=len(calibration), calibration_seed=2,
+        atm=method_settings(atm), tome_bisected=method_settings(tome), tome_bisection_steps=4 if q else 10,
+        gflops_target=target, dtype="float32", amp=config.amp,
+        timed="epoch_seconds and train_images_per_s: mean over every epoch; train_seconds: all epochs",
+        reported_weights="the last epoch's", work=str(work),
+    )
     base = report_row("unpatched", "none", start, test)
     base.update(top1_change=0.0, gflops_saved=0.0)
     rows = [base]

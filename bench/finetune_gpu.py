@@ -33,7 +33,7 @@ from atmerge import data
 from atmerge.finetune import FinetuneConfig, finetune
 from atmerge.recipe import train_transform
 from atmerge.resume import seed_everything
-from common import imagenet_photos, write_json
+from common import imagenet_photos, run_header, write_json
 
 TARGET_GFLOPS = 2.6  # Table 4: ATM fine-tuned DeiT-S
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -116,15 +116,21 @@ def main(argv=None) -> int:
     for row in rows:
         row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
         row["flops_ratio"] = dense / row["train_gflops"] if row["method"] != "unmerged" else 1.0
-    write_json(dict(command=f"python bench/finetune_gpu.py --images {args.images} --batch {args.batch}",
-                    device=torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
-                    torch=torch.__version__, timm=timm.__version__, batch=args.batch, dense_gflops=dense,
+    header = run_header(args, device=device, images_per_epoch=args.images, batch=args.batch, workers=args.workers,
+                        photos=count, epochs=base_config.epochs, timed="the last (second) of the two epochs",
+                        dtype="bf16 autocast (amp)", weights="random init, seed 0", augmentation_seed=0,
+                        target_gflops=TARGET_GFLOPS, bisected_theta_min=atm.theta_min, atm_bisection_steps=12,
+                        bisected_on=f"{len(batches[0])} evaluation-transform photos, bf16 autocast",
+                        matched_eval_gflops=match.gflops, finetune_config=base_config.__dict__)
+    write_json(dict(**header, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
+                    batch=args.batch, dense_gflops=dense,
                     target_gflops=TARGET_GFLOPS, matched_eval_gflops=match.gflops, rows=rows), args.out)
     return 0
 
 
 def markdown(report: dict) -> str:
-    lines = [f"{report['device']}, DeiT-S shape, batch {report['batch']}, bf16, second of two epochs "
+    device = report["device_name"] if "device_name" in report else report["device"]  # older files: "device"
+    lines = [f"{device}, DeiT-S shape, batch {report['batch']}, bf16, second of two epochs "
              f"(`{report['command']}`)", "",
              "| model | train GFLOPs / image | eval GFLOPs | images/s | speed-up | FLOPs ratio | ImageNet epoch (1.28 M images) |",
              "|---|---|---|---|---|---|---|"]

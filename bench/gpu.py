@@ -25,10 +25,11 @@ import torch
 
 import atmerge
 from atmerge.methods.registry import knob_factory
-from common import alternate_timings, imagenet_batches, method_runs, write_json
+from common import alternate_timings, imagenet_batches, method_runs, run_header, write_json
 
 SHAPES = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)
+WARMUP = 3  # rounds before timing (CUDA kernels, autotuning)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -51,7 +52,7 @@ def timed(model, methods: dict, x: torch.Tensor, dtype, repeats: int) -> dict:
     """Median seconds per batch of each method (None = unpatched), timed alternately after three
     warm-up rounds, CUDA-synchronised."""
     with torch.autocast(x.device.type, dtype=dtype):
-        seconds = alternate_timings(method_runs(model, methods, x), repeats, warmup=3, sync=lambda: sync(x.device))
+        seconds = alternate_timings(method_runs(model, methods, x), repeats, warmup=WARMUP, sync=lambda: sync(x.device))
     atmerge.unpatch(model)
     return seconds
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         print("bench/gpu.py needs a CUDA device; none is available here", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    rows = []
+    rows, bisected = [], {}
     for shape in shapes:
         model = timm.create_model(shape, pretrained=False).eval().to(device)
         x = batch_of(model, args.batch, device)
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
             "ATM per-image": matched(model, lambda t: atmerge.ATM(**{**PAPER_DEIT_S, "theta_min": 0.5 + 0.5 * t},
                                                                   batch_adaptive=False), target, x),
         }
+        bisected[shape] = {"target_gflops": target, "ToMe": str(methods["ToMe"]),
+                           "ATM per-image theta_min": methods["ATM per-image"].theta_min}
         gflops = {"unpatched": dense}
         for name, method in methods.items():
             if method is not None:
@@ -106,14 +109,18 @@ def main(argv=None) -> int:
                                  images_per_s=args.batch / seconds[name],
                                  speedup=seconds["unpatched"] / seconds[name], flops_ratio=dense / gflops[name]))
                 print(rows[-1], flush=True)
-    write_json(dict(command=f"python bench/gpu.py --batch {args.batch} --repeats {args.repeats}",
-                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)", torch=torch.__version__, timm=timm.__version__,
+    header = run_header(args, device=str(device), shapes=shapes, dtypes=list(dtypes), batch=args.batch,
+                        repeats=args.repeats, warmup=WARMUP, weights="random init, seed 0",
+                        images="64 shared ImageNet photos repeated to the batch", bisection_steps=10,
+                        bisected_in="bf16 autocast", atm=PAPER_DEIT_S, bisected=bisected)
+    write_json(dict(**header, device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)",
                     batch=args.batch, rows=rows), args.out)
     return 0
 
 
 def markdown(report: dict) -> str:
-    lines = [f"{report['device']}, batch {report['batch']}, median of the runs (`{report['command']}`)", "",
+    device = report["device_name"] if "device_name" in report else report["device"]  # older files: "device"
+    lines = [f"{device}, batch {report['batch']}, median of the runs (`{report['command']}`)", "",
              "| model | dtype | method | GFLOPs | images/s | speed-up | FLOPs ratio |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['model']} | {r['dtype']} | {r['method']} | {r['gflops']:.2f} | {r['images_per_s']:.0f} | "

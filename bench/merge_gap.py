@@ -18,7 +18,7 @@ import torch
 
 import atmerge
 from atmerge import data, zoo
-from common import alternate_timings, write_json
+from common import WARMUP, alternate_timings, run_header, write_json
 
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)
 
@@ -51,13 +51,16 @@ def main(argv=None) -> int:
                                  "ATM": (lambda: None, lambda: merged(x)),
                                  "oracle": (lambda: None, oracle)}, args.repeats)
     flops_ratio = atmerge.gflops(dense, (3, 32, 32)) / stats.gflops
-    report = dict(command="python bench/merge_gap.py", threads=torch.get_num_threads(), tokens_per_block=attn_counts,
+    header = run_header(args, images="the first 64 of cifar10-test", batch_size=64, repeats=args.repeats, warmup=WARMUP,
+                        dtype="float32", atm=PAPER_DEIT_S, oracle_mlp_tokens=mlp_counts)
+    report = dict(**header, tokens_per_block=attn_counts,
                   gflops=stats.gflops, flops_ratio=flops_ratio, ms={k: 1e3 * v for k, v in seconds.items()},
                   atm_speedup_over_flops_ratio=seconds["unpatched"] / seconds["ATM"] / flops_ratio,
                   oracle_speedup_over_flops_ratio=seconds["unpatched"] / seconds["oracle"] / flops_ratio,
                   merge_step_share_of_atm_time=1 - seconds["oracle"] / seconds["ATM"])
     for key, value in report.items():
-        print(f"{key}: {value}")
+        if key not in header:
+            print(f"{key}: {value}")
     write_json(report, args.out)
     return 0
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
-import timm
 import torch
 from PIL import Image
 
@@ -31,7 +29,7 @@ from atmerge.experiments import analyze, search as search_mod
 from atmerge.experiments.probe import load_probe_classifier, run_probe
 from atmerge.experiments.visualize import draw
 from atmerge.methods.registry import knob_factory, method_settings
-from common import loader_batches, table, write_json
+from common import loader_batches, run_header, table, write_json
 
 
 def split(dataset, calib: int, report: int | None, seed: int = 0):
@@ -119,8 +117,7 @@ def main(argv=None) -> int:
     q = args.quick
     torch.manual_seed(0)
     figures = Path(args.figures)
-    report = dict(command="python bench/paper.py" + (" --quick" if q else ""), torch=torch.__version__,
-                  timm=timm.__version__, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    report: dict = {}
 
     print("== CIFAR-10 reference ViT ==", flush=True)
     model = zoo.cifar10_reference_vit()
@@ -156,6 +153,17 @@ def main(argv=None) -> int:
     report["visualize"] = {"images": [f.name for f in files], "atm": method_settings(atm), "tome": method_settings(tome),
                            "mean_gflops_target": target, **vis}
 
+    report = {**run_header(
+        args, seed=0, dtype="float32",
+        cifar10=dict(calib_images=64 if q else 1000, report_images=64 if q else "the other 9,000", split_seed=0,
+                     batch_size=250, trials=4 if q else 40, search="Optuna, seed 0, goal pareto, ATM()"),
+        dinov2=dict(calib_images=32 if q else 128, report_images=32 if q else 400, split_seed=1, batch_size=64,
+                    trials=3 if q else 16, search="Optuna, seed 0, goal pareto, ATM(similarity='centered')",
+                    probe_train_images=200 if q else 2000, probe_test_images=100 if q else 1000),
+        stress_choice="the cheapest trial whose calibration top-1 is no lower than the unpatched model's",
+        visualize=dict(images=len(files), atm=method_settings(atm), tome_bisected=method_settings(tome),
+                       tome_bisection_steps=8, mean_gflops_target=target),
+    ), **report}
     cols = ["model", "method", "calib_top1", "calib_gflops", "top1", "gflops", "gflops_saved", "top1_change"]
     print(table(report["cifar10_reference"]["stress"] + report["dinov2_probe"]["stress"], cols))
     write_json(report, args.out)

@@ -23,18 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 import atmerge
 from atmerge import data
 from atmerge.fidelity import paired_fidelity
-from common import alternate_timings, cifar10_model, dinov2_probe_model, loader_batches, method_runs, table, write_json
+from common import alternate_timings, cifar10_model, dinov2_probe_model, loader_batches, method_runs, run_header, table, write_json
 
 TARGETS = (0.75, 0.6, 0.5)
 MODES = {"batch-mean r": True, "per-image r": False}
@@ -43,6 +41,8 @@ MODES = {"batch-mean r": True, "per-image r": False}
 # name: (setup, calibration images, report images, timing repeats)
 MODELS = {"cifar10-vit": (cifar10_model, 512, 3000, 11), "dinov2-probe": (dinov2_probe_model, 64, 256, 11)}
 BATCH = 64
+WARMUP = 1  # untimed rounds before the timed ones
+STEPS = 12  # bisection steps of beta
 
 
 def factory(batch_adaptive: bool):
@@ -65,7 +65,7 @@ def run(model, method, batches):
 
 def timings(model, methods: dict, x: torch.Tensor, repeats: int) -> dict:
     """Seconds per batch of each method, timed alternately after one warm-up round, median of ``repeats``."""
-    seconds = alternate_timings(method_runs(model, methods, x), repeats, warmup=1)
+    seconds = alternate_timings(method_runs(model, methods, x), repeats, warmup=WARMUP)
     atmerge.unpatch(model)
     return seconds
 
@@ -90,7 +90,7 @@ def bench_model(name: str, quick: bool) -> dict:
     for share in TARGETS:
         per_mode = {}
         for mode, batch_adaptive in MODES.items():
-            match = atmerge.match_gflops(model, factory(batch_adaptive), share * dense, calib, steps=12)
+            match = atmerge.match_gflops(model, factory(batch_adaptive), share * dense, calib, steps=STEPS)
             outputs, gflops, executed = run(model, match.method, images)
             measured = paired_fidelity(outputs, reference, labels)
             same = (outputs.argmax(-1) == reference.argmax(-1)).double()
@@ -110,7 +110,8 @@ def bench_model(name: str, quick: bool) -> dict:
     speed = {mode: {"seconds_per_batch": s, "images_per_second": x.shape[0] / s} for mode, s in seconds.items()}
     speed["per_image_slowdown"] = seconds["per-image r"] / seconds["batch-mean r"] - 1
     return dict(model=name, dense_gflops=dense, calib_images=n_calib, report_images=n_report, rows=rows,
-                speed=speed, speed_batch=x.shape[0], repeats=repeats)
+                speed=speed, speed_batch=x.shape[0], repeats=repeats,
+                timed_methods={mode: str(method) for mode, method in chosen_methods.items()})
 
 
 def main(argv=None) -> int:
@@ -126,9 +127,15 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.time()
     results = [bench_model(name, args.quick) for name in args.models]
-    report = dict(command="python bench/per_image.py" + (" --quick" if args.quick else ""), torch=torch.__version__,
-                  timm=timm.__version__, cpu=platform.processor() or platform.machine(),
-                  threads=torch.get_num_threads(), minutes=(time.time() - start) / 60, models=results)
+    header = run_header(
+        args, targets=TARGETS, modes=MODES, batch_size=BATCH, warmup=WARMUP, bisection_steps=STEPS, dtype="float32",
+        knob="ATM(alpha=1, beta=0.1 (1 - t), theta_min=0.5), t bisected to each target on the calibration images",
+        split="a seeded (0) subset of cifar10-test: the first calib images calibrate, the rest report",
+        sizes={name: dict(zip(("calib_images", "report_images", "repeats"),
+                              (64, 128, 2) if args.quick else MODELS[name][1:])) for name in args.models},
+        timed="the first report batch, with the methods bisected to the 60% target (models[].timed_methods); "
+              "every row's bisected beta is in models[].rows")
+    report = dict(**header, minutes=(time.time() - start) / 60, models=results)
     for r in results:
         print(table(r["rows"], ["model", "target", "mode", "gflops_share", "executed_gflops_share", "agreement",
                                 "top1_change", "kl"]))
