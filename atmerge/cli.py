@@ -1,9 +1,11 @@
 """`atmerge` command line: sub-commands that call the library's experiment functions.
 
-    atmerge eval                      # CIFAR-10 reference ViT + ATM vs unpatched, offline
+    atmerge eval                      # CIFAR-10 reference ViT + ATM vs unpatched, offline (ships with the package)
+    atmerge calibrate --data my_photos/ --budget 0.6 --out cal/   # settings for 60% of the GFLOPs, no labels
+    atmerge eval --config cal/calibration.json --data my_photos/  # check it: agreement promised vs measured
     atmerge eval --model deit_small_patch16_224 --pretrained --data /imagenet/val --method atm
     atmerge eval --hf-model path/to/saved-vit --data my_folder/   # a Hugging Face model + its image processor
-    atmerge search --budget 0.25      # Optuna over alpha, beta, theta_min
+    atmerge search --budget 0.5       # Optuna over alpha, beta, theta_min within half the GFLOPs
     atmerge analyze info-loss | merge-profile | split-layer | batch-size | merging-error
     atmerge visualize --images a.jpg b.jpg
     atmerge probe                     # linear head for the shared DINOv2-S on CIFAR-10
@@ -63,10 +65,12 @@ def method_flags() -> dict[str, tuple[object, str | None]]:
 METHOD_FLAGS = method_flags()
 
 
-def add_model_options(p: argparse.ArgumentParser, hf: bool = True) -> None:
+def add_model_options(p: argparse.ArgumentParser, hf: bool = True,
+                      default: str = "cifar10-vit, the CIFAR-10 reference ViT that ships with the package") -> None:
     """The model flags; ``hf``: also ``--hf-model`` (a Hugging Face model instead of a timm one)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="timm model name, or a preset: cifar10-vit (default), dinov2-probe")
+    g.add_argument("--model", default=None,
+                   help=f"timm model name, or a preset: cifar10-vit, dinov2-probe (default: {default})")
     if hf:
         g.add_argument("--hf-model", default=None, metavar="NAME_OR_DIR",
                        help="a Hugging Face transformers model instead: a save_pretrained directory (with its "
@@ -100,18 +104,58 @@ def add_data_options(p: argparse.ArgumentParser, labels: bool = False, data_help
                        help="JSON object {class folder name: the model's class index}, for folders whose names are "
                             "not the model's class names")
     g.add_argument("--limit", type=int, default=None, help="use N images (seeded random subset)")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and of the search")
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
+def deprecated(message: str) -> None:
+    """An old spelling that still works for one release: a one-line FutureWarning (shown to users)."""
+    import warnings
+
+    warnings.warn(message, FutureWarning, stacklevel=3)
+
+
+class FlagOrWord(argparse.Action):
+    """A boolean method setting as a flag: ``--x`` (on), ``--no-x`` (off); the old spelling
+    ``--x true|false`` still works, with a deprecation message."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        flag = option_strings[0]
+        kwargs.pop("type", None)
+        super().__init__([flag, "--no-" + flag[2:]], dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = not option_string.startswith("--no-")
+        if values is not None:
+            word = _boolean(values)
+            deprecated(f"'{option_string} {values}' is deprecated; write "
+                       f"{option_string if word else '--no-' + option_string[2:]}")
+            value = word if value else not word
+        setattr(namespace, self.dest, value)
+
+
+def method_owners() -> dict[str, list[str]]:
+    """{setting: the methods that have it}."""
+    owners: dict[str, list[str]] = {}
+    for method, cls in METHODS.items():
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append(method)
+    return owners
+
+
 def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None:
-    g = p.add_argument_group("method (settings left out keep the method's defaults)")
-    g.add_argument("--method", default=default, choices=method_names())
+    g = p.add_argument_group("method (settings left out keep the method's defaults; each says which methods have it)")
+    g.add_argument("--method", default=default, choices=method_names(), help="the token-reduction method")
+    owners = method_owners()
     for name, (kind, nargs) in METHOD_FLAGS.items():
-        g.add_argument("--" + name.replace("_", "-"), type=kind, nargs=nargs, default=None)
+        text = f"setting {name} of: {', '.join(owners.get(name, []))}"
+        if kind is _boolean:
+            g.add_argument("--" + name.replace("_", "-"), action=FlagOrWord, default=None, help=text + " (on/off)")
+        else:
+            g.add_argument("--" + name.replace("_", "-"), type=kind, nargs=nargs, default=None, help=text)
 
 
 def _or_none(kind):
@@ -156,6 +200,10 @@ def setup_from_args(args):
     """:func:`atmerge.experiments.setup.load_setup` with the model flags of ``args``."""
     from atmerge.experiments.setup import load_setup
 
+    if getattr(args, "hf_model", None) is not None and not getattr(args, "progress", True):
+        from atmerge.experiments.hf import _transformers
+
+        _transformers().utils.logging.disable_progress_bar()  # --no-progress: no loading bar either
     return load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, getattr(args, "probe", None),
                       hf_model=getattr(args, "hf_model", None))
 
@@ -205,10 +253,16 @@ def cmd_eval(args) -> int:
     described = batches.dataset.description
     if world.main:
         print(_describe_data(described))
-    result = run_eval(
-        setup.model, method, batches, device=world.device, progress=args.progress and world.main,
-        prop_attn=args.prop_attn, prune_last_block=args.prune_last_block,
-    )
+    try:
+        result = run_eval(
+            setup.model, method, batches, device=world.device, progress=args.progress and world.main,
+            prop_attn=args.prop_attn, prune_last_block=args.prune_last_block,
+        )
+    except ValueError as e:
+        if str(e) != "no images to evaluate":
+            raise
+        raise ValueError(f"none of the images under {described['folder']} could be read "
+                         f"({described['images']} skipped, each named above)") from None
     if not world.main:
         return 0
     result["setup"] = setup.description
@@ -220,7 +274,8 @@ def cmd_eval(args) -> int:
         columns = [c for c in columns if c not in ("top1", "top5")]
     print(format_table(rows, columns))
     d, f = result["difference"], result["fidelity"]
-    top1 = "" if d["top1"] is None else f"top-1 {100 * d['top1']:+.2f} pt, "
+    b, m = result["baseline"], result["merged"]
+    top1 = "" if d["top1"] is None else f"top-1 {100 * b['top1']:.2f}% -> {100 * m['top1']:.2f}% ({100 * d['top1']:+.2f} pt), "
     print(f"difference: {top1}GFLOPs x{d['gflops_ratio']:.3f}, speed x{d['speedup']:.2f}")
     print(fidelity_line(f))
     if promised:
@@ -288,12 +343,30 @@ def cmd_search(args) -> int:
     from atmerge.experiments.io import format_table
     from atmerge.experiments.search import plot_search, search_methods
 
+    from atmerge.api import gflops as dense_gflops
+
     base = method_from_args(args)
+    goal = args.goal or ("budget" if args.budget is not None or args.budget_gflops is not None else "pareto")
+    if goal != "budget" and (args.budget is not None or args.budget_gflops is not None):
+        raise ValueError(f"--budget/--budget-gflops apply to --goal budget, not --goal {goal}")
+    if args.budget is not None and not 0 < args.budget < 1:
+        raise ValueError(f"--budget {args.budget:g} is a share of the unpatched model's GFLOPs; allowed (0, 1) "
+                         "(GFLOPs per image: --budget-gflops)")
     setup, batches = _setup_and_batches(args)
     batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
     setup.model.to(args.device)
+    budget = args.budget_gflops
+    if goal == "budget" and (args.budget is not None or budget is not None):
+        dense = dense_gflops(setup.model, tuple(batches[0][0].shape[1:]))
+        if args.budget is not None:
+            budget = args.budget * dense
+            print(f"budget: {100 * args.budget:.0f}% of the unpatched {dense:.4g} GFLOPs = {budget:.4g} GFLOPs per image")
+        elif budget >= dense:
+            raise ValueError(f"--budget-gflops {budget:g} is not below the unpatched model's {dense:.4g} GFLOPs per "
+                             "image: every setting meets it; give a smaller budget")
+    args.goal = goal
     others = [m for m in (args.compare or []) if m != args.method]
-    results = search_methods(setup.model, batches, [base, *others], goal=args.goal, budget=args.budget,
+    results = search_methods(setup.model, batches, [base, *others], goal=goal, budget=budget,
                              trials=args.trials, seed=args.seed, metric=args.metric, progress=args.progress,
                              cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"))
     result = next(iter(results.values()))
@@ -309,7 +382,8 @@ def cmd_search(args) -> int:
     top1 = "n/a" if b["top1"] is None else f"{b['top1']:.4f}"
     print(f"unpatched: top-1 {top1}, {b['gflops']:.4g} GFLOPs on {result['images']} images")
     if result["best"]:
-        print(f"best ({args.goal}):", {k: result["best"][k] for k in [*result["space"], "top1", "agreement", "gflops"]})
+        best = {k: result["best"][k] for k in [*result["space"], "top1", "agreement", "gflops"]}
+        print(f"best ({args.goal}):", {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()})
     elif args.goal != "pareto":
         print(f"no trial met the {args.goal} constraint; try more --trials")
     _write(result, out, "search", result["trials"])
@@ -323,7 +397,7 @@ def calibration_folder(args, setup) -> Path:
         if args.data is not None and Path(args.data) != Path(args.images):
             raise ValueError(f"--data {args.data} and --images {args.images} name two folders; pass --data only "
                              "(--images is its deprecated spelling)")
-        print("atmerge calibrate: --images is deprecated; use --data FOLDER", file=sys.stderr)
+        deprecated("calibrate --images is deprecated; use --data FOLDER")
     folder = args.data or args.images or setup.default_data
     if folder is None:
         raise ValueError("no images given: pass --data FOLDER (images in any layout; labels are not used)")
@@ -426,10 +500,12 @@ def cmd_visualize(args) -> int:
     from atmerge.methods.registry import knob_factory
 
     torch.manual_seed(args.seed)
-    files = [Path(f) for f in args.images] if args.images else sorted(data.imagenet_samples_folder().iterdir())[: args.count]
-    for f in files:
+    files = []
+    for f in map(Path, args.images or []):
         if not f.exists():
             raise FileNotFoundError(f"image {f} not found")
+        files += data.image_files(f)[: args.count] if f.is_dir() else [f]
+    files = files or sorted(data.imagenet_samples_folder().iterdir())[: args.count]
     if args.model is None and args.hf_model is None:  # real photos on real pretrained weights, offline
         model = zoo.dinov2_small()
         transform = data.model_transform(model)
@@ -507,9 +583,27 @@ def cmd_probe(args) -> int:
     return 0
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that states every option's default (those that have one and do not say it already)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class RawDefaultsFormatter(DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """DefaultsFormatter with a description laid out as written."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (the bad value and what is allowed), then where
-    the options are listed, instead of the whole usage first."""
+    the options are listed, instead of the whole usage first; its help states the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -542,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fidelity for a budget goal (default: agreement for classifiers, cosine for feature models)")
     p.add_argument("--paper-space", action="store_true",
                    help="search the methods' default ranges instead of ranges fitted to the model's similarity scores")
-    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--trials", type=int, default=40, help="settings tried per method")
     p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/calibrate/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_calibrate)
 
@@ -550,9 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     add_data_options(p)
     add_method_options(p)
-    p.add_argument("--goal", default="pareto", choices=["budget", "stress", "pareto"])
-    p.add_argument("--budget", type=float, default=None, help="GFLOPs per image (goal budget)")
-    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--goal", default=None, choices=["budget", "stress", "pareto"],
+                   help="budget: the best setting within a budget; stress: the cheapest; pareto: the front "
+                        "(default: budget when a budget is given, else pareto)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="share of the unpatched model's GFLOPs, in (0, 1), as in calibrate (goal budget)")
+    p.add_argument("--budget-gflops", type=float, default=None, help="GFLOPs per image instead (goal budget)")
+    p.add_argument("--trials", type=int, default=40, help="settings tried per method")
     p.add_argument("--metric", default="top1", choices=["top1", "agreement"],
                    help="trial quality: top-1, or agreement with the unpatched model's predictions (no labels)")
     p.add_argument("--compare", nargs="*", default=[], choices=method_names(), metavar="METHOD",
@@ -563,7 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/search/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("analyze", help="the paper's studies")
+    p = sub.add_parser("analyze", help="the paper's studies", description="""The paper's studies, one per run:
+  info-loss      Figure 2: merge in one block only (constant thresholds); cosine distance of the final CLS
+                 feature from the unmerged model's, per block
+  merge-profile  Figure 6: tokens merged per block by ATM and by a constant threshold of the same GFLOPs
+  split-layer    Table 3: top-1 and GFLOPs of ATM for every split layer 0..depth
+  batch-size     Table A1: top-1 and GFLOPs for each batch size, up to what fits in memory
+  merging-error  Theorem 1: every merged pair's merging error against its bounds""", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=["info-loss", "merge-profile", "split-layer", "batch-size", "merging-error"])
     add_model_options(p)
     add_data_options(p)
@@ -574,10 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("visualize", help="draw which patches merged")
-    add_model_options(p)
+    add_model_options(p, default="the shared DINOv2-S/14 backbone at 224 px, for real photos")
     add_method_options(p)
-    p.add_argument("--images", nargs="*", default=None, help="image files (default: the shared ImageNet photos)")
-    p.add_argument("--count", type=int, default=4, help="how many shared photos when --images is not given")
+    p.add_argument("--images", nargs="*", default=None, metavar="FILE_OR_FOLDER",
+                   help="image files or folders (default: the shared ImageNet photos)")
+    p.add_argument("--count", type=int, default=4, help="how many photos of each folder, or of the shared ones")
     p.add_argument("--versus", default="tome", help="a method tuned to the same mean GFLOPs, drawn above ('' for none)")
     p.add_argument("--steps", type=int, default=10, help="bisection steps for --versus")
     p.add_argument("--every-block", action="store_true", help="one column per block (Figure A1)")

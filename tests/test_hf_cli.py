@@ -186,7 +186,7 @@ def test_fingerprint_of_a_hf_model(vit_dir, tmp_path):
 
 
 def test_calibrate_then_eval_with_the_config(vit_dir, image_folder, tmp_path):
-    args = ["calibrate", "--hf-model", str(vit_dir), "--images", str(image_folder), "--budget", "0.8", "--trials", "2",
+    args = ["calibrate", "--hf-model", str(vit_dir), "--data", str(image_folder), "--budget", "0.8", "--trials", "2",
             "--method", "tome", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "cal")]
     main(args)  # 1 where the goal was not met on these few images: the config is written either way
     config = tmp_path / "cal" / "calibration.json"

@@ -40,8 +40,9 @@ def test_calibrate_uses_the_data_folder(tmp_path, capsys):
 def test_calibrate_images_is_a_deprecated_spelling(tmp_path, capsys):
     folder = _images(tmp_path / "mine", 8)
     out = tmp_path / "cal"
-    main(["calibrate", "--images", str(folder), "--budget", "0.6", "--trials", "1", "--no-progress", "--out", str(out)])
-    assert "--images is deprecated; use --data" in capsys.readouterr().err
+    with pytest.warns(FutureWarning, match="--images is deprecated; use --data"):
+        main(["calibrate", "--images", str(folder), "--budget", "0.6", "--trials", "1", "--no-progress",
+              "--out", str(out)])
     assert json.loads((out / "calibration.json").read_text())["calibration"]["images_description"].startswith("8 images")
     other = _images(tmp_path / "other", 2)
     assert main(["calibrate", "--images", str(folder), "--data", str(other), "--budget", "0.6"]) == 2
