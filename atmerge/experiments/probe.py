@@ -3,6 +3,12 @@ head is a real-weights classifier at 224 px (257 tokens) for eval, search and th
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import os
+import platform
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +19,8 @@ from atmerge import data, zoo
 from atmerge.evaluate import _progress
 
 NUM_CLASSES = 10
+WEIGHT_DECAY = 1e-4  # the probe's L2 penalty
+ITERATIONS = 200  # L-BFGS iterations (full batch)
 
 
 def default_probe_path() -> Path:
@@ -30,9 +38,13 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 64, progress: 
     return torch.cat(feats), torch.cat(labels)
 
 
+def features_path(split: str, limit: int | None, seed: int) -> Path:
+    return data.cache_dir() / "features" / f"dinov2_small_cifar10_{split}_{limit or 'all'}_{seed}.safetensors"
+
+
 def cached_features(model: nn.Module, split: str, limit: int | None, seed: int, progress: bool = True):
     """Features of the shared CIFAR-10 ``split`` (a seeded subset of ``limit`` images), cached."""
-    path = data.cache_dir() / "features" / f"dinov2_small_cifar10_{split}_{limit or 'all'}_{seed}.safetensors"
+    path = features_path(split, limit, seed)
     if path.exists():
         t = load_file(str(path))
         return t["features"], t["labels"]
@@ -44,8 +56,8 @@ def cached_features(model: nn.Module, split: str, limit: int | None, seed: int, 
 
 
 def train_linear_probe(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES, weight_decay: float = 1e-4,
-    iterations: int = 200, seed: int = 0,
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES, weight_decay: float = WEIGHT_DECAY,
+    iterations: int = ITERATIONS, seed: int = 0,
 ) -> nn.Linear:
     """L2-regularised multinomial logistic regression, full batch, L-BFGS; features are
     standardised internally and the scaling is folded back into the returned layer."""
@@ -82,6 +94,8 @@ def run_probe(
     """Train the probe on a seeded subset of the shared cifar10-train, measure it on cifar10-test,
     save it (safetensors, with its numbers in the metadata) and return the numbers."""
     backbone = zoo.dinov2_small()
+    cached = {split: features_path(split, limit, seed).exists() for split, limit in (("train", train_images),
+                                                                                    ("test", test_images))}
     train_x, train_y = cached_features(backbone, "train", train_images, seed, progress)
     test_x, test_y = cached_features(backbone, "test", test_images, seed, progress)
     layer = train_linear_probe(train_x, train_y, seed=seed)
@@ -92,6 +106,7 @@ def run_probe(
         "test_top1": accuracy(layer, test_x, test_y),
         "seed": seed,
     }
+    how = how_trained(backbone, train_images, test_images, seed, cached)
     path = Path(out) if out else default_probe_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -100,7 +115,66 @@ def run_probe(
         metadata={k: str(v) for k, v in result.items()},
     )
     result["path"] = str(path)
+    result["how_trained"] = how
     return result
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def how_trained(backbone: nn.Module, train_images: int | None, test_images: int | None, seed: int,
+                cached: dict[str, bool]) -> dict:
+    """How :func:`run_probe` made the probe: the command line, the backbone's weights (file and
+    SHA-256), the images (which split, how many, the seeded subset, the preprocessing), the
+    features, the classifier's training settings, versions and the machine."""
+    import timm
+
+    weights = data.shared_dir() / "models/dinov2_small_imgfocus.safetensors"
+    images = {split: {"folder": str(data.cifar10_folder(split)), "images": limit or "all",
+                      "subset": f"data.subset(..., {limit}, seed={seed})" if limit else "every image",
+                      "features_read_from_cache": cached[split], "features_cache": str(features_path(split, limit, seed))}
+              for split, limit in (("train", train_images), ("test", test_images))}
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "argv": list(sys.argv),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": {"timm_model": "vit_small_patch14_dinov2", "img_size": 224, "weights": str(weights),
+                     "weights_sha256": _sha256(weights) if weights.exists() else None},
+        "images": images,
+        "preprocessing": repr(data.model_transform(backbone)),
+        "features": "the CLS token after the final norm (forward_head pre_logits), float32, batch 64",
+        "classifier": {"kind": "L2-regularised multinomial logistic regression (linear layer, 10 classes)",
+                       "optimizer": "L-BFGS, full batch, lr 1.0, strong-Wolfe line search", "iterations": ITERATIONS,
+                       "weight_decay": WEIGHT_DECAY, "init": "zeros", "features": "standardised; the scaling folded back",
+                       "seed": seed},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                     "atmerge": _atmerge_version()},
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+    }
+
+
+def _atmerge_version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("atmerge")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def load_probe_classifier(path: str | Path | None = None) -> tuple[nn.Module, Path]:
