@@ -118,3 +118,18 @@ def test_fresh_clone_runs_with_nothing_beside_it(tmp_path):
     assert result["data"]["folder"].endswith("cifar10-test-sample") and result["baseline"]["top1"] > 0.4
     config = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert config["calibration"]["images_description"].startswith("64 images from") and "sample" in run.stdout
+
+
+def test_a_run_without_the_shared_folder_says_what_it_skipped(tmp_path):
+    """Tests marked shared are skipped without the shared folder, and the summary counts them and
+    says why; ATMERGE_REQUIRE_SHARED=1 (CI) turns the skip into a failure."""
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "ATMERGE_SHARED": str(tmp_path / "empty")}
+    env.pop("ATMERGE_REQUIRE_SHARED", None)
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_cli.py::test_visualize"]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "1 tests skipped: they need the shared data" in run.stdout, run.stdout[-2000:]
+    assert f"The shared folder {tmp_path / 'empty'}" in run.stdout
+    run = subprocess.run(command, cwd=REPO, env={**env, "ATMERGE_REQUIRE_SHARED": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1 and "missing (ATMERGE_REQUIRE_SHARED=1)" in run.stdout, run.stdout[-2000:]
