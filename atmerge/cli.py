@@ -509,21 +509,33 @@ def cmd_visualize(args) -> int:
     if args.model is None and args.hf_model is None:  # real photos on real pretrained weights, offline
         model = zoo.dinov2_small()
         transform = data.model_transform(model)
+        model_name = "DINOv2-S/14 (shared weights, 224 px)"
     else:
         setup = setup_from_args(args)
         model, transform = setup.model, setup.transform
+        model_name = args.hf_model or args.model
+    print(f"model: {model_name}")
     images = torch.stack([transform(data.load_image(f)) for f in files])
     singles = list(images.split(1))
     method = method_from_args(args)
-    methods = {args.method: method}
+    label = args.method
+    if args.config:
+        from atmerge.config import load_method
+
+        method = load_method(args.config, model)
+        label = f"{type(method).__name__} ({Path(args.config).name})"
+    methods = {label: method}
     if args.versus:
         target = budget.mean_gflops(model, method, singles)
         factory = knob_factory(args.versus, model_depth(model), model_patches(model))
         found = budget.match_gflops(model, factory, target, singles, steps=args.steps)
-        methods = {f"{args.versus} (same GFLOPs)": found.method, args.method: method}
+        methods = {f"{args.versus} (same GFLOPs)": found.method, label: method}
     mean, std = data.normalization(transform)
     out = run_folder(args, args.method)
-    result = draw(model, images, methods, out / "visualize.png", mean=mean, std=std, every_block=args.every_block)
+    title = f"{model_name}: " + "; ".join(f"{name} = {m!r}" for name, m in methods.items())
+    result = draw(model, images, methods, out / "visualize.png", mean=mean, std=std, every_block=args.every_block,
+                  title=title)
+    result["model"] = model_name
     result["images"] = [str(f) for f in files]
     result["methods"] = {name: repr(m) for name, m in methods.items()}
     for name, left in result["tokens_left"].items():
@@ -683,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="*", default=None, metavar="FILE_OR_FOLDER",
                    help="image files or folders (default: the shared ImageNet photos)")
     p.add_argument("--count", type=int, default=4, help="how many photos of each folder, or of the shared ones")
+    p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
     p.add_argument("--versus", default="tome", help="a method tuned to the same mean GFLOPs, drawn above ('' for none)")
     p.add_argument("--steps", type=int, default=10, help="bisection steps for --versus")
     p.add_argument("--every-block", action="store_true", help="one column per block (Figure A1)")

@@ -133,3 +133,17 @@ def test_a_run_without_the_shared_folder_says_what_it_skipped(tmp_path):
     run = subprocess.run(command, cwd=REPO, env={**env, "ATMERGE_REQUIRE_SHARED": "1"}, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 1 and "missing (ATMERGE_REQUIRE_SHARED=1)" in run.stdout, run.stdout[-2000:]
+
+
+@pytest.mark.filterwarnings("ignore::atmerge.config.FingerprintWarning")  # a hand-written config, no model in it
+def test_visualize_a_folder_with_a_config(tmp_path, capsys):
+    folder = _images(tmp_path / "photos", 2, nested=False)
+    config = tmp_path / "tome.json"
+    config.write_text(json.dumps({"format": "atmerge-config/1", "method": {"name": "tome", "settings": {"r": 4}}}))
+    args = ["visualize", "--model", "cifar10-vit", "--images", str(folder), "--config", str(config), "--versus", "",
+            "--out", str(tmp_path / "v")]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "v" / "visualize.json").read_text())
+    assert result["model"] == "cifar10-vit" and "model: cifar10-vit" in capsys.readouterr().out
+    assert len(result["images"]) == 2 and list(result["tokens_left"]) == ["ToMe (tome.json)"]
+    assert result["tokens_left"]["ToMe (tome.json)"] == [21, 21] and all(g > 0 for g in result["gflops"]["ToMe (tome.json)"])
