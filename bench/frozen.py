@@ -72,25 +72,33 @@ def mean_gflops(model: torch.nn.Module, method, batches: list[torch.Tensor]) -> 
     return total / images
 
 
-def predictions(model: torch.nn.Module, method, batches: list[torch.Tensor]) -> torch.Tensor:
-    """Top-1 classes [N] of ``model`` (patched with ``method``; None: unpatched)."""
+def predictions(model: torch.nn.Module, method, batches: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """Top-1 classes [N] of ``model`` (patched with ``method``; None: unpatched) and its mean
+    per-image GFLOPs on ``batches``, in one pass."""
     atmerge.patch(model, method) if method is not None else atmerge.unpatch(model)
+    classes, total = [], 0.0
     with torch.no_grad():
-        return torch.cat([model(x).argmax(-1) for x in batches])
+        for x in batches:
+            classes.append(model(x).argmax(-1))
+            total += (atmerge.last_stats(model).gflops if method is not None else 0.0) * x.shape[0]
+    classes = torch.cat(classes)
+    return classes, total / classes.numel()
 
 
 def agreement_rows(model, methods: dict, batches: list[torch.Tensor]) -> tuple[list[dict], dict]:
     """Agreement with the unpatched model of each method (Wilson 95%), and frozen − adaptive
     paired (mean difference of the per-image agreement and its standard error)."""
-    reference = predictions(model, None, batches)
+    reference, _ = predictions(model, None, batches)
     n = reference.numel()
     agree, rows = {}, []
     for name, method in methods.items():
-        agree[name] = (predictions(model, method, batches) == reference).double()
+        classes, gflops = predictions(model, method, batches)
+        agree[name] = (classes == reference).double()
         k = int(agree[name].sum())
         low, high = wilson_interval(k, n)
         rows.append(dict(method=name, images=n, agreement=round(k / n, 4), wilson_low=round(low, 4), wilson_high=round(high, 4),
-                         gflops=round(mean_gflops(model, method, batches), 4)))
+                         gflops=round(gflops, 4)))
+        print(rows[-1], flush=True)
     d = agree["ATM frozen"] - agree["ATM"]
     se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
     paired = dict(frozen_minus_adaptive=round(float(d.mean()), 4), standard_error=round(se, 4),
@@ -100,7 +108,7 @@ def agreement_rows(model, methods: dict, batches: list[torch.Tensor]) -> tuple[l
     return rows, paired
 
 
-def setups(smoke: bool, report_images: int):
+def setups(smoke: bool, report_images: int, deit: bool = True):
     """(name, model, freezing batches, report batches) of each model; the report batches are
     images the freezing never saw, their first one the timed batch of 64."""
     if smoke:
@@ -117,10 +125,12 @@ def setups(smoke: bool, report_images: int):
     report_set = torch.utils.data.Subset(test, order[512 : 512 + report_images])
     yield ("CIFAR-10 ViT", model, [x for x, _ in loader_batches(freeze_set, 64)],
            [x for x, _ in loader_batches(report_set, 64)])
+    if not deit:
+        return
     torch.manual_seed(0)
-    deit = timm.create_model("deit_small_patch16_224").eval()
-    photos = imagenet_batches(deit, 128, 64)
-    yield "DeiT-S shape", deit, photos[:1], photos[1:2]
+    model = timm.create_model("deit_small_patch16_224").eval()
+    photos = imagenet_batches(model, 128, 64)
+    yield "DeiT-S shape", model, photos[:1], photos[1:2]
 
 
 def onnx_rows(name: str, model, methods: dict, x: torch.Tensor, repeats: int, gflops: dict) -> list[dict]:
@@ -156,15 +166,19 @@ def main(argv=None) -> int:
     ap.add_argument("--report-images", type=int, default=2000, help="CIFAR-10 test images for agreement (never frozen on)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-onnx", action="store_true")
-    ap.add_argument("--no-speed", action="store_true", help="skip the timings (1 and 3): fidelity and the frozen settings only")
+    ap.add_argument("--no-speed", action="store_true", help="skip the timings (1 and 3) and the DeiT-S shape: CIFAR-10 fidelity only")
     ap.add_argument("--out", default="bench/results/frozen.json")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch (and onnxruntime) threads; 1 is steadier on a CPU shared with other jobs")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     repeats = 2 if args.smoke else args.repeats
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # ATM's graph breaks where it reads a count: expected
     load_before = os.getloadavg()
     speed, fidelity, exported, frozen_settings = [], [], [], {}
-    for name, model, freeze_batches, report_batches in setups(args.smoke, 64 if args.smoke else args.report_images):
+    for name, model, freeze_batches, report_batches in setups(args.smoke, 64 if args.smoke else args.report_images,
+                                                                   deit=not args.no_speed):
         depth, patches = len(model.blocks), model.patch_embed.num_patches
         atm = atmerge.ATM(**PAPER_DEIT_S)
         adaptive_freeze_gflops = mean_gflops(model, atm, freeze_batches)
