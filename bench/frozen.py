@@ -1,7 +1,7 @@
 """Frozen ATM (issue 20) on the CPU, batch 64, one command:
 
     python bench/frozen.py [--repeats 7] [--out bench/results/frozen.json]
-    python bench/frozen.py --smoke       # a tiny random ViT, 2 repeats: checks the script runs (seconds)
+    python bench/frozen.py --smoke       # a tiny random ViT, 5 repeats: checks the script runs (seconds)
 
 For the CIFAR-10 reference ViT (65 tokens) and the DeiT-S shape (random weights, 224 px):
 
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
                     help="torch (and onnxruntime) threads; 1 is steadier on a CPU shared with other jobs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    repeats = 2 if args.smoke else args.repeats
+    repeats = 5 if args.smoke else args.repeats
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # ATM's graph breaks where it reads a count: expected
     load_before = os.getloadavg()
     speed, fidelity, exported, frozen_settings = [], [], [], {}
