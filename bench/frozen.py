@@ -29,8 +29,6 @@ import importlib.util
 import logging
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,20 +42,9 @@ from atmerge import data
 from atmerge.budget import match_gflops
 from atmerge.fidelity import wilson_interval
 from atmerge.methods.registry import knob_factory
-from common import alternate_timings, cifar10_model, imagenet_batches, loader_batches, table, write_json
+from common import WARMUP, alternate_timings, cifar10_model, imagenet_batches, loader_batches, run_header, table, write_json
 
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)  # Table A2, DeiT-S row
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def mean_gflops(model: torch.nn.Module, method, batches: list[torch.Tensor]) -> float:
@@ -236,10 +223,10 @@ def main(argv=None) -> int:
     print(speed and table(speed, ["model", "method", "mode", "gflops", "images_per_s", "speedup_vs_dense_same_mode", "flops_ratio",
                         "speedup_over_flops_ratio", "first_call_seconds", "graphs"]))
     ort = importlib.util.find_spec("onnxruntime")
-    write_json(dict(command=" ".join(["python", *sys.argv]), cpu=cpu_model(), threads=torch.get_num_threads(),
-                    torch=torch.__version__, timm=timm.__version__,
-                    onnxruntime=__import__("onnxruntime").__version__ if ort else None, repeats=repeats, batch=64,
-                    report_images=args.report_images,
+    header = run_header(args, repeats=repeats, warmup=WARMUP, batch=64, dtype="float32",
+                        backend="inductor (torch.compile defaults)", paper_setting=PAPER_DEIT_S,
+                        freezing="mean count per block over the freezing images (atmerge.freeze, quantile=None)")
+    write_json(dict(**header, onnxruntime=__import__("onnxruntime").__version__ if ort else None,
                     load_average_before=[round(v, 2) for v in load_before],
                     load_average_after=[round(v, 2) for v in os.getloadavg()],
                     frozen=frozen_settings, speed=speed, fidelity=fidelity, onnxruntime_speed=exported), args.out)
