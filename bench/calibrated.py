@@ -105,6 +105,7 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"--only: unknown method(s) {sorted(unknown)}; choose from {[m[0] for m in methods]}")
         methods = [m for m in methods if m[0] in args.only]
+        chosen["methods"] = [m[0] for m in methods]
     for label, name, fitted in methods:
         t0 = time.time()
         found = atmerge.calibrate_goals(model, calib, list(GOALS), method=name, trials=trials, seed=0,
