@@ -95,7 +95,7 @@ def agreement_rows(model, methods: dict, batches: list[torch.Tensor]) -> tuple[l
     return rows, paired
 
 
-def setups(smoke: bool, report_images: int, deit: bool = True):
+def setups(smoke: bool, report_images: int, deit: bool = True, cifar: bool = True):
     """(name, model, freezing batches, report batches) of each model; the report batches are
     images the freezing never saw, their first one the timed batch of 64."""
     if smoke:
@@ -105,6 +105,18 @@ def setups(smoke: bool, report_images: int, deit: bool = True):
         x = torch.randn(32, 3, 32, 32)
         yield "tiny random ViT", model, list(x[:16].split(8)), list(x[16:].split(8))
         return
+    if cifar:
+        yield from cifar_setup(report_images)
+    if not deit:
+        return
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224").eval()
+    photos = imagenet_batches(model, 128, 64)
+    yield "DeiT-S shape", model, photos[:1], photos[1:2]
+
+
+def cifar_setup(report_images: int):
+    """The CIFAR-10 ViT, 512 shuffled cifar10-test images to freeze on, the next ones to report on."""
     model, transform = cifar10_model()
     test = data.image_folder(data.cifar10_folder("test"), transform)
     order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0)).tolist()
@@ -112,12 +124,6 @@ def setups(smoke: bool, report_images: int, deit: bool = True):
     report_set = torch.utils.data.Subset(test, order[512 : 512 + report_images])
     yield ("CIFAR-10 ViT", model, [x for x, _ in loader_batches(freeze_set, 64)],
            [x for x, _ in loader_batches(report_set, 64)])
-    if not deit:
-        return
-    torch.manual_seed(0)
-    model = timm.create_model("deit_small_patch16_224").eval()
-    photos = imagenet_batches(model, 128, 64)
-    yield "DeiT-S shape", model, photos[:1], photos[1:2]
 
 
 def onnx_rows(name: str, model, methods: dict, x: torch.Tensor, repeats: int, gflops: dict) -> list[dict]:
@@ -151,8 +157,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--report-images", type=int, default=2000, help="CIFAR-10 test images for agreement (never frozen on)")
+    ap.add_argument("--models", default="cifar10,deit-s", help="comma-separated: cifar10, deit-s")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--no-fidelity", action="store_true", help="skip the agreement on unseen CIFAR-10 images (2)")
     ap.add_argument("--no-speed", action="store_true", help="skip the timings (1 and 3) and the DeiT-S shape: CIFAR-10 fidelity only")
     ap.add_argument("--out", default="bench/results/frozen.json")
     ap.add_argument("--smoke", action="store_true")
@@ -164,8 +172,9 @@ def main(argv=None) -> int:
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # ATM's graph breaks where it reads a count: expected
     load_before = os.getloadavg()
     speed, fidelity, exported, frozen_settings = [], [], [], {}
-    for name, model, freeze_batches, report_batches in setups(args.smoke, 64 if args.smoke else args.report_images,
-                                                                   deit=not args.no_speed):
+    for name, model, freeze_batches, report_batches in setups(args.smoke, 64 if args.smoke or args.no_fidelity else args.report_images,
+                                                                   deit="deit-s" in args.models and not args.no_speed,
+                                                                   cifar="cifar10" in args.models):
         depth, patches = len(model.blocks), model.patch_embed.num_patches
         atm = atmerge.ATM(**PAPER_DEIT_S)
         adaptive_freeze_gflops = mean_gflops(model, atm, freeze_batches)
@@ -212,7 +221,7 @@ def main(argv=None) -> int:
                               first_call_seconds=round(first_call[method_name], 1) if mode == "compiled" else None,
                               graphs=graphs.get(method_name) if mode == "compiled" else None))
             print(speed[-1], flush=True)
-        if name != "DeiT-S shape":  # random weights: agreement would say nothing
+        if name != "DeiT-S shape" and not args.no_fidelity:  # random weights: agreement would say nothing
             rows, paired = agreement_rows(model, {"ATM": atm, "ATM frozen": frozen, "ToMe": tome}, report_batches)
             fidelity.append(dict(model=name, rows=rows, paired=paired))
             print(table(rows, list(rows[0])), "\n", paired, flush=True)
