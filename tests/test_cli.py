@@ -101,8 +101,8 @@ def test_search_results_match_a_re_evaluation(tmp_path):
 
 
 def test_search_reports_an_unreachable_goal(tmp_path, capsys):
-    # 0.01 GFLOPs is below the first block alone, which sees all 65 tokens (0.367 / 12 ≈ 0.031):
-    # no setting can meet it
+    # a budget of 1% of the unpatched GFLOPs is below the first block alone, which sees all 65
+    # tokens (1/12 of the blocks' cost): no setting can meet it
     args = ["search", "--limit", "8", "--trials", "2", "--goal", "budget", "--budget", "0.01",
             "--no-progress", "--no-cache", "--out", str(tmp_path)]
     assert main(args) == 0
