@@ -1,5 +1,5 @@
 """The public functions: patch a model with a method, undo it, read statistics, count FLOPs.
-The model's family is found by :func:`atmerge.models.adapter.adapter_for`."""
+The model's family is found by :func:`atmerge.models.families.adapter_for`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from atmerge.core.merging import spread_by_source
 from atmerge.methods.base import Method
 from atmerge.models import patching
-from atmerge.models.adapter import adapter_for
+from atmerge.models.families import adapter_for
 from atmerge.runtime import MergeState
 from atmerge.stats import MergeStats
 

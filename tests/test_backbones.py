@@ -4,6 +4,8 @@ timm models defined in atmerge, merged by every method, loading their official c
 import copy
 import json
 import pickle
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -229,6 +231,27 @@ def test_patched_models_pickle():
         x = blocky_images(1, size=64)
         with torch.no_grad():
             assert torch.equal(pickle.loads(pickle.dumps(model))(x), model(x))
+
+
+def test_patched_models_load_in_a_fresh_process(tmp_path):
+    # the patched classes live in atmerge.models.timm_vit, which finds LV-ViT's and T2T-ViT's own
+    # classes again through the modules they registered (register_backbone), never by importing them
+    saved = {}
+    for name in ("lvvit_t", "t2t_vit_t_14"):
+        model = atmerge.patch(small(name), atmerge.ToMe(r=2))
+        x = blocky_images(1, size=64)
+        with torch.no_grad():
+            saved[name] = (model, x, model(x))
+    torch.save(saved, tmp_path / "patched.pt")
+    check = (
+        "import torch\n"
+        f"saved = torch.load({str(tmp_path / 'patched.pt')!r}, weights_only=False)\n"
+        "for name, (model, x, expected) in saved.items():\n"
+        "    assert type(model).__module__ == 'atmerge.models.timm_vit', type(model)\n"
+        "    with torch.no_grad(): assert torch.equal(model(x), expected), name\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- checkpoints

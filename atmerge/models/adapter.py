@@ -5,12 +5,17 @@ patched, how images must look, what every token costs in every block, which toke
 protected, and which classes to swap in.  The generic patching (class swap, unpatch, state
 lookup) is :mod:`atmerge.models.patching`; the merging itself is :class:`atmerge.runtime.MergeState`
 and the methods — shared by every family.
+
+This module is the registry only: it imports no family.  A family's module registers its
+adapter when imported (:func:`register_adapter`); :mod:`atmerge.models.families` imports the
+built-in ones and installs the loader that brings in those imported on demand (the Hugging Face
+family, once ``transformers`` is) before every lookup (:func:`register_family_loader`).
 """
 
 from __future__ import annotations
 
-import sys
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import nn
@@ -92,6 +97,7 @@ class ModelAdapter(ABC):
 
 
 ADAPTERS: list[ModelAdapter] = []
+_LOADERS: list[Callable[[], None]] = []
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
@@ -100,9 +106,19 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
     return adapter
 
 
+def register_family_loader(load: Callable[[], None]) -> Callable[[], None]:
+    """Have :func:`adapter_for` call ``load()`` before every lookup, so that a module above this
+    one can import (and so register) families on demand; registering the same loader twice
+    keeps one."""
+    if load not in _LOADERS:
+        _LOADERS.append(load)
+    return load
+
+
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of ``model``'s family, checked: UnsupportedModelError names what is missing."""
-    _load_adapters()
+    for load in _LOADERS:
+        load()
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"atmerge patches torch models (nn.Module); got {type(model).__name__}")
     for adapter in ADAPTERS:
@@ -116,16 +132,6 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` if no adapter can patch ``model``."""
     adapter_for(model)
-
-
-def _load_adapters() -> None:
-    """Import the built-in families (each registers itself).  The Hugging Face family only once
-    ``transformers`` has been imported: a model of its classes cannot exist before, and atmerge
-    never imports ``transformers`` itself (it is an optional extra, and slow to import)."""
-    import atmerge.models.timm_vit  # noqa: F401  (atmerge/__init__ also registers LV-ViT, T2T-ViT, MAE with timm)
-
-    if "transformers" in sys.modules:
-        import atmerge.models.hf_vit  # noqa: F401
 
 
 def model_depth(model: nn.Module) -> int:

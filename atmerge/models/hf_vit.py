@@ -1,7 +1,7 @@
 """Adapter for Hugging Face ``transformers`` vision transformers: ViT, DeiT (distillation token
 protected), DINOv2 (LayerScale) and the CLIP vision tower.
 
-Imported only once ``transformers`` is (see :func:`atmerge.models.adapter._load_adapters`).  The
+Imported only once ``transformers`` is (see :func:`atmerge.models.families.load_families`).  The
 block step is the shared :func:`atmerge.models.block.merging_step`; this module only says where
 each family keeps its parts.  Three classes are swapped: every layer (the merging step), its
 attention module (the log-size bias as an additive mask in 'eager' or 'sdpa' attention, the
@@ -27,7 +27,6 @@ from transformers.models.dinov2 import modeling_dinov2 as dinov2
 from transformers.models.vit import modeling_vit as vit
 from transformers.utils.generic import can_return_tuple
 
-import atmerge.models.timm_vit  # noqa: F401  (the built-in families register in one order: timm first)
 from atmerge.core.merging import size_weighted_mean
 from atmerge.flops import BlockCost, ModelCost
 from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, check_image_tensor, register_adapter

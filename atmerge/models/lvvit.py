@@ -17,6 +17,7 @@ model returns the same logits as in evaluation.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -24,9 +25,12 @@ from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from atmerge.flops import ModelCost
+from atmerge.models.costs import linear_macs
 from atmerge.models.definitions import build
-from atmerge.models.timm_vit import SUPPORTED_BLOCKS
 from atmerge.models.stem import Stem, conv_macs, conv_out
+from atmerge.models.timm_vit import register_backbone
+
 
 class ConvStem(Stem):
     """LV-ViT's patch embedding: conv1 7×7/2 → BN → ReLU → conv2 3×3 → BN → ReLU → conv3 3×3 → BN →
@@ -81,9 +85,6 @@ class SkipLamBlock(Block):
         self.ls1, self.ls2 = ResidualScale(skip_lam), ResidualScale(skip_lam)
 
 
-SUPPORTED_BLOCKS.add(SkipLamBlock)  # the timm adapter patches it like timm's Block (ls1/ls2 are the scales)
-
-
 class LVViT(VisionTransformer):
     """LV-ViT; ``aux_head``: add 0.5 × the token-wise maximum of the auxiliary head to the CLS
     logits (the official evaluation, default) or not (CLS only)."""
@@ -114,6 +115,18 @@ class LVViT(VisionTransformer):
         if real is not None:  # a padded batch of per-image merges: padding never wins the max
             aux = aux.masked_fill(~real[:, self.num_prefix_tokens :, None], float("-inf"))
         return logits + 0.5 * aux.max(dim=1).values
+
+
+def _aux_head_cost(model: LVViT, cost: ModelCost) -> ModelCost:
+    """The auxiliary head's cost: a linear map of every patch token (never the prefix tokens)."""
+    if not model.head_reads_patch_tokens:
+        return cost
+    return replace(cost, pool_per_token=cost.pool_per_token + linear_macs(model.aux_head),
+                   pool_skips=model.num_prefix_tokens)
+
+
+# the timm adapter patches SkipLamBlock like timm's Block (ls1/ls2 are the scales)
+register_backbone(__name__, blocks=(SkipLamBlock,), cost_hooks={LVViT: _aux_head_cost})
 
 
 def _real_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

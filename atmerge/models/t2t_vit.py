@@ -23,6 +23,7 @@ from torch import nn
 
 from atmerge.models.definitions import build
 from atmerge.models.stem import Stem, conv_out
+from atmerge.models.timm_vit import register_backbone
 
 
 class TokenAttention(nn.Module):
@@ -118,6 +119,9 @@ class T2TViT(VisionTransformer):
         """timm's name for the tokens-to-token module."""
         modules = self._modules
         return modules["tokens_to_token"] if "tokens_to_token" in modules else modules["patch_embed"]
+
+
+register_backbone(__name__)  # its blocks are timm's; its stem counts itself (Stem.macs)
 
 
 def _create(variant: str, pretrained: bool, settings: dict, kwargs: dict) -> T2TViT:

@@ -5,9 +5,19 @@ Model surgery only: the patched Block runs the shared merging step
 (proportional attention) returning the keys' head-mean, the residual branches — and the shared
 :class:`MergeState` decides nothing either: which tokens merge is the method's business, never
 this module's.
+
+A timm backbone defined elsewhere (atmerge's LV-ViT and T2T-ViT, or a user's) registers itself
+with :func:`register_backbone`: its Block subclasses patched like timm's Block, its cost hooks
+(what its own parts cost beyond the common ones), and its module (where a pickled patched model's
+class is found again).  This module never imports a backbone.
 """
 
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +40,58 @@ from atmerge.models.stem import Stem
 from atmerge.runtime import MergeState
 
 SUPPORTED_POOLS = ("token", "avg", "")
-SUPPORTED_BLOCKS: set[type] = {Block}  # and the subclasses registered by atmerge's own model definitions
-__all__ = ["TimmViT", "UnsupportedModelError", "attention_with_keys", "check_image_batch", "merge_state"]
+SUPPORTED_BLOCKS: set[type] = {Block}  # and the Block subclasses of the registered backbones
+__all__ = ["TimmViT", "UnsupportedModelError", "attention_with_keys", "check_image_batch", "merge_state",
+           "register_backbone"]
+
+CostHook = Callable[[VisionTransformer, ModelCost], ModelCost]
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A timm ``VisionTransformer`` variant defined outside timm, as registered."""
+
+    module: str
+    blocks: tuple[type, ...]
+    cost_hooks: tuple[tuple[type, CostHook], ...]
+
+
+BACKBONES: dict[str, Backbone] = {}  # by module name
+
+
+def register_backbone(
+    module: str | ModuleType,
+    *,
+    blocks: Iterable[type] = (),
+    cost_hooks: Mapping[type, CostHook] | None = None,
+) -> Backbone:
+    """Make the timm adapter patch a backbone defined in ``module`` (a module or its name; the
+    backbone's own module calls ``register_backbone(__name__, ...)`` when imported).
+
+    blocks: its subclasses of timm's ``Block`` that are patched like ``Block`` (same parts:
+        norm1, attn — timm's ``Attention`` —, ls1, drop_path1, norm2, mlp, ls2, drop_path2).
+    cost_hooks: ``{model class: hook}``; ``hook(model, cost) -> cost`` adds what the model's own
+        parts cost (e.g. a head reading every patch token) to the :class:`ModelCost` counted from
+        the common parts, for every model that is an instance of the class.  A patch embedding
+        other than one convolution is an :class:`atmerge.models.stem.Stem`, which counts itself.
+    A pickled patched model of one of the module's classes loads in a fresh process once the
+    module has been imported (and so registered).  Registering a module again replaces it.
+    """
+    name = module if isinstance(module, str) else module.__name__
+    blocks = tuple(blocks)
+    for cls in blocks:
+        if not (isinstance(cls, type) and issubclass(cls, Block)):
+            raise TypeError(f"blocks must be subclasses of timm's Block, got {cls!r}")
+    hooks = tuple((cls, hook) for cls, hook in (cost_hooks or {}).items())
+    for cls, hook in hooks:
+        if not (isinstance(cls, type) and issubclass(cls, VisionTransformer)) or not callable(hook):
+            raise TypeError(f"cost_hooks maps VisionTransformer subclasses to functions, got {cls!r}: {hook!r}")
+    SUPPORTED_BLOCKS.update(blocks)
+    BACKBONES[name] = backbone = Backbone(name, blocks, hooks)
+    return backbone
 
 
 # ----------------------------------------------------------------------------- validation
@@ -131,11 +191,9 @@ def model_cost(model: VisionTransformer) -> ModelCost:
     if isinstance(getattr(model, "head_dist", None), nn.Module):
         head += linear_macs(model.head_dist)
     pool_skips = 0 if model.pool_include_prefix else model.num_prefix_tokens
-    if getattr(model, "head_reads_patch_tokens", False):  # LV-ViT's auxiliary head on every patch token
-        pool_per_token, pool_skips = pool_per_token + linear_macs(model.aux_head), model.num_prefix_tokens
     pe = model.patch_embed
     stem = isinstance(pe, Stem)
-    return ModelCost(
+    cost = ModelCost(
         blocks=tuple(blocks),
         patch_embed=0 if stem else pe.proj.weight.numel() // pe.proj.groups + layer_norm_macs(pe.norm),
         stem=pe.macs() if stem else 0,
@@ -145,6 +203,11 @@ def model_cost(model: VisionTransformer) -> ModelCost:
         pool_per_token=pool_per_token,
         pool_skips=pool_skips,
     )
+    for backbone in BACKBONES.values():  # the registered backbones' own parts (LV-ViT's auxiliary head)
+        for cls, hook in backbone.cost_hooks:
+            if isinstance(model, cls):
+                cost = hook(model, cost)
+    return cost
 
 
 def dense_gflops(model: VisionTransformer, input_size: tuple[int, int, int]) -> float:
@@ -385,15 +448,13 @@ def _patched_methods(cls: type) -> dict:
 
 def __getattr__(name: str) -> type:
     """Rebuild a patched class by name when a pickled patched model is loaded in a fresh process
-    (the original class is looked up in timm's vision_transformer and deit modules and atmerge's
-    own model definitions)."""
+    (the original class is looked up in timm's vision_transformer and deit modules and in the
+    modules of the registered backbones)."""
     from timm.models import deit
     from timm.models import vision_transformer as vit
 
-    from atmerge.models import lvvit, t2t_vit
-
     original = None
-    for module in (vit, deit, lvvit, t2t_vit) if name.startswith(_PREFIX) else ():
+    for module in (vit, deit, *(sys.modules.get(m) for m in BACKBONES)) if name.startswith(_PREFIX) else ():
         original = original or getattr(module, name[len(_PREFIX) :], None)
     if isinstance(original, type) and issubclass(original, (VisionTransformer, Block)):
         return patched_class(original, _patched_methods(original), __name__)
