@@ -263,4 +263,4 @@ def freeze(model: nn.Module, images, quantile: float | None = None, *, batch_siz
         counts[block] = min(counts[block], num_a if num_b > 0 else 0)
         n -= counts[block]
     source = next(k for k, v in METHODS.items() if type(method) is v)
-    return Frozen(counts=tuple(counts), split_layer=split_layer, similarity=similarity, source=source)
+    return Frozen(counts=tuple(counts), split_layer=split_layer, similarity=similarity, frozen_from=source)

@@ -110,7 +110,7 @@ def test_bad_input_gives_one_line_errors(call, message):
 
 
 def test_frozen_methods_save_and_load(tmp_path):
-    frozen = atmerge.Frozen(counts=(5, 4, 3, 0), split_layer=3, similarity="centered", source="atm")
+    frozen = atmerge.Frozen(counts=(5, 4, 3, 0), split_layer=3, similarity="centered", frozen_from="atm")
     assert method_from_dict(method_to_dict(frozen)) == frozen
     model = atmerge.patch(small_vit(), ATM_SMALL)
     x = blocky_images(4, noise=0.1)

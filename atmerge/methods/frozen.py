@@ -28,7 +28,8 @@ class Frozen(Method):
         B = odd positions), later blocks by merge size (ATM's size-distinctive matching); None =
         alternate everywhere (ToMe's and the constant threshold's matching).
     similarity: 'raw' or 'centered' keys (ATM's option).
-    source: the method it was frozen from ('atm', 'constant', ...), for labels only.
+    frozen_from: the registry name of the method it was frozen from ('atm', 'constant', ...), for
+        labels only.
 
     ``Frozen(counts=s)`` with split_layer None merges exactly as ``ToMe(r=list(s))``; frozen from
     ATM on one batch it merges exactly what ATM merged on that batch.
@@ -37,7 +38,7 @@ class Frozen(Method):
     counts: tuple[int, ...] = ()
     split_layer: int | None = None
     similarity: str = "raw"
-    source: str = ""
+    frozen_from: str = ""
     display_name = "frozen"
 
     def __post_init__(self) -> None:
@@ -54,14 +55,14 @@ class Frozen(Method):
             raise ValueError(f"split_layer must be None or an integer >= 0, got {self.split_layer!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity={self.similarity!r} is not supported; choose one of {SIMILARITIES}")
-        if not isinstance(self.source, str):
-            raise ValueError(f"source must be a method name (a string), got {self.source!r}")
+        if not isinstance(self.frozen_from, str):
+            raise ValueError(f"frozen_from must be a method name (a string), got {self.frozen_from!r}")
 
     def label(self, varied: tuple[str, ...] = ()) -> str:
         """'ATM (frozen)' for a setting frozen from ATM."""
         from atmerge.methods.registry import METHODS
 
-        source = METHODS.get(self.source)
+        source = METHODS.get(self.frozen_from)
         name = (source.display_name or source.__name__) if source is not None else "fixed schedule"
         return f"{name} (frozen)"
 
