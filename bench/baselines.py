@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--report", type=int, default=None, help="report images, disjoint from calibration (default: per model)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     ap.add_argument("--markdown", action="store_true", help="only print the README table from --out's JSON")
+    ap.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                    help="re-run only these methods (labels as in the table, e.g. MCTF) and replace their rows, "
+                         "searches and fronts in --out; the other methods' results are kept from that file")
     args = ap.parse_args(argv)
     setup, calib_default, report_default, batch_size, front_points = MODELS[args.model]
     args.out = args.out or f"bench/results/baselines_{args.model}.json"
@@ -115,8 +118,14 @@ def main(argv=None) -> int:
     print(f"calibration: {reference[0]['images']} images, unpatched top-1 {reference[0]['top1']:.4f}", flush=True)
     searches = {}
     bases = {}
+    methods = [build_method(m) if isinstance(m, str) else m for m in methods]
+    if args.only:
+        labels = {m.label(tuple(m.search_space(depth, patches))): m for m in methods}
+        unknown = sorted(set(args.only) - set(labels))
+        if unknown:
+            raise SystemExit(f"--only: unknown method(s) {unknown}; choose from {sorted(labels)}")
+        methods = [labels[name] for name in args.only]
     for method in methods:
-        method = build_method(method) if isinstance(method, str) else method
         t0 = time.time()
         found = search_methods(model, calib, [method], goal="pareto", metric="agreement", trials=args.trials,
                                seed=0, reference=reference)
@@ -151,6 +160,8 @@ def main(argv=None) -> int:
             measured = run_on(model, chosen, report, base_outputs, labels)
             fronts[label].append({"setting": method_settings(chosen), "calib_agreement": point["agreement"],
                                   "calib_gflops": point["gflops"], **measured})
+    if args.only:
+        rows, searches, fronts = keep_other_methods(args.out, rows, searches, fronts)
     report_json = dict(
         **run_header(args, trials_per_method=args.trials, calib_images=len(cal), report_images=len(rep),
                      batch_size=batch_size, front_points_per_method=front_points, targets=TARGETS, dtype="float32",
@@ -163,12 +174,30 @@ def main(argv=None) -> int:
         unpatched={"gflops": dense, "top1": base.top1, "calib_top1": reference[0]["top1"]},
         searches=searches, rows=rows, fronts=fronts, seconds=time.time() - start,
     )
+    if args.only and Path(args.out).exists():
+        previous = json.loads(Path(args.out).read_text())
+        report_json["previous_run"] = {k: previous.get(k) for k in ("command", "seconds", "previous_run") if k in previous}
+        report_json["rerun_methods"] = list(args.only)
     write_json(report_json, args.out)
     print(table(rows, ["method", "target", "gflops_share", "agreement", "agreement_low", "kl", "top1_change",
                        "top1_change_se", "setting"]))
     plot_fronts(fronts, dense, Path(args.figure), f"{args.model}: fronts chosen on {len(cal)} calibration images, "
                                                   f"run on {len(rep)} report images")
     return 0
+
+
+def keep_other_methods(out: str, rows: list, searches: dict, fronts: dict) -> tuple[list, dict, dict]:
+    """With ``--only``: the re-run methods' results merged into the previous file's, in its order."""
+    if not Path(out).exists():
+        return rows, searches, fronts
+    previous = json.loads(Path(out).read_text())
+    order = list(previous["searches"]) + [m for m in searches if m not in previous["searches"]]
+    merged_searches = {m: searches.get(m, previous["searches"].get(m)) for m in order}
+    merged_fronts = {m: fronts.get(m, previous["fronts"].get(m)) for m in order}
+    kept = [r for r in previous["rows"] if r["method"] not in searches] + rows
+    targets = [f"{share:.0%}" for share in TARGETS]
+    kept.sort(key=lambda r: (order.index(r["method"]), targets.index(r["target"])))
+    return kept, merged_searches, merged_fronts
 
 
 def plot_fronts(fronts: dict, dense: float, out: Path, title: str) -> None:

@@ -170,7 +170,7 @@ API_ROWS = [
     ("finetune(features_vit, ATM(), good_folder, good_folder)", "a feature model", ValueError, "this model has num_classes=0"),
     ("finetune(vit, ATM(), good_folder, good_folder, FinetuneConfig(resume=missing))", "missing checkpoint", FileNotFoundError, "resume checkpoint"),
     ("finetune(vit, ATM(), good_folder, good_folder, FinetuneConfig(resume=text_file))", "not a checkpoint", ValueError, "is not a fine-tuning checkpoint"),
-    ("finetune(vit, ATM(), good_folder, good_folder)", "fewer images than a batch", ValueError, "2 training images make no full batch of batch_size=256"),
+    ("finetune(vit, ATM(), good_folder, good_folder)", "fewer images than a batch", ValueError, "3 training images make no full batch of batch_size=256"),
     # --- data folders
     ("data.image_folder(missing, None)", "missing folder", FileNotFoundError, "does not exist; pass a folder of class folders"),
     ("data.image_folder(text_folder, None)", "non-image files", FileNotFoundError, "Found no valid file for the classes"),
@@ -195,9 +195,9 @@ CLI_ROWS = [
     ("eval --model not_a_model", "unknown model", "unknown timm model 'not_a_model'"),
     ("eval --model vit_tiny_patch16_224 --model-kwargs {oops", "not JSON", "--model-kwargs must be a JSON object"),
     ("eval $tiny --data $missing", "missing folder", "does not exist"),
-    ("eval $tiny --data $flat_folder", "no class folders", "Couldn't find any class folder"),
-    ("eval $tiny --data $text_folder", "non-image files", "Found no valid file for the classes"),
-    ("eval $tiny --data $broken_class_folder", "a file that is not an image", "is not a readable image"),
+    ("eval $tiny --data $flat_folder --labels", "no class folders where --labels asks for them", "holds no class folders"),
+    ("eval $tiny --data $text_folder", "non-image files", "holds no images"),
+    ("eval $tiny --data $broken_flat_folder", "only files that are not images", "none of the images under"),
     ("eval $tiny --data $good_folder --limit 0", "out of range", "limit must be a positive number of images, got 0"),
     ("eval $tiny --data $good_folder --batch-size 0", "out of range", "batch size must be >= 1, got 0"),
     ("eval $tiny --data $good_folder --prune-last-block --model-kwargs '$tiny_avg_json'", "option that changes outputs",
@@ -209,8 +209,8 @@ CLI_ROWS = [
      "is not a safetensors file"),
     ("eval --model not_a_model --checkpoint $tiny_checkpoint --data $good_folder", "unknown model", "unknown timm model 'not_a_model'"),
     ("eval --model resnet18 --model-kwargs '{\"num_classes\": 3}' --data $good_folder", "a ResNet", "got ResNet"),
-    ("calibrate $tiny --images $good_folder --budget 1.5", "out of range", "budget=1.5 is a share of the unpatched GFLOPs"),
-    ("calibrate $tiny --images $text_folder --budget 0.5", "non-image files", "holds no images"),
+    ("calibrate $tiny --data $good_folder --budget 1.5", "out of range", "budget=1.5 is a share of the unpatched GFLOPs"),
+    ("calibrate $tiny --data $text_folder --budget 0.5", "non-image files", "holds no images"),
     ("search $tiny --data $good_folder --goal budget", "goal without its budget", "goal 'budget' needs a positive budget"),
     ("analyze split-layer $tiny --data $good_folder --method tome", "method the study is not about", "split-layer studies ATM"),
     ("visualize $tiny --images $missing --versus ''", "missing image", "not found"),
@@ -250,10 +250,10 @@ def map_pool_with_position_embedding():
 def files(tmp_path_factory) -> dict[str, str]:
     """Files and folders the rows refer to, named for what they hold."""
     tmp = tmp_path_factory.mktemp("bad_inputs")
-    for sub in ("good_folder/a", "good_folder/b", "flat_folder", "text_folder/a", "broken_class_folder/a",
+    for sub in ("good_folder/a", "good_folder/b", "good_folder/c", "flat_folder", "text_folder/a", "broken_class_folder/a",
                 "broken_flat_folder", "a_folder"):
         (tmp / sub).mkdir(parents=True)
-    for i, sub in enumerate(("good_folder/a", "good_folder/b", "flat_folder")):
+    for i, sub in enumerate(("good_folder/a", "good_folder/b", "good_folder/c", "flat_folder")):
         _png(tmp / sub / "0.png", i)
     for folder in ("text_folder/a", "."):
         (tmp / folder / "notes.txt").write_text("not an image")
