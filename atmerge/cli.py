@@ -428,12 +428,18 @@ def cmd_calibrate(args) -> int:
         name = next(k for k, v in METHODS.items() if type(method) is v)
         for goal, c in zip(goals, found):
             (kind, value), = goal.items()
+            if args.freeze is not None and c.method.adaptive:
+                from atmerge.config import frozen_calibration
+
+                c = frozen_calibration(setup.model, c, batches, quantile=args.freeze or None)
             stem = name if len(methods) > 1 or len(goals) > 1 else "calibration"
             path = save_config(out / (f"{stem}_{kind}_{value:g}.json" if stem != "calibration" else "calibration.json"),
                                setup.model, c, described)
             write_csv(c.trials, path.with_name(path.stem + "_trials.csv") if stem != "calibration" else out / "trials.csv")
             met &= c.met
-            rows.append({"method": method.display_name or name, "goal": f"{kind} {value:g}", "met": c.met,
+            label = (method.display_name or name) + (" (frozen)" if c.method is not method and not c.method.adaptive
+                                                      and method.adaptive else "")
+            rows.append({"method": label, "goal": f"{kind} {value:g}", "met": c.met,
                          "gflops_share": round(c.gflops_share, 4), c.measure: round(c.fidelity, 4),
                          f"{c.measure}_low": round(c.fidelity_low, 4), "config": str(path), "setting": str(c.method)})
     print(f"{described}: {rows and found[0].search_images} searched ({args.trials} trials per method), the chosen "
@@ -581,6 +587,16 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from atmerge.export import export_config
+
+    if args.batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {args.batch_size}")
+    setup = setup_from_args(args)
+    print(f"wrote {export_config(args.config, setup.model, args.out, batch=args.batch_size)}")
+    return 0
+
+
 def cmd_probe(args) -> int:
     from atmerge.experiments.probe import run_probe
 
@@ -649,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-space", action="store_true",
                    help="search the methods' default ranges instead of ranges fitted to the model's similarity scores")
     p.add_argument("--trials", type=int, default=40, help="settings tried per method")
+    p.add_argument("--freeze", nargs="?", type=float, const=0.0, default=None, metavar="QUANTILE",
+                   help="save adaptive settings frozen: fixed merge counts per block (the mean over the calibration "
+                        "images, or this quantile in (0, 1]), one static graph for torch.compile / export")
     p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/calibrate/<UTC time>-<label>; files in a given --out are overwritten)")
     p.set_defaults(func=cmd_calibrate)
 
@@ -716,6 +735,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", default=None, help="validation ImageFolder (default for the presets: cifar10-test)")
     add_dataclass_options(p, FinetuneConfig, "training (atmerge.FinetuneConfig)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="write a frozen or fixed-count setting as ONNX (pip install \"atmerge[export]\")",
+                       description="Patch the model with a saved config (atmerge calibrate --freeze, or a fixed-count "
+                                   "method) and export it with torch.export to ONNX, for onnxruntime and other runtimes. "
+                                   "Adaptive settings (ATM, constant θ) are refused: freeze them first.")
+    add_model_options(p)
+    p.add_argument("--config", required=True, help="a calibration config holding a frozen or fixed-count method")
+    p.add_argument("--out", default="model.onnx", help="the ONNX file to write")
+    p.add_argument("--batch-size", type=int, default=1, help="the example batch traced (the exported batch is dynamic)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("probe", help="train a linear head for the shared DINOv2-S on CIFAR-10 features")
     p.add_argument("--train-images", type=int, default=2000, help="seeded subset of cifar10-train")

@@ -94,3 +94,37 @@ def test_a_saved_frozen_config_exports_and_an_adaptive_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ATM is adaptive"):
         export_config(adaptive, model, tmp_path / "atm.onnx")
     assert not atmerge.is_patched(model)
+
+
+@needs_onnx
+def test_calibrate_freeze_then_export_from_the_command_line(tmp_path, capsys):
+    """`atmerge calibrate --freeze` saves fixed counts, `atmerge export` writes them as ONNX, and
+    onnxruntime gives the frozen patched model's outputs; the adaptive config is refused."""
+    import json
+    import shutil
+
+    import onnxruntime
+    from atmerge import data
+    from atmerge.cli import main
+    from atmerge.config import load_method
+    from atmerge.experiments.setup import load_setup
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, f in enumerate(sorted(data.EMBEDDED_SAMPLE.rglob("*.jpg"))[::50][:20]):
+        shutil.copy(f, folder / f"{i}.jpg")
+    common = ["--data", str(folder), "--budget", "0.6", "--trials", "3", "--no-progress"]
+    assert main(["calibrate", *common, "--out", str(tmp_path / "adaptive")]) in (0, 1)
+    assert main(["calibrate", *common, "--freeze", "--out", str(tmp_path / "frozen")]) in (0, 1)
+    frozen_cfg, adaptive_cfg = tmp_path / "frozen" / "calibration.json", tmp_path / "adaptive" / "calibration.json"
+    saved = json.loads(frozen_cfg.read_text())
+    assert saved["method"]["name"] == "frozen", saved["method"]
+    assert main(["export", "--config", str(frozen_cfg), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", "--config", str(adaptive_cfg), "--out", str(tmp_path / "a.onnx")]) == 2
+    assert "freeze it first" in capsys.readouterr().err
+    model = load_setup(None).model
+    atmerge.patch(model, load_method(frozen_cfg, model))
+    x = blocky_images(3, size=32, noise=0.2)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    with torch.no_grad():
+        assert abs(session.run(None, {"images": x.numpy()})[0] - model(x).numpy()).max() < 1e-4
