@@ -524,18 +524,18 @@ def cmd_visualize(args) -> int:
     images = torch.stack([transform(data.load_image(f)) for f in files])
     singles = list(images.split(1))
     method = method_from_args(args)
-    label = args.method
+    label = method.display_name or args.method
     if args.config:
         from atmerge.config import load_method
 
         method = load_method(args.config, model)
-        label = f"{type(method).__name__} ({Path(args.config).name})"
+        label = f"{method.display_name or type(method).__name__} ({Path(args.config).name})"
     methods = {label: method}
     if args.versus:
         target = budget.mean_gflops(model, method, singles)
         factory = knob_factory(args.versus, model_depth(model), model_patches(model))
         found = budget.match_gflops(model, factory, target, singles, steps=args.steps)
-        methods = {f"{args.versus} (same GFLOPs)": found.method, label: method}
+        methods = {f"{found.method.display_name or args.versus} (same GFLOPs)": found.method, label: method}
     mean, std = data.normalization(transform)
     out = run_folder(args, args.method)
     title = f"{model_name}: " + "; ".join(f"{name} = {m!r}" for name, m in methods.items())

@@ -44,6 +44,13 @@ def test_eval_other_method_and_settings(tmp_path):
     assert result["merged"]["tokens_per_block"][:3] == [65, 62, 59]
 
 
+def test_eval_names_a_method_as_its_results_do(tmp_path, capsys):
+    args = ["eval", "--limit", "8", "--method", "zerotp", "--r", "2", "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert _json(tmp_path / "eval.json")["label"] == "Zero-TP (simplified)"
+    assert "Zero-TP (simplified)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

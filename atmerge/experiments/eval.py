@@ -63,6 +63,7 @@ def run_eval(
     }
     return {
         "method": method_settings(method),
+        "label": method.display_name or type(method).__name__,
         "prop_attn": used.prop_attn,
         "prune_last_block": used.prune_last_block,
         "device": str(device),
@@ -104,7 +105,7 @@ def eval_rows(result: dict) -> list[dict]:
         r = result[name]
         rows.append(
             {
-                "run": name if name == "baseline" else result["method"]["method"],
+                "run": name if name == "baseline" else result.get("label", result["method"]["method"]),
                 "top1": r["top1"],
                 "top5": r["top5"],
                 "gflops": r["gflops"],
