@@ -1,4 +1,4 @@
-"""Calibrate a method for the user's own model from unlabeled images (issue 9).
+"""Calibrate a method for the user's own model from unlabeled images.
 
 Fidelity needs no labels: agreement of the predicted class with the unpatched model's for a
 classifier, cosine of the outputs for a feature model (``num_classes=0``).  Goals:

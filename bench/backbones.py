@@ -1,4 +1,4 @@
-"""The paper's other backbones (issue 12): GFLOPs of atmerge's LV-ViT, T2T-ViT_t and fine-tuned MAE
+"""The paper's other backbones: GFLOPs of atmerge's LV-ViT, T2T-ViT_t and fine-tuned MAE
 definitions against the published numbers and fvcore, one command:
 
     python bench/backbones.py [--out bench/results/backbones.json]

@@ -1,4 +1,4 @@
-"""Fair baselines (issue 8): every method as released, the same last-block rule, the same tuning
+"""Fair baselines: every method as released, the same last-block rule, the same tuning
 effort, chosen on calibration images and measured on disjoint report images. One command:
 
     python bench/baselines.py [--trials 24] [--quick]      # CIFAR-10 reference ViT

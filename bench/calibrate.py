@@ -1,4 +1,4 @@
-"""Calibration speed and transfer (issue 9), one command:
+"""Calibration speed and transfer, one command:
 
     python bench/calibrate.py [--images 10000] [--trials 40] [--out bench/results/calibrate.json]
     python bench/calibrate.py --markdown         # the README table, from the JSON written above

@@ -1,4 +1,4 @@
-"""Every method calibrated the same way, then judged on images the calibration never saw (issue 9):
+"""Every method calibrated the same way, then judged on images the calibration never saw:
 
     python bench/calibrated.py --model cifar10-vit      # CIFAR-10 reference ViT, ~15 min on 2 CPU cores
     python bench/calibrated.py --model dinov2-probe     # DINOv2-S + linear probe, 224 px, ~35 min

@@ -1,4 +1,4 @@
-"""torch.compile of a merged model on the CPU (issue 10, part 3), one command:
+"""torch.compile of a merged model on the CPU, one command:
 
     python bench/compiled.py [--repeats 11] [--out bench/results/compiled.json]
     python bench/compiled.py --smoke      # a tiny random model, 2 repeats: checks the script runs

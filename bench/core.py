@@ -1,9 +1,9 @@
-"""Core benchmark (issue 2): ATM against the unpatched model on CPU, one command:
+"""Core benchmark: ATM against the unpatched model on CPU, one command:
 
     python bench/core.py [--out bench/results/core.json] [--quick]
 
 1. CIFAR-10 reference ViT (../shared) on cifar10-test: top-1, mean GFLOPs, tokens per block;
-   images/s at batch 64 (issue 10's protocol: one process, after warm-up, the models timed
+   images/s at batch 64 (the speed protocol: one process, after warm-up, the models timed
    alternately — dense, merged, dense, … —, median of 11 each), speed-up beside the FLOPs ratio
    of the timed batch.
 2. DeiT-S shape, random init, 224 px, on the shared ImageNet photos: GFLOPs, tokens, images/s.

@@ -1,4 +1,4 @@
-"""Fine-tuning with merging in the loop (issue 11; the paper's Table 4 / A3), on the CIFAR-10
+"""Fine-tuning with merging in the loop (the paper's Table 4 / A3), on the CIFAR-10
 reference ViT, one command on the CPU machine (about an hour at the defaults):
 
     python bench/finetune.py [--epochs 4] [--train-images 12500] [--out bench/results/finetune.json]

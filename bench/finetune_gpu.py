@@ -1,4 +1,4 @@
-"""One epoch of DeiT-S-shape fine-tuning on a GPU, merged vs unmerged (issue 11, part 5) — needs
+"""One epoch of DeiT-S-shape fine-tuning on a GPU, merged vs unmerged — needs
 a CUDA device, never run in tests:
 
     python bench/finetune_gpu.py [--images 25600] [--out bench/results/finetune_gpu.json]

@@ -1,4 +1,4 @@
-"""Frozen ATM (issue 20) on the CPU, batch 64, one command:
+"""Frozen ATM on the CPU, batch 64, one command:
 
     python bench/frozen.py [--repeats 7] [--out bench/results/frozen.json]
     python bench/frozen.py --smoke       # a tiny random ViT, 5 repeats: checks the script runs (seconds)

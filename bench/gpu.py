@@ -1,4 +1,4 @@
-"""GPU throughput, ToMe-README style (issue 10, part 4) — needs a CUDA device, never run in tests:
+"""GPU throughput, ToMe-README style — needs a CUDA device, never run in tests:
 
     python bench/gpu.py [--batch 256] [--repeats 11] [--out bench/results/gpu.json]
     python bench/gpu.py --markdown       # the README table from the JSON

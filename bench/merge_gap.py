@@ -1,4 +1,4 @@
-"""Where the merged CIFAR-10 ViT loses to its FLOPs ratio (issue 10, part 2), one command:
+"""Where the merged CIFAR-10 ViT loses to its FLOPs ratio, one command:
 
     python bench/merge_gap.py [--repeats 11] [--out bench/results/merge_gap.json]
 

@@ -1,4 +1,4 @@
-"""The README's results (issue 4), one command:
+"""The README's results, one command:
 
     python bench/paper.py [--out bench/results/paper.json] [--figures docs/figures] [--quick]
     python bench/paper.py --markdown     # the README's tables, from the JSON written above

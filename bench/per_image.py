@@ -1,4 +1,4 @@
-"""Per-image merging in one padded batch against batch-mean r (issue 10, part 1), one command:
+"""Per-image merging in one padded batch against batch-mean r, one command:
 
     python bench/per_image.py                 # both models, ~15 min on 2 CPU cores
     python bench/per_image.py --markdown      # the README tables from the JSON

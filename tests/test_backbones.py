@@ -1,4 +1,4 @@
-"""The paper's other backbones (issue 12): LV-ViT, T2T-ViT_t and the fine-tuned MAE ViT-B, as
+"""The paper's other backbones: LV-ViT, T2T-ViT_t and the fine-tuned MAE ViT-B, as
 timm models defined in atmerge, merged by every method, loading their official checkpoints."""
 
 import copy

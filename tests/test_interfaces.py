@@ -1,4 +1,4 @@
-"""A patched model keeps the interfaces of timm's and transformers' own models (issue 19, §5):
+"""A patched model keeps the interfaces of timm's and transformers' own models:
 forward_features returns every token left after merging and the head reads it as forward does;
 torch.jit.script and torch.fx are refused with one clear line and leave the model usable;
 Hugging Face key-padding attention masks follow merges; Hugging Face gradient checkpointing

@@ -1,4 +1,4 @@
-"""A newcomer's first hour (issue 23): a fresh clone runs with nothing beside it, calibrate uses
+"""A newcomer's first hour: a fresh clone runs with nothing beside it, calibrate uses
 the folder it is given, the calibrate -> eval loop works on one unlabeled folder, and unreadable
 files are named the same way by calibrate and eval."""
 
