@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from atmerge.core.matching import SIMILARITIES
 from atmerge.core.schedules import batch_adaptive_r, count_above, layer_threshold, threshold_schedule
-from atmerge.methods.base import BlockContext, Decision, Method, check_number
+from atmerge.methods.base import BlockContext, Decision, Method, check_number, register_method
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, choice, floats, ints
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from atmerge.profile import ScoreProfile
 
 
+@register_method("atm")
 @dataclass(frozen=True)
 class ATM(Method):
     """Adaptive Token Merging.

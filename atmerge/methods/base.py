@@ -172,3 +172,27 @@ def knob_r(t: float, num_patches: int, share: float = 1.0) -> int:
     """A fixed count for knob t: share · r_max (1 − t), rounded, with r_max = ⌊num_patches / 2⌋ / 4
     (a quarter of the first block's set A)."""
     return round(max(1, (num_patches // 2) // 4) * (1 - t) * share)
+
+
+METHODS: dict[str, type["Method"]] = {}
+"""Every registered method class by its name (``'atm'``, ``'tome'``, ...): the command line, configs
+and result files name methods this way; tests and benches iterate over it."""
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name`` (lower case, unique).
+
+    ``@register_method("tome")`` above ``class ToMe(Method)`` is all a new method needs to be
+    found by :func:`atmerge.methods.registry.build_method`, the CLI and the configs."""
+
+    def add(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"register_method({name!r}) decorates a Method subclass, got {cls!r}")
+        if name != name.lower() or not name.isidentifier():
+            raise ValueError(f"method names are lower-case identifiers, got {name!r}")
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__name__})")
+        METHODS[name] = cls
+        return cls
+
+    return add

@@ -11,7 +11,7 @@ import torch
 
 from atmerge.core.importance import cls_attention
 from atmerge.core.merging import Assignment
-from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number
+from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number, register_method
 from atmerge.methods.space import Knob, floats, ints
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ def attentive_fusion(score: torch.Tensor, keep: int, num_protected: int) -> Assi
     return Assignment(assign, p + keep + 1, weight, weighted_sum=True)
 
 
+@register_method("evit")
 @dataclass(frozen=True)
 class EViT(Method):
     """EViT without training, as released (youweiliang/evit, ``evit.py``): after attention in the

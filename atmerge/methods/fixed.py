@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from atmerge.core.schedules import linear_r_schedule, tome_r_schedule
-from atmerge.methods.base import BlockContext, Decision, Method, knob_r
+from atmerge.methods.base import BlockContext, Decision, Method, knob_r, register_method
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
 
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from atmerge.profile import ScoreProfile
 
 
+@register_method("tome")
 @dataclass(frozen=True)
 class ToMe(Method):
     """Token Merging (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023).
@@ -58,6 +59,7 @@ class ToMe(Method):
         return match_tokens(ctx).decision(r, ctx.num_protected, requested=r)
 
 
+@register_method("topr")
 @dataclass(frozen=True)
 class TopR(Method):
     """Fixed-count schedules of the ATM paper (Figure 5): 'constant', 'increasing' or

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from atmerge.core.matching import SIMILARITIES
 from atmerge.core.merging import Assignment
-from atmerge.methods.base import BlockContext, Decision, Method
+from atmerge.methods.base import METHODS, BlockContext, Decision, Method, register_method
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, floats
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from atmerge.profile import ScoreProfile
 
 
+@register_method("frozen")
 @dataclass(frozen=True)
 class Frozen(Method):
     """Bipartite matching with a fixed count r[l] per block: the r[l] A tokens most similar to
@@ -60,8 +61,6 @@ class Frozen(Method):
 
     def label(self, varied: tuple[str, ...] = ()) -> str:
         """'ATM (frozen)' for a setting frozen from ATM."""
-        from atmerge.methods.registry import METHODS
-
         source = METHODS.get(self.frozen_from)
         name = (source.display_name or source.__name__) if source is not None else "fixed schedule"
         return f"{name} (frozen)"

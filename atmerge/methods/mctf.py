@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from atmerge.core.importance import attention_received
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment
-from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number, knob_r
+from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number, knob_r, register_method
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ def bidirectional_assignment(weights: torch.Tensor, a_idx, b_idx, r: int, num_pr
 MIN_TOKENS = 10  # the release never reduces a block's input below 10 tokens (utils/mctf.py)
 
 
+@register_method("mctf")
 @dataclass(frozen=True)
 class MCTF(Method):
     """Multi-criteria token fusion, training-free, as released (mlvlab/MCTF: ``models/modules/

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from atmerge.methods.atm import ATM
-from atmerge.methods.base import Method
-from atmerge.methods.evit import EViT
-from atmerge.methods.fixed import ToMe, TopR
-from atmerge.methods.frozen import Frozen
-from atmerge.methods.mctf import MCTF
-from atmerge.methods.threshold import ConstantThreshold
-from atmerge.methods.zerotp import ZeroTP
-
-METHODS: dict[str, type[Method]] = {
-    "atm": ATM,
-    "tome": ToMe,
-    "topr": TopR,
-    "constant": ConstantThreshold,
-    "evit": EViT,
-    "mctf": MCTF,
-    "zerotp": ZeroTP,
-    "frozen": Frozen,
-}
+# Importing the built-in methods registers them (each class is decorated with register_method).
+# In this order (the order of method lists and tables): ATM, ToMe, top-r, constant θ, EViT, MCTF, Zero-TP, frozen.
+from atmerge.methods import atm, fixed, threshold  # noqa: F401, I001
+from atmerge.methods import evit, mctf, zerotp  # noqa: F401, I001
+from atmerge.methods import frozen  # noqa: F401, I001
+from atmerge.methods.base import METHODS, Method, register_method  # noqa: F401  (re-exported)
 
 
 def method_names() -> list[str]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from atmerge.core.merging import Assignment
 from atmerge.core.schedules import batch_adaptive_r, count_above
-from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number
+from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number, register_method
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, floats
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from atmerge.profile import ScoreProfile
 
 
+@register_method("constant")
 @dataclass(frozen=True)
 class ConstantThreshold(Method):
     """Merge the alternate-matching pairs whose cosine is above ``theta`` in every block, r =

@@ -12,7 +12,7 @@ from atmerge.core.importance import weighted_pagerank
 from atmerge.core.matching import best_match
 from atmerge.core.merging import Assignment
 from atmerge.core.schedules import tome_r_schedule
-from atmerge.methods.base import BlockContext, Decision, Method, check_number, knob_r
+from atmerge.methods.base import BlockContext, Decision, Method, check_number, knob_r, register_method
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def importance_then_similarity_pruning(
     return Assignment(torch.where(keep_mask, slots, torch.full_like(slots, -1)), num_out)
 
 
+@register_method("zerotp")
 @dataclass(frozen=True)
 class ZeroTP(Method):
     """Zero-TP (simplified): Zero-TPrune's two stages, training-free token pruning in every block.
