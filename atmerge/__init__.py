@@ -13,7 +13,8 @@ from atmerge.calibrate import Calibration, calibrate, calibrate_goals
 from atmerge.config import FingerprintWarning, load_method, save_config
 from atmerge.evaluate import EvalResult, evaluate
 from atmerge.finetune import FinetuneConfig, FinetuneResult, finetune
-from atmerge.api import dense_tokens, gflops, is_patched, last_stats, merge_source, patch, unpatch
+from atmerge.api import dense_tokens, gflops, is_patched, last_stats, merge_source, unpatch
+from atmerge import api as _api
 from atmerge.api import freeze
 from atmerge.export import export_onnx
 from atmerge.core.merging import merging_error, merging_error_bounds
@@ -70,3 +71,16 @@ __all__ = [
     "freeze",
     "export_onnx",
 ]
+
+
+def patch(model, method, **options):
+    """:func:`atmerge.api.patch`: patch ``model`` in place with ``method``.  ``method`` may still be
+    the path of a saved config for one release (deprecated: pass ``atmerge.load_method(path, model)``)."""
+    import os
+    import warnings
+
+    if isinstance(method, (str, os.PathLike)):
+        warnings.warn("atmerge.patch(model, path) is deprecated and will be removed in the next release; use "
+                      "atmerge.patch(model, atmerge.load_method(path, model))", DeprecationWarning, stacklevel=2)
+        method = load_method(method, model)
+    return _api.patch(model, method, **options)

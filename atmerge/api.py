@@ -20,7 +20,7 @@ from atmerge.stats import MergeStats
 
 def patch(
     model: nn.Module,
-    method: Method | str | Path,
+    method: Method,
     *,
     prop_attn: bool | None = None,
     prune_last_block: bool | None = None,
@@ -40,14 +40,13 @@ def patch(
         that read CLS), off otherwise; the same rule for every method.
     trace_source: track which original patches each token holds (``merge_source(model)``), for
         visualisation and dense outputs; costs an extra [B, N, N] tensor.
-    method may also be the path of a config written by :func:`atmerge.save_config` (a warning
-    says so if it was calibrated on another model).
+    A saved config is read by :func:`atmerge.load_method` (the workflows' job, not the core's):
+    ``patch(model, atmerge.load_method(path, model))``.
     Returns the same model object.  Patching a patched model replaces its method and options.
     """
     if isinstance(method, (str, Path)):
-        from atmerge.config import load_method
-
-        method = load_method(method, model)
+        raise TypeError(f"method must be an atmerge method; to patch with the config {str(method)!r} use "
+                        f"atmerge.patch(model, atmerge.load_method(path, model))")
     if not isinstance(method, Method):
         raise TypeError(f"method must be an atmerge method such as atmerge.ATM(...), got {type(method).__name__}")
     for name, value in (("prop_attn", prop_attn), ("prune_last_block", prune_last_block)):
@@ -142,8 +141,7 @@ def _calibration_batches(images, model: nn.Module, batch_size: int):
     """Batches [B, C, H, W] of ``images``: a tensor [N, C, H, W] (split into ``batch_size``), an
     iterable of batches (or of (batch, labels)), or a folder (the model's preprocessing)."""
     if isinstance(images, (str, Path)):
-        from atmerge.calibrate import folder_batches
-        from atmerge.data import model_transform
+        from atmerge.data import folder_batches, model_transform
 
         yield from folder_batches(images, model_transform(model), batch_size)[0]
         return

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from atmerge.data import IMAGE_SUFFIXES  # noqa: F401  (kept importable from here)
+from atmerge.data import IMAGE_SUFFIXES, folder_batches, image_files  # noqa: F401  (kept importable from here)
 from atmerge.fidelity import FIDELITY_MEASURES, fidelity_interval, paired_fidelity, per_image_fidelity, wilson_interval
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method
@@ -195,37 +195,6 @@ def staged_trials(
     return rows
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, any layout), sorted (:func:`atmerge.data.image_files`)."""
-    from atmerge.data import image_files as files
-
-    return files(folder)
-
-
-def folder_batches(
-    folder: str | Path, transform, batch_size: int, limit: int | None = None, seed: int = 0
-) -> tuple[list[torch.Tensor], int]:
-    """Batches [B, C, H, W] of the images under ``folder`` (a seeded random ``limit`` of them);
-    unreadable files are skipped, each named by a warning (:func:`atmerge.data.read_image`, the
-    same policy as eval's), and counted.  Returns (batches, skipped)."""
-    from atmerge.data import read_image
-
-    files = image_files(folder)
-    if limit is not None and limit < len(files):
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:limit]
-        files = [files[i] for i in sorted(order.tolist())]
-    images, skipped = [], 0
-    for path in files:
-        image = read_image(path)
-        if image is None:
-            skipped += 1
-        else:
-            images.append(transform(image))
-    if not images:
-        raise ValueError(f"none of the images under {folder} could be read ({skipped} skipped)")
-    return list(torch.stack(images).split(batch_size)), skipped
-
-
 def _image_batches(images, model: nn.Module, batch_size: int, transform) -> tuple[list[torch.Tensor], int]:
     if isinstance(images, (str, Path)):
         if transform is None:
@@ -335,7 +304,7 @@ def calibrate_goals(
     paired details (top-5 agreement, KL, ...; False: ``details`` stays empty).  holdout: the
     share of the images kept out of the search (every k-th image) on which the chosen setting
     must meet its goal again (:func:`confirm`); 0: confirm on the searched images themselves."""
-    from atmerge.experiments.search import trial_method, unpatched_outputs
+    from atmerge.trials import trial_method, unpatched_outputs
     from atmerge.profile import score_profile
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:

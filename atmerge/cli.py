@@ -233,7 +233,7 @@ def _describe_data(description: dict) -> str:
 def cmd_eval(args) -> int:
     from atmerge import data, distributed
     from atmerge.experiments.eval import eval_rows, run_eval
-    from atmerge.experiments.io import format_table, write_csv, write_json
+    from atmerge.results_io import format_table, write_csv, write_json
 
     method = method_from_args(args)
     setup, batches = _setup_and_batches(args, labels=None)
@@ -328,7 +328,7 @@ def run_folder(args, label: str) -> Path:
 
 
 def _write(result: dict, out: Path, name: str, rows: list[dict] | None = None) -> None:
-    from atmerge.experiments.io import write_csv, write_json
+    from atmerge.results_io import write_csv, write_json
 
     write_json(result, out / f"{name}.json")
     written = [str(out / f"{name}.json")]
@@ -340,7 +340,7 @@ def _write(result: dict, out: Path, name: str, rows: list[dict] | None = None) -
 
 def cmd_search(args) -> int:
     from atmerge import data
-    from atmerge.experiments.io import format_table
+    from atmerge.results_io import format_table
     from atmerge.experiments.search import plot_search, search_methods
 
     from atmerge.api import gflops as dense_gflops
@@ -407,7 +407,7 @@ def calibration_folder(args, setup) -> Path:
 def cmd_calibrate(args) -> int:
     from atmerge.calibrate import calibrate_goals, folder_batches
     from atmerge.config import save_config
-    from atmerge.experiments.io import format_table, write_csv
+    from atmerge.results_io import format_table, write_csv
 
     goals = ([{"budget": v} for v in args.budget or []] + [{"budget_gflops": v} for v in args.budget_gflops or []]
              + [{"min_agreement": v} for v in args.min_agreement or []] + [{"min_cosine": v} for v in args.min_cosine or []])
@@ -453,7 +453,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_analyze(args) -> int:
     from atmerge.experiments import analyze as A
-    from atmerge.experiments.io import format_table
+    from atmerge.results_io import format_table
     from atmerge.methods.atm import ATM
 
     method = method_from_args(args)
@@ -553,7 +553,7 @@ def cmd_visualize(args) -> int:
 
 def cmd_finetune(args) -> int:
     from atmerge import data, distributed
-    from atmerge.experiments.io import format_table
+    from atmerge.results_io import format_table
     from atmerge.experiments.setup import load_setup
     from atmerge.finetune import FinetuneConfig, finetune
     from atmerge.recipe import train_transform

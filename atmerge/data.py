@@ -417,3 +417,25 @@ def folder_dataset(root: str | Path, transform, *, num_classes: int = 0, names: 
     dataset.description = {"folder": str(root), "images": len(files), "labels": how, "classes": mapping,
                            "model_classes": num_classes}
     return dataset
+
+
+def folder_batches(
+    folder: str | Path, transform, batch_size: int, limit: int | None = None, seed: int = 0
+) -> tuple[list[torch.Tensor], int]:
+    """Batches [B, C, H, W] of the images under ``folder`` (a seeded random ``limit`` of them);
+    unreadable files are skipped, each named by a warning (:func:`atmerge.data.read_image`, the
+    same policy as eval's), and counted.  Returns (batches, skipped)."""
+    files = image_files(folder)
+    if limit is not None and limit < len(files):
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:limit]
+        files = [files[i] for i in sorted(order.tolist())]
+    images, skipped = [], 0
+    for path in files:
+        image = read_image(path)
+        if image is None:
+            skipped += 1
+        else:
+            images.append(transform(image))
+    if not images:
+        raise ValueError(f"none of the images under {folder} could be read ({skipped} skipped)")
+    return list(torch.stack(images).split(batch_size)), skipped

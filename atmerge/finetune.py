@@ -30,7 +30,7 @@ from atmerge import data, distributed, resume
 from atmerge.api import is_patched, last_stats, patch
 from atmerge.api import gflops as dense_gflops
 from atmerge.evaluate import EvalResult, evaluate
-from atmerge.experiments.io import write_csv, write_json
+from atmerge.results_io import write_csv, write_json
 from atmerge.methods.base import Method, check_number
 from atmerge.methods.registry import method_settings
 from atmerge.models.adapter import check_supported

@@ -104,7 +104,11 @@ def test_config_round_trip_and_fingerprint(calibration_images, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same model: no warning
         assert atmerge.load_method(path, model) == c.method
-        atmerge.patch(model, str(path))
+        atmerge.patch(model, atmerge.load_method(str(path), model))
+    with pytest.warns(DeprecationWarning, match="use atmerge.patch\\(model, atmerge.load_method"):
+        atmerge.patch(model, str(path))  # the old spelling works for one release
+    with pytest.raises(TypeError, match="atmerge.load_method"):
+        atmerge.api.patch(model, str(path))  # the core takes a method only
     document = json.loads(path.read_text())
     assert document["measured"]["agreement"] == c.agreement and document["calibration"]["goal"] == "floor"
     assert document["calibration"]["held_out_images"] == c.images == 6
@@ -112,7 +116,7 @@ def test_config_round_trip_and_fingerprint(calibration_images, tmp_path):
     torch.manual_seed(1)
     other = small_vit()  # same shape, other weights
     with pytest.warns(FingerprintWarning, match="calibrated on another model"):
-        atmerge.patch(other, path)
+        atmerge.patch(other, atmerge.load_method(path, other))
 
 
 def test_feature_model_is_judged_by_output_cosine(calibration_images):

@@ -32,7 +32,7 @@ def test_eval_default_preset(tmp_path, capsys):
     assert result["difference"]["top1"] == pytest.approx(merged["top1"] - base["top1"])
     assert len(merged["tokens_per_block"]) == 12 and merged["tokens_per_block"][0] == 65
     rows = list(csv.DictReader((tmp_path / "eval.csv").open()))
-    assert [r["run"] for r in rows] == ["baseline", "atm"]
+    assert [r["run"] for r in rows] == ["baseline", "ATM"]
     assert "difference: top-1" in capsys.readouterr().out
 
 

@@ -119,7 +119,7 @@ def test_frozen_methods_save_and_load(tmp_path):
     path = save_method(tmp_path / "frozen.json", model, atmerge.freeze(model, x), images_description="blocky")
     loaded = load_method(path, model)
     assert loaded == atmerge.freeze(model, x)
-    out, _ = run(atmerge.patch(model, str(path)), x)
+    out, _ = run(atmerge.patch(model, load_method(str(path), model)), x)
     assert out.shape == (4, 10)
 
 

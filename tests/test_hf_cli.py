@@ -211,7 +211,7 @@ def test_other_sub_commands_take_hf_model(args, written, vit_dir, image_folder, 
     assert main([*args, "--hf-model", str(vit_dir), *data, "--out", str(tmp_path)]) == 0
     assert (tmp_path / written).is_file()
     if args[0] == "visualize":
-        assert _json(tmp_path / "visualize.json")["tokens_left"]["tome"] == [14]  # 17 tokens, r = 3 in block 1
+        assert _json(tmp_path / "visualize.json")["tokens_left"]["ToMe"] == [14]  # 17 tokens, r = 3 in block 1
     else:
         assert _json(tmp_path / written)["setup"]["hf_model"] == str(vit_dir)
 

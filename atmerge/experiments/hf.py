@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from atmerge.experiments.setup import Setup
+from atmerge.experiments.loaded import Setup
 
 CLASSIFIERS = ("ForImageClassification", "ForImageClassificationWithTeacher")
 

@@ -4,29 +4,14 @@ Hugging Face model (:mod:`atmerge.experiments.hf`)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from atmerge import data, zoo
+from atmerge.experiments.loaded import Setup  # noqa: F401  (re-exported: callers import it from here)
 
 PRESETS = ("cifar10-vit", "dinov2-probe")
-
-
-@dataclass
-class Setup:
-    """A model ready for evaluation, its preprocessing, its default data, and how it was made."""
-
-    model: nn.Module
-    transform: object
-    default_data: Path | None
-    description: dict = field(default_factory=dict)
-    class_names: data.ClassNames | None = None  # None: the names the model carries, if any
-
-    def classes(self) -> data.ClassNames | None:
-        return self.class_names if self.class_names is not None else data.model_class_names(self.model)
 
 
 def load_setup(
