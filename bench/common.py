@@ -20,7 +20,7 @@ from PIL import Image
 
 import atmerge
 from atmerge import data
-from atmerge.experiments.io import format_table
+from atmerge.results_io import format_table
 
 TARGETS = (0.85, 0.75, 0.65)  # shares of the unpatched model's GFLOPs for matched comparisons
 WARMUP = 2  # untimed rounds before every timing (alternate_timings)
