@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ Pure arithmetic; the per-token costs are read off a model by the model adapter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ counted; imports made only for type checking are not). The layers themselves (ap
 above core) are import-linter's contracts in pyproject.toml, checked by `lint-imports` in CI."""
 
 import grimp
-import pytest
 
 
 def strongly_connected(graph) -> list[set[str]]:

@@ -14,7 +14,7 @@ the same model and images skips that pass.  Every trial reports its top-1 agreem
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn

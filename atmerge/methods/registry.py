@@ -6,9 +6,13 @@ import dataclasses
 
 # Importing the built-in methods registers them (each class is decorated with register_method).
 # In this order (the order of method lists and tables): ATM, ToMe, top-r, constant θ, EViT, MCTF, Zero-TP, frozen.
-from atmerge.methods import atm, fixed, threshold  # noqa: F401, I001
-from atmerge.methods import evit, mctf, zerotp  # noqa: F401, I001
-from atmerge.methods import frozen  # noqa: F401, I001
+import atmerge.methods.atm  # noqa: F401, I001
+import atmerge.methods.fixed  # noqa: F401, I001
+import atmerge.methods.threshold  # noqa: F401, I001
+import atmerge.methods.evit  # noqa: F401, I001
+import atmerge.methods.mctf  # noqa: F401, I001
+import atmerge.methods.zerotp  # noqa: F401, I001
+import atmerge.methods.frozen  # noqa: F401, I001
 from atmerge.methods.base import METHODS, Method, register_method  # noqa: F401  (re-exported)
 
 

@@ -15,7 +15,7 @@ family, once ``transformers`` is) before every lookup (:func:`register_family_lo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

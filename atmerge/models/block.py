@@ -9,7 +9,7 @@ method's decision between attention and MLP, and runs the MLP only on what is le
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -13,7 +13,7 @@ hooks see every block's attention map over the tokens it had), and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
