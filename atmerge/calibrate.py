@@ -387,7 +387,14 @@ def confirm(rows: list[dict], goal: Goal, on_holdout) -> tuple[dict, bool]:
     the result.  If none of the first CONFIRM_TRIES does: the closest of them, not met."""
     finished = [t for t in rows if not t.get("pruned")]
     if not finished:
-        raise ValueError("no trial ran on every calibration image; raise trials")
+        cheapest = min((t["gflops"] for t in rows), default=None)
+        if goal.kind == "budget" and cheapest is not None and cheapest > goal.target:
+            raise ValueError(f"the budget of {goal.target:.4g} GFLOPs per image is out of this method's reach: its "
+                             f"cheapest setting tried cost {cheapest:.4g} (on the first calibration images); "
+                             f"ask for a budget above that, or another method")
+        raise ValueError("every trial was stopped early as hopeless for this goal; a looser goal, or another "
+                         "method, can be reached")
+
     if goal.kind == "budget":
         meets = [t for t in finished if t["gflops"] <= goal.target]
         ranked = sorted(meets, key=lambda t: (-t["fidelity"], t["gflops"])) or sorted(finished, key=lambda t: t["gflops"])
