@@ -20,7 +20,7 @@ from atmerge.cli import main  # noqa: E402
 from atmerge.config import FingerprintWarning, model_fingerprint  # noqa: E402
 from atmerge.experiments.hf import ProcessorTransform, load_hf_model, model_class  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "usage.md"  # the snippet lives in the docs
 PLACEHOLDER = "path/to/saved-vit"
 TINY = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=128)
@@ -225,17 +225,17 @@ def test_info_loss_and_finetune_refuse_hf_model(vit_dir, tmp_path, capsys):
 
 
 def readme_snippet() -> str:
-    """The code block right below ``<!-- hf-snippet -->`` in README.md, dedented."""
+    """The code block right below ``<!-- hf-snippet -->`` in docs/usage.md, dedented."""
     text = README.read_text()
     found = re.search(r"<!-- hf-snippet -->\n( *)```python\n(.*?)\n\1```", text, re.S)
-    assert found, "README.md has no ```python block right below <!-- hf-snippet -->"
+    assert found, "docs/usage.md has no ```python block right below <!-- hf-snippet -->"
     return textwrap.dedent(found.group(2))
 
 
 def test_the_readme_snippet_runs_on_a_locally_saved_model(vit_dir, capsys):
     code = readme_snippet()
     assert code.count(PLACEHOLDER) == 1
-    exec(compile(code.replace(PLACEHOLDER, str(vit_dir)), "README.md <!-- hf-snippet -->", "exec"), {})
+    exec(compile(code.replace(PLACEHOLDER, str(vit_dir)), "docs/usage.md <!-- hf-snippet -->", "exec"), {})
     printed = capsys.readouterr().out.split()
     model = transformers.ViTForImageClassification.from_pretrained(vit_dir).eval()
     assert printed[:2] == ["torch.Size([1,", "3])"] and len(printed) == 3  # logits of 3 classes, then GFLOPs

@@ -21,7 +21,6 @@ from atmerge.methods.space import ints
 from conftest import blocky_images, small_vit
 
 
-@register_method("toyfirst")
 @dataclass(frozen=True)
 class MergeInFirstBlocks(Method):
     """ToMe's matching, but only in the first ``blocks`` blocks, ``r`` pairs each."""
@@ -44,7 +43,10 @@ class MergeInFirstBlocks(Method):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _unregister_afterwards():
+def _registered():
+    """``@register_method("toyfirst")`` on the class, done here so that the registry's other
+    users (tests iterating over every registered method) never see the toy."""
+    register_method("toyfirst")(MergeInFirstBlocks)
     yield
     METHODS.pop("toyfirst", None)
 
