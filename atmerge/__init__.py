@@ -1,11 +1,11 @@
 """atmerge: training-free Adaptive Token Merging (ATM) and baselines for timm and HF ViTs.
 
-    import timm, atmerge
-    model = timm.create_model("deit_small_patch16_224", pretrained=True).eval()
-    atmerge.patch(model, atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.88))
-    logits = model(images)
-    print(atmerge.last_stats(model).gflops)
-    atmerge.finetune(model, method, "train/", "val/", atmerge.FinetuneConfig(epochs=30))  # merging in the loop
+import timm, atmerge
+model = timm.create_model("deit_small_patch16_224", pretrained=True).eval()
+atmerge.patch(model, atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.88))
+logits = model(images)
+print(atmerge.last_stats(model).gflops)
+atmerge.finetune(model, method, "train/", "val/", atmerge.FinetuneConfig(epochs=30))  # merging in the loop
 """
 
 from atmerge.budget import BudgetMatch, match_gflops
@@ -80,7 +80,11 @@ def patch(model, method, **options):
     import warnings
 
     if isinstance(method, (str, os.PathLike)):
-        warnings.warn("atmerge.patch(model, path) is deprecated and will be removed in the next release; use "
-                      "atmerge.patch(model, atmerge.load_method(path, model))", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "atmerge.patch(model, path) is deprecated and will be removed in the next release; use "
+            "atmerge.patch(model, atmerge.load_method(path, model))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         method = load_method(method, model)
     return _api.patch(model, method, **options)

@@ -45,8 +45,10 @@ def patch(
     Returns the same model object.  Patching a patched model replaces its method and options.
     """
     if isinstance(method, (str, Path)):
-        raise TypeError(f"method must be an atmerge method; to patch with the config {str(method)!r} use "
-                        f"atmerge.patch(model, atmerge.load_method(path, model))")
+        raise TypeError(
+            f"method must be an atmerge method; to patch with the config {str(method)!r} use "
+            f"atmerge.patch(model, atmerge.load_method(path, model))"
+        )
     if not isinstance(method, Method):
         raise TypeError(f"method must be an atmerge method such as atmerge.ATM(...), got {type(method).__name__}")
     for name, value in (("prop_attn", prop_attn), ("prune_last_block", prune_last_block)):
@@ -153,7 +155,9 @@ def _calibration_batches(images, model: nn.Module, batch_size: int):
     try:
         iterator = iter(images)
     except TypeError:
-        raise TypeError(f"images must be a tensor [N, C, H, W], an iterable of batches or a folder, got {type(images).__name__}") from None
+        raise TypeError(
+            f"images must be a tensor [N, C, H, W], an iterable of batches or a folder, got {type(images).__name__}"
+        ) from None
     for batch in iterator:
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
@@ -213,7 +217,9 @@ def freeze(model: nn.Module, images, quantile: float | None = None, *, batch_siz
     if not method.adaptive:
         return method
     if not isinstance(method, (ATM, ConstantThreshold)):
-        raise ValueError(f"freeze knows the matching rules of ATM and the constant threshold, not of {type(method).__name__}")
+        raise ValueError(
+            f"freeze knows the matching rules of ATM and the constant threshold, not of {type(method).__name__}"
+        )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     samples: list[list[float]] = []  # merges per block of one sample (a batch, or an image)
     weights: list[float] = []
@@ -246,7 +252,9 @@ def freeze(model: nn.Module, images, quantile: float | None = None, *, batch_siz
             counts.append(max(int(math.floor(cumulative + 0.5)) - kept, 0))
             kept += counts[-1]
     else:
-        counts = [int(round(_weighted_quantile([s[b] for s in samples], weights, float(quantile)))) for b in range(depth)]
+        counts = [
+            int(round(_weighted_quantile([s[b] for s in samples], weights, float(quantile)))) for b in range(depth)
+        ]
     if isinstance(method, ATM):
         split_layer, similarity = method.resolved_split_layer(depth), method.similarity
     else:

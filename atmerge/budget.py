@@ -55,7 +55,11 @@ def match_gflops(
     If even ``low`` exceeds the budget, the cheapest setting is returned with within_budget=False.
     The model is left patched with the returned method.
     """
-    if isinstance(target_gflops, bool) or not isinstance(target_gflops, (int, float)) or not 0 < target_gflops < math.inf:
+    if (
+        isinstance(target_gflops, bool)
+        or not isinstance(target_gflops, (int, float))
+        or not 0 < target_gflops < math.inf
+    ):
         raise ValueError(f"target_gflops must be positive, got {target_gflops!r}; pass GFLOPs per image")
     best: BudgetMatch | None = None
     cheapest: BudgetMatch | None = None

@@ -151,15 +151,27 @@ def staged_trials(
             with torch.no_grad():
                 for x in batches[done:bound]:
                     n = x.shape[0]
-                    values.append(per_image_fidelity(model_output(model, x).float().cpu(), reference[images : images + n], measure))
+                    values.append(
+                        per_image_fidelity(
+                            model_output(model, x).float().cpu(), reference[images : images + n], measure
+                        )
+                    )
                     gflops_sum += last_stats(model).gflops * n
                     images += n
             done = bound
             per_image = torch.cat(values)
             fidelity, gflops = float(per_image.mean()), gflops_sum / images
             low = fidelity_interval(per_image, measure, ONE_SIDED_95)[0]
-            row = {"trial": trial.number, **params, **type(base).from_search(params, profile), "gflops": gflops, "fidelity": fidelity, "fidelity_low": low,
-                   "images": images, "pruned": False}
+            row = {
+                "trial": trial.number,
+                **params,
+                **type(base).from_search(params, profile),
+                "gflops": gflops,
+                "fidelity": fidelity,
+                "fidelity_low": low,
+                "images": images,
+                "pruned": False,
+            }
             if goal is None:
                 continue
             value = fidelity if goal.kind == "budget" else gflops
@@ -223,11 +235,15 @@ def fidelity_measure(model: nn.Module, fidelity: str | None) -> str:
     if fidelity not in FIDELITY_MEASURES:
         raise ValueError(f"fidelity={fidelity!r} is not supported; choose one of {FIDELITY_MEASURES}")
     if fidelity == "agreement" and features:
-        raise ValueError("fidelity='agreement' needs a classifier; this model outputs features (num_classes=0): use 'cosine'")
+        raise ValueError(
+            "fidelity='agreement' needs a classifier; this model outputs features (num_classes=0): use 'cosine'"
+        )
     return fidelity
 
 
-def resolve_goal(unpatched_gflops: float, *, budget=None, budget_gflops=None, min_agreement=None, min_cosine=None) -> Goal:
+def resolve_goal(
+    unpatched_gflops: float, *, budget=None, budget_gflops=None, min_agreement=None, min_cosine=None
+) -> Goal:
     """Exactly one goal, checked; budget shares become GFLOPs per image."""
     goals = {"budget": budget, "budget_gflops": budget_gflops, "min_agreement": min_agreement, "min_cosine": min_cosine}
     given = [k for k, v in goals.items() if v is not None]
@@ -336,8 +352,19 @@ def calibrate_goals(
     profile = score_profile(model, search_set, limit=256) if fit_space else None
     space = type(base).search_space(depth, patches, profile)
     one = resolved[0] if len(resolved) == 1 and early_stop else None
-    rows = staged_trials(model, search_set, base, search_ref, measure=measure, goal=one, trials=trials, seed=seed,
-                         rungs=RUNGS if early_stop else (1.0,), profile=profile, progress=progress)
+    rows = staged_trials(
+        model,
+        search_set,
+        base,
+        search_ref,
+        measure=measure,
+        goal=one,
+        trials=trials,
+        seed=seed,
+        rungs=RUNGS if early_stop else (1.0,),
+        profile=profile,
+        progress=progress,
+    )
     measured: dict[int, dict] = {}
 
     def on_holdout(row: dict) -> dict:
@@ -350,15 +377,31 @@ def calibrate_goals(
     for goal in resolved:
         chosen, met = confirm(rows, goal, on_holdout)
         numbers = on_holdout(chosen)
-        results.append(Calibration(
-            method=trial_method(base, chosen, depth, patches, profile), goal=goal.kind, target=goal.target, met=met,
-            measure=measure, gflops=numbers["gflops"], gflops_share=numbers["gflops"] / dense,
-            fidelity=numbers["fidelity"], fidelity_low=numbers["fidelity_low"], images=numbers["images"],
-            unpatched_gflops=dense, details=numbers["details"], trials=rows, search_images=sum(x.shape[0] for x in search_set),
-            search={"gflops": chosen["gflops"], "fidelity": chosen["fidelity"], "fidelity_low": chosen["fidelity_low"]},
-            space={k: knob.describe() for k, knob in space.items()},
-            profile=profile.as_dict() if profile is not None else None,
-        ))
+        results.append(
+            Calibration(
+                method=trial_method(base, chosen, depth, patches, profile),
+                goal=goal.kind,
+                target=goal.target,
+                met=met,
+                measure=measure,
+                gflops=numbers["gflops"],
+                gflops_share=numbers["gflops"] / dense,
+                fidelity=numbers["fidelity"],
+                fidelity_low=numbers["fidelity_low"],
+                images=numbers["images"],
+                unpatched_gflops=dense,
+                details=numbers["details"],
+                trials=rows,
+                search_images=sum(x.shape[0] for x in search_set),
+                search={
+                    "gflops": chosen["gflops"],
+                    "fidelity": chosen["fidelity"],
+                    "fidelity_low": chosen["fidelity_low"],
+                },
+                space={k: knob.describe() for k, knob in space.items()},
+                profile=profile.as_dict() if profile is not None else None,
+            )
+        )
     return results
 
 
@@ -372,8 +415,12 @@ def split_holdout(
     if not share or round(1 / share) > images.shape[0]:
         return batches, reference, batches, reference
     held = torch.arange(images.shape[0]) % round(1 / share) == round(1 / share) - 1
-    return (list(images[~held].split(batch_size)), reference[~held], list(images[held].split(batch_size)),
-            reference[held])
+    return (
+        list(images[~held].split(batch_size)),
+        reference[~held],
+        list(images[held].split(batch_size)),
+        reference[held],
+    )
 
 
 CONFIRM_TRIES = 5  # candidates tried on the held-out images, best first, before giving up
@@ -389,15 +436,20 @@ def confirm(rows: list[dict], goal: Goal, on_holdout) -> tuple[dict, bool]:
     if not finished:
         cheapest = min((t["gflops"] for t in rows), default=None)
         if goal.kind == "budget" and cheapest is not None and cheapest > goal.target:
-            raise ValueError(f"the budget of {goal.target:.4g} GFLOPs per image is out of this method's reach: its "
-                             f"cheapest setting tried cost {cheapest:.4g} (on the first calibration images); "
-                             f"ask for a budget above that, or another method")
-        raise ValueError("every trial was stopped early as hopeless for this goal; a looser goal, or another "
-                         "method, can be reached")
+            raise ValueError(
+                f"the budget of {goal.target:.4g} GFLOPs per image is out of this method's reach: its "
+                f"cheapest setting tried cost {cheapest:.4g} (on the first calibration images); "
+                f"ask for a budget above that, or another method"
+            )
+        raise ValueError(
+            "every trial was stopped early as hopeless for this goal; a looser goal, or another method, can be reached"
+        )
 
     if goal.kind == "budget":
         meets = [t for t in finished if t["gflops"] <= goal.target]
-        ranked = sorted(meets, key=lambda t: (-t["fidelity"], t["gflops"])) or sorted(finished, key=lambda t: t["gflops"])
+        ranked = sorted(meets, key=lambda t: (-t["fidelity"], t["gflops"])) or sorted(
+            finished, key=lambda t: t["gflops"]
+        )
         holds = lambda h: h["gflops"] <= goal.target  # noqa: E731
         closest = lambda h: -h["gflops"]  # noqa: E731
     else:
@@ -414,8 +466,9 @@ def confirm(rows: list[dict], goal: Goal, on_holdout) -> tuple[dict, bool]:
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, batches: list[torch.Tensor], method: Method, reference: torch.Tensor, measure: str,
-             paired: bool) -> dict:
+def _measure(
+    model: nn.Module, batches: list[torch.Tensor], method: Method, reference: torch.Tensor, measure: str, paired: bool
+) -> dict:
     """``method`` on ``batches``: mean GFLOPs, fidelity with its one-sided 95% lower bound, and
     (``paired``) the paired details — agreement and its interval, top-5 agreement, KL, cosine;
     only the cosine for a feature model."""
@@ -429,13 +482,22 @@ def _measure(model: nn.Module, batches: list[torch.Tensor], method: Method, refe
     unpatch(model)
     outputs = torch.cat(outputs)
     values = per_image_fidelity(outputs, reference, measure)
-    numbers = {"images": outputs.shape[0], "gflops": gflops / outputs.shape[0], "fidelity": float(values.mean()),
-               "fidelity_low": fidelity_interval(values, measure, ONE_SIDED_95)[0], "details": {}}
+    numbers = {
+        "images": outputs.shape[0],
+        "gflops": gflops / outputs.shape[0],
+        "fidelity": float(values.mean()),
+        "fidelity_low": fidelity_interval(values, measure, ONE_SIDED_95)[0],
+        "details": {},
+    }
     if paired and not is_classifier(model):
         cosine = per_image_fidelity(outputs, reference, "cosine")
         low, high = fidelity_interval(cosine, "cosine")
-        numbers["details"] = {"images": outputs.shape[0], "cosine": float(cosine.mean()), "cosine_low": low,
-                              "cosine_high": high}
+        numbers["details"] = {
+            "images": outputs.shape[0],
+            "cosine": float(cosine.mean()),
+            "cosine_low": low,
+            "cosine_high": high,
+        }
     elif paired:
         numbers["details"] = paired_fidelity(outputs, reference)
     return numbers

@@ -1,15 +1,15 @@
 """`atmerge` command line: sub-commands that call the library's experiment functions.
 
-    atmerge eval                      # CIFAR-10 reference ViT + ATM vs unpatched, offline (ships with the package)
-    atmerge calibrate --data my_photos/ --budget 0.6 --out cal/   # settings for 60% of the GFLOPs, no labels
-    atmerge eval --config cal/calibration.json --data my_photos/  # check it: agreement promised vs measured
-    atmerge eval --model deit_small_patch16_224 --pretrained --data /imagenet/val --method atm
-    atmerge eval --hf-model path/to/saved-vit --data my_folder/   # a Hugging Face model + its image processor
-    atmerge search --budget 0.5       # Optuna over alpha, beta, theta_min within half the GFLOPs
-    atmerge analyze info-loss | merge-profile | split-layer | batch-size | merging-error
-    atmerge visualize --images a.jpg b.jpg
-    atmerge probe                     # linear head for the shared DINOv2-S on CIFAR-10
-    atmerge finetune --epochs 30      # fine-tune with merging in the loop (torchrun for many GPUs)
+atmerge eval                      # CIFAR-10 reference ViT + ATM vs unpatched, offline (ships with the package)
+atmerge calibrate --data my_photos/ --budget 0.6 --out cal/   # settings for 60% of the GFLOPs, no labels
+atmerge eval --config cal/calibration.json --data my_photos/  # check it: agreement promised vs measured
+atmerge eval --model deit_small_patch16_224 --pretrained --data /imagenet/val --method atm
+atmerge eval --hf-model path/to/saved-vit --data my_folder/   # a Hugging Face model + its image processor
+atmerge search --budget 0.5       # Optuna over alpha, beta, theta_min within half the GFLOPs
+atmerge analyze info-loss | merge-profile | split-layer | batch-size | merging-error
+atmerge visualize --images a.jpg b.jpg
+atmerge probe                     # linear head for the shared DINOv2-S on CIFAR-10
+atmerge finetune --epochs 30      # fine-tune with merging in the loop (torchrun for many GPUs)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from atmerge.methods.registry import METHODS, build_method, method_names
 from atmerge.models.adapter import model_depth, model_patches
+
 
 def _number(text: str) -> int | float:
     """An int where the text is one, else a float (MCTF's r: a count or a share)."""
@@ -64,44 +65,77 @@ def method_flags() -> dict[str, tuple[object, str | None]]:
 METHOD_FLAGS = method_flags()
 
 
-def add_model_options(p: argparse.ArgumentParser, hf: bool = True,
-                      default: str = "cifar10-vit, the CIFAR-10 reference ViT that ships with the package") -> None:
+def add_model_options(
+    p: argparse.ArgumentParser,
+    hf: bool = True,
+    default: str = "cifar10-vit, the CIFAR-10 reference ViT that ships with the package",
+) -> None:
     """The model flags; ``hf``: also ``--hf-model`` (a Hugging Face model instead of a timm one)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help=f"timm model name, or a preset: cifar10-vit, dinov2-probe (default: {default})")
+    g.add_argument(
+        "--model", default=None, help=f"timm model name, or a preset: cifar10-vit, dinov2-probe (default: {default})"
+    )
     if hf:
-        g.add_argument("--hf-model", default=None, metavar="NAME_OR_DIR",
-                       help="a Hugging Face transformers model instead: a save_pretrained directory (with its "
-                            "image processor's preprocessor_config.json) or a hub name; not with --model, "
-                            "--checkpoint")
-    g.add_argument("--checkpoint", default=None,
-                   help="weights for --model: safetensors, or a PyTorch file (.pth, .pth.tar; official "
-                        "LV-ViT, T2T-ViT and MAE files as they are), loaded with weights_only=True")
-    g.add_argument("--model-kwargs", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 32}\'')
+        g.add_argument(
+            "--hf-model",
+            default=None,
+            metavar="NAME_OR_DIR",
+            help="a Hugging Face transformers model instead: a save_pretrained directory (with its "
+            "image processor's preprocessor_config.json) or a hub name; not with --model, "
+            "--checkpoint",
+        )
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        help="weights for --model: safetensors, or a PyTorch file (.pth, .pth.tar; official "
+        "LV-ViT, T2T-ViT and MAE files as they are), loaded with weights_only=True",
+    )
+    g.add_argument("--model-kwargs", default=None, help="JSON kwargs for timm.create_model, e.g. '{\"img_size\": 32}'")
     g.add_argument("--pretrained", action="store_true", help="let timm download pretrained weights")
     g.add_argument("--probe", default=None, help="probe head file for --model dinov2-probe")
-    g.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=None,
-                   help="proportional attention (+log size) on/off; default: the model's (off for mae_vit_base_ft), "
-                        "else the method's own (off for EViT)")
-    g.add_argument("--prune-last-block", action=argparse.BooleanOptionalAction, default=None,
-                   help="only CLS reaches the last MLP; default: on for CLS-pooled models, for every method")
+    g.add_argument(
+        "--prop-attn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="proportional attention (+log size) on/off; default: the model's (off for mae_vit_base_ft), "
+        "else the method's own (off for EViT)",
+    )
+    g.add_argument(
+        "--prune-last-block",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="only CLS reaches the last MLP; default: on for CLS-pooled models, for every method",
+    )
 
 
 def add_data_options(p: argparse.ArgumentParser, labels: bool = False, data_help: str | None = None) -> None:
     """The data flags; ``labels``: also --labels/--no-labels and --class-map (eval)."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, metavar="FOLDER",
-                   help=data_help or "a folder of images: class folders (cat/, dog/ or synsets n01440764/, matched to "
-                        "the model's class names) for top-1" + (", or any layout for fidelity only" if labels else "")
-                   + "; default: the preset's data (cifar10-vit: CIFAR-10 test images)")
+    g.add_argument(
+        "--data",
+        default=None,
+        metavar="FOLDER",
+        help=data_help
+        or "a folder of images: class folders (cat/, dog/ or synsets n01440764/, matched to "
+        "the model's class names) for top-1"
+        + (", or any layout for fidelity only" if labels else "")
+        + "; default: the preset's data (cifar10-vit: CIFAR-10 test images)",
+    )
     if labels:
-        g.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
-                       help="--labels: class folders required; --no-labels: ignore them, measure fidelity only; "
-                            "default: use class folders when the folder has them")
-        g.add_argument("--class-map", default=None, metavar="FILE",
-                       help="JSON object {class folder name: the model's class index}, for folders whose names are "
-                            "not the model's class names")
+        g.add_argument(
+            "--labels",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="--labels: class folders required; --no-labels: ignore them, measure fidelity only; "
+            "default: use class folders when the folder has them",
+        )
+        g.add_argument(
+            "--class-map",
+            default=None,
+            metavar="FILE",
+            help="JSON object {class folder name: the model's class index}, for folders whose names are "
+            "not the model's class names",
+        )
     g.add_argument("--limit", type=int, default=None, help="use N images (seeded random subset)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -130,8 +164,10 @@ class FlagOrWord(argparse.Action):
         value = not option_string.startswith("--no-")
         if values is not None:
             word = _boolean(values)
-            deprecated(f"'{option_string} {values}' is deprecated; write "
-                       f"{option_string if word else '--no-' + option_string[2:]}")
+            deprecated(
+                f"'{option_string} {values}' is deprecated; write "
+                f"{option_string if word else '--no-' + option_string[2:]}"
+            )
             value = word if value else not word
         setattr(namespace, self.dest, value)
 
@@ -159,6 +195,7 @@ def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None
 
 def _or_none(kind):
     """argparse type: ``kind(text)``, or None for the word 'none'."""
+
     def parse(text: str):
         return None if text.lower() == "none" else kind(text)
 
@@ -178,8 +215,9 @@ def add_dataclass_options(p: argparse.ArgumentParser, cls: type, title: str) -> 
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
             continue
         kind, _ = _flag_kind([str(f.type)])
-        g.add_argument(flag, type=_or_none(kind) if "None" in str(f.type) else kind, default=argparse.SUPPRESS,
-                       help=text)
+        g.add_argument(
+            flag, type=_or_none(kind) if "None" in str(f.type) else kind, default=argparse.SUPPRESS, help=text
+        )
 
 
 def dataclass_from_args(cls: type, args) -> object:
@@ -203,8 +241,14 @@ def setup_from_args(args):
         from atmerge.experiments.hf import _transformers
 
         _transformers().utils.logging.disable_progress_bar()  # --no-progress: no loading bar either
-    return load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, getattr(args, "probe", None),
-                      hf_model=getattr(args, "hf_model", None))
+    return load_setup(
+        args.model,
+        args.checkpoint,
+        args.model_kwargs,
+        args.pretrained,
+        getattr(args, "probe", None),
+        hf_model=getattr(args, "hf_model", None),
+    )
 
 
 def _setup_and_batches(args, *, limit=None, labels: bool | None = True):
@@ -212,9 +256,14 @@ def _setup_and_batches(args, *, limit=None, labels: bool | None = True):
 
     torch.manual_seed(args.seed)
     setup = setup_from_args(args)
-    dataset = load_dataset(setup, args.data, args.limit if limit is None else limit, args.seed,
-                           labels=getattr(args, "labels", None) if labels is None else labels,
-                           class_map=getattr(args, "class_map", None))
+    dataset = load_dataset(
+        setup,
+        args.data,
+        args.limit if limit is None else limit,
+        args.seed,
+        labels=getattr(args, "labels", None) if labels is None else labels,
+        class_map=getattr(args, "class_map", None),
+    )
     return setup, loader(dataset, args.batch_size, args.workers)
 
 
@@ -225,8 +274,10 @@ def _describe_data(description: dict) -> str:
         return text + ": no class folders used, so fidelity to the unpatched model only (no top-1)"
     classes = description["classes"]
     shown = ", ".join(f"{k}->{v}" for k, v in list(classes.items())[:5]) + (", ..." if len(classes) > 5 else "")
-    return (text + f": {len(classes)} class folders mapped to the model's {description['model_classes']} classes "
-            f"{description['labels']} ({shown}); top-1 over the full head")
+    return (
+        text + f": {len(classes)} class folders mapped to the model's {description['model_classes']} classes "
+        f"{description['labels']} ({shown}); top-1 over the full head"
+    )
 
 
 def cmd_eval(args) -> int:
@@ -247,21 +298,30 @@ def cmd_eval(args) -> int:
         shard = distributed.batch_shard(len(batches.dataset), args.batch_size, world.rank, world.size)
         batches = data.ReadableLoader(batches.dataset, batch_sampler=shard, num_workers=args.workers)
         if len(batches) == 0:
-            raise ValueError(f"{len(batches.dataset)} images make fewer batches than the {world.size} processes; "
-                             "use a smaller --batch-size")
+            raise ValueError(
+                f"{len(batches.dataset)} images make fewer batches than the {world.size} processes; "
+                "use a smaller --batch-size"
+            )
     described = batches.dataset.description
     if world.main:
         print(_describe_data(described))
     try:
         result = run_eval(
-            setup.model, method, batches, device=world.device, progress=args.progress and world.main,
-            prop_attn=args.prop_attn, prune_last_block=args.prune_last_block,
+            setup.model,
+            method,
+            batches,
+            device=world.device,
+            progress=args.progress and world.main,
+            prop_attn=args.prop_attn,
+            prune_last_block=args.prune_last_block,
         )
     except ValueError as e:
         if str(e) != "no images to evaluate":
             raise
-        raise ValueError(f"none of the images under {described['folder']} could be read "
-                         f"({described['images']} skipped, each named above)") from None
+        raise ValueError(
+            f"none of the images under {described['folder']} could be read "
+            f"({described['images']} skipped, each named above)"
+        ) from None
     if not world.main:
         return 0
     result["setup"] = setup.description
@@ -274,7 +334,11 @@ def cmd_eval(args) -> int:
     print(format_table(rows, columns))
     d, f = result["difference"], result["fidelity"]
     b, m = result["baseline"], result["merged"]
-    top1 = "" if d["top1"] is None else f"top-1 {100 * b['top1']:.2f}% -> {100 * m['top1']:.2f}% ({100 * d['top1']:+.2f} pt), "
+    top1 = (
+        ""
+        if d["top1"] is None
+        else f"top-1 {100 * b['top1']:.2f}% -> {100 * m['top1']:.2f}% ({100 * d['top1']:+.2f} pt), "
+    )
     print(f"difference: {top1}GFLOPs x{d['gflops_ratio']:.3f}, speed x{d['speedup']:.2f}")
     print(fidelity_line(f))
     if promised:
@@ -291,18 +355,22 @@ def fidelity_line(f: dict) -> str:
     """The merged model against the unpatched one, in one line, rounded."""
     if "agreement" not in f:
         return f"fidelity to the unpatched model on {f['images']} images: output cosine {f['cosine']:.4f}"
-    return (f"agreement with the unpatched model: {100 * f['agreement']:.1f}% of {f['images']} images "
-            f"(95% {100 * f['agreement_low']:.1f}-{100 * f['agreement_high']:.1f}%), top-5 agreement "
-            f"{100 * f['top5_agreement']:.1f}%, KL {f['kl']:.4f} nats, output cosine {f['cosine']:.4f}")
+    return (
+        f"agreement with the unpatched model: {100 * f['agreement']:.1f}% of {f['images']} images "
+        f"(95% {100 * f['agreement_low']:.1f}-{100 * f['agreement_high']:.1f}%), top-5 agreement "
+        f"{100 * f['top5_agreement']:.1f}%, KL {f['kl']:.4f} nats, output cosine {f['cosine']:.4f}"
+    )
 
 
 def promise_line(promised: dict, measured: dict, share: float) -> str:
     """What the calibration config promised (on its held-out images) next to what eval measured."""
     measure = promised.get("fidelity_measure", "agreement")
     value = measured.get(measure)
-    said = (f"config promised {measure} {100 * promised['fidelity']:.1f}% (one-sided 95% lower bound "
-            f"{100 * promised['fidelity_low_one_sided_95']:.1f}%) at {100 * promised['gflops_share']:.1f}% of the "
-            f"unpatched GFLOPs")
+    said = (
+        f"config promised {measure} {100 * promised['fidelity']:.1f}% (one-sided 95% lower bound "
+        f"{100 * promised['fidelity_low_one_sided_95']:.1f}%) at {100 * promised['gflops_share']:.1f}% of the "
+        f"unpatched GFLOPs"
+    )
     got = "n/a" if value is None else f"{100 * value:.1f}%"
     return f"{said}; measured here: {measure} {got} at {100 * share:.1f}%"
 
@@ -349,8 +417,10 @@ def cmd_search(args) -> int:
     if goal != "budget" and (args.budget is not None or args.budget_gflops is not None):
         raise ValueError(f"--budget/--budget-gflops apply to --goal budget, not --goal {goal}")
     if args.budget is not None and not 0 < args.budget < 1:
-        raise ValueError(f"--budget {args.budget:g} is a share of the unpatched model's GFLOPs; allowed (0, 1) "
-                         "(GFLOPs per image: --budget-gflops)")
+        raise ValueError(
+            f"--budget {args.budget:g} is a share of the unpatched model's GFLOPs; allowed (0, 1) "
+            "(GFLOPs per image: --budget-gflops)"
+        )
     setup, batches = _setup_and_batches(args)
     batches = [(x.to(args.device), y.to(args.device)) for x, y in batches]
     setup.model.to(args.device)
@@ -359,15 +429,28 @@ def cmd_search(args) -> int:
         dense = dense_gflops(setup.model, tuple(batches[0][0].shape[1:]))
         if args.budget is not None:
             budget = args.budget * dense
-            print(f"budget: {100 * args.budget:.0f}% of the unpatched {dense:.4g} GFLOPs = {budget:.4g} GFLOPs per image")
+            print(
+                f"budget: {100 * args.budget:.0f}% of the unpatched {dense:.4g} GFLOPs = {budget:.4g} GFLOPs per image"
+            )
         elif budget >= dense:
-            raise ValueError(f"--budget-gflops {budget:g} is not below the unpatched model's {dense:.4g} GFLOPs per "
-                             "image: every setting meets it; give a smaller budget")
+            raise ValueError(
+                f"--budget-gflops {budget:g} is not below the unpatched model's {dense:.4g} GFLOPs per "
+                "image: every setting meets it; give a smaller budget"
+            )
     args.goal = goal
     others = [m for m in (args.compare or []) if m != args.method]
-    results = search_methods(setup.model, batches, [base, *others], goal=goal, budget=budget,
-                             trials=args.trials, seed=args.seed, metric=args.metric, progress=args.progress,
-                             cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"))
+    results = search_methods(
+        setup.model,
+        batches,
+        [base, *others],
+        goal=goal,
+        budget=budget,
+        trials=args.trials,
+        seed=args.seed,
+        metric=args.metric,
+        progress=args.progress,
+        cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"),
+    )
     result = next(iter(results.values()))
     result["setup"] = setup.description
     result["compared"] = {label: r for label, r in results.items() if r is not result}
@@ -394,8 +477,10 @@ def calibration_folder(args, setup) -> Path:
     """calibrate's image folder: --data (any layout, labels ignored); --images is its old spelling."""
     if args.images is not None:
         if args.data is not None and Path(args.data) != Path(args.images):
-            raise ValueError(f"--data {args.data} and --images {args.images} name two folders; pass --data only "
-                             "(--images is its deprecated spelling)")
+            raise ValueError(
+                f"--data {args.data} and --images {args.images} name two folders; pass --data only "
+                "(--images is its deprecated spelling)"
+            )
         deprecated("calibrate --images is deprecated; use --data FOLDER")
     folder = args.data or args.images or setup.default_data
     if folder is None:
@@ -408,8 +493,12 @@ def cmd_calibrate(args) -> int:
     from atmerge.config import save_config
     from atmerge.results_io import format_table, write_csv
 
-    goals = ([{"budget": v} for v in args.budget or []] + [{"budget_gflops": v} for v in args.budget_gflops or []]
-             + [{"min_agreement": v} for v in args.min_agreement or []] + [{"min_cosine": v} for v in args.min_cosine or []])
+    goals = (
+        [{"budget": v} for v in args.budget or []]
+        + [{"budget_gflops": v} for v in args.budget_gflops or []]
+        + [{"min_agreement": v} for v in args.min_agreement or []]
+        + [{"min_cosine": v} for v in args.min_cosine or []]
+    )
     torch.manual_seed(args.seed)
     setup = setup_from_args(args)
     folder = calibration_folder(args, setup)
@@ -422,27 +511,54 @@ def cmd_calibrate(args) -> int:
     methods = [method_from_args(args)] + [build_method(m) for m in args.compare if m != args.method]
     out, rows, met = run_folder(args, args.method), [], True
     for method in methods:
-        found = calibrate_goals(setup.model, batches, goals, method=method, fidelity=args.fidelity, trials=args.trials,
-                                seed=args.seed, progress=args.progress, fit_space=not args.paper_space)
+        found = calibrate_goals(
+            setup.model,
+            batches,
+            goals,
+            method=method,
+            fidelity=args.fidelity,
+            trials=args.trials,
+            seed=args.seed,
+            progress=args.progress,
+            fit_space=not args.paper_space,
+        )
         name = next(k for k, v in METHODS.items() if type(method) is v)
         for goal, c in zip(goals, found):
-            (kind, value), = goal.items()
+            ((kind, value),) = goal.items()
             if args.freeze is not None and c.method.adaptive:
                 from atmerge.config import frozen_calibration
 
                 c = frozen_calibration(setup.model, c, batches, quantile=args.freeze or None)
             stem = name if len(methods) > 1 or len(goals) > 1 else "calibration"
-            path = save_config(out / (f"{stem}_{kind}_{value:g}.json" if stem != "calibration" else "calibration.json"),
-                               setup.model, c, described)
-            write_csv(c.trials, path.with_name(path.stem + "_trials.csv") if stem != "calibration" else out / "trials.csv")
+            path = save_config(
+                out / (f"{stem}_{kind}_{value:g}.json" if stem != "calibration" else "calibration.json"),
+                setup.model,
+                c,
+                described,
+            )
+            write_csv(
+                c.trials, path.with_name(path.stem + "_trials.csv") if stem != "calibration" else out / "trials.csv"
+            )
             met &= c.met
-            label = (method.display_name or name) + (" (frozen)" if c.method is not method and not c.method.adaptive
-                                                      and method.adaptive else "")
-            rows.append({"method": label, "goal": f"{kind} {value:g}", "met": c.met,
-                         "gflops_share": round(c.gflops_share, 4), c.measure: round(c.fidelity, 4),
-                         f"{c.measure}_low": round(c.fidelity_low, 4), "config": str(path), "setting": str(c.method)})
-    print(f"{described}: {rows and found[0].search_images} searched ({args.trials} trials per method), the chosen "
-          f"settings measured on the {found[0].images} held out ('low' = one-sided 95% lower bound):")
+            label = (method.display_name or name) + (
+                " (frozen)" if c.method is not method and not c.method.adaptive and method.adaptive else ""
+            )
+            rows.append(
+                {
+                    "method": label,
+                    "goal": f"{kind} {value:g}",
+                    "met": c.met,
+                    "gflops_share": round(c.gflops_share, 4),
+                    c.measure: round(c.fidelity, 4),
+                    f"{c.measure}_low": round(c.fidelity_low, 4),
+                    "config": str(path),
+                    "setting": str(c.method),
+                }
+            )
+    print(
+        f"{described}: {rows and found[0].search_images} searched ({args.trials} trials per method), the chosen "
+        f"settings measured on the {found[0].images} held out ('low' = one-sided 95% lower bound):"
+    )
     print(format_table(rows, [k for k in rows[0] if k != "setting"]))
     for r in rows:
         print(f"  {r['method']} {r['goal']}: {r['setting']}")
@@ -457,8 +573,10 @@ def cmd_analyze(args) -> int:
 
     method = method_from_args(args)
     if args.study == "info-loss" and args.hf_model is not None:
-        raise ValueError(f"analyze info-loss reads a timm model's pre-logits feature; it does not take --hf-model "
-                         f"{args.hf_model} (the other studies do): use --model")
+        raise ValueError(
+            f"analyze info-loss reads a timm model's pre-logits feature; it does not take --hf-model "
+            f"{args.hf_model} (the other studies do): use --model"
+        )
     setup, batches = _setup_and_batches(args)
     model = setup.model
     out = run_folder(args, args.study)
@@ -466,16 +584,25 @@ def cmd_analyze(args) -> int:
     if study == "info-loss":
         result = A.info_loss(model, batches, thresholds=tuple(args.thresholds))
         result["plot"] = A.plot_info_loss(result, out / "info_loss.png")
-        rows = [{"block": b, **{f"theta_{t}": d[i] for t, d in result["distance"].items()}, "mean": result["mean"][i]}
-                for i, b in enumerate(result["blocks"])]
+        rows = [
+            {"block": b, **{f"theta_{t}": d[i] for t, d in result["distance"].items()}, "mean": result["mean"][i]}
+            for i, b in enumerate(result["blocks"])
+        ]
     elif study in ("merge-profile", "split-layer") and not isinstance(method, ATM):
         raise ValueError(f"{study} studies ATM: use --method atm")
     elif study == "merge-profile":
         result = A.merge_profile(model, batches, method)
         result["plot"] = A.plot_merge_profile(result, out / "merge_profile.png")
-        rows = [{"block": b, "atm_merged": a, "atm_threshold": ta, "constant_merged": c, "constant_threshold": tc}
-                for b, a, ta, c, tc in zip(result["blocks"], result["atm"]["merged"], result["atm"]["thresholds"],
-                                           result["constant"]["merged"], result["constant"]["thresholds"])]
+        rows = [
+            {"block": b, "atm_merged": a, "atm_threshold": ta, "constant_merged": c, "constant_threshold": tc}
+            for b, a, ta, c, tc in zip(
+                result["blocks"],
+                result["atm"]["merged"],
+                result["atm"]["thresholds"],
+                result["constant"]["merged"],
+                result["constant"]["thresholds"],
+            )
+        ]
     elif study == "split-layer":
         result = A.split_layer_sweep(model, batches, method)
         rows = result["rows"]
@@ -538,8 +665,9 @@ def cmd_visualize(args) -> int:
     mean, std = data.normalization(transform)
     out = run_folder(args, args.method)
     title = f"{model_name}: " + "; ".join(f"{name} = {m!r}" for name, m in methods.items())
-    result = draw(model, images, methods, out / "visualize.png", mean=mean, std=std, every_block=args.every_block,
-                  title=title)
+    result = draw(
+        model, images, methods, out / "visualize.png", mean=mean, std=std, every_block=args.every_block, title=title
+    )
     result["model"] = model_name
     result["images"] = [str(f) for f in files]
     result["methods"] = {name: repr(m) for name, m in methods.items()}
@@ -573,15 +701,29 @@ def cmd_finetune(args) -> int:
     train_set = data.image_folder(train_root, train_transform(setup.model, config, data.normalization(setup.transform)))
     val_set = data.image_folder(val_root, setup.transform)
     notes = {"setup": setup.description, "train_data": str(train_root), "val_data": str(val_root)}
-    result = finetune(setup.model, method, train_set, val_set, config, prop_attn=args.prop_attn,
-                      prune_last_block=args.prune_last_block, notes=notes)
+    result = finetune(
+        setup.model,
+        method,
+        train_set,
+        val_set,
+        config,
+        prop_attn=args.prop_attn,
+        prune_last_block=args.prune_last_block,
+        notes=notes,
+    )
     if not distributed.init(config.device).main:
         return 0
-    print(format_table(result.epochs, ["epoch", "lr", "train_loss", "val_top1", "val_gflops", "train_images_per_s",
-                                       "epoch_seconds"]))
+    print(
+        format_table(
+            result.epochs,
+            ["epoch", "lr", "train_loss", "val_top1", "val_gflops", "train_images_per_s", "epoch_seconds"],
+        )
+    )
     top1 = "n/a" if result.best_val_top1 is None else f"{result.best_val_top1:.4f}"
-    print(f"best epoch {result.best_epoch}: val top-1 {top1}; training time {result.train_seconds:.1f} s "
-          f"(with validation {result.total_seconds:.1f} s)")
+    print(
+        f"best epoch {result.best_epoch}: val top-1 {top1}; training time {result.train_seconds:.1f} s "
+        f"(with validation {result.total_seconds:.1f} s)"
+    )
     print("wrote " + ", ".join(result.files.values()))
     return 0
 
@@ -603,8 +745,10 @@ def cmd_probe(args) -> int:
         if count < 1:
             raise ValueError(f"{flag} must be a positive number of images, got {count}")
     result = run_probe(args.train_images, args.test_images, args.seed, args.save, progress=args.progress)
-    print(f"DINOv2-S linear probe: train top-1 {result['train_top1']:.4f} on {result['train_images']} images, "
-          f"test top-1 {result['test_top1']:.4f} on {result['test_images']} cifar10-test images")
+    print(
+        f"DINOv2-S linear probe: train top-1 {result['train_top1']:.4f} on {result['train_images']} images, "
+        f"test top-1 {result['test_top1']:.4f} on {result['test_images']} cifar10-test images"
+    )
     _write(result, run_folder(args, "probe"), "probe")
     print(f"probe saved to {result['path']}; use it with --model dinov2-probe")
     return 0
@@ -645,7 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(p, labels=True)
     add_method_options(p)
     p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
-    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/eval/<UTC time>-<label>; files in a given --out are overwritten)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the results (default: a new folder per run, results/eval/<UTC time>-<label>; files in a given --out are overwritten)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", help="choose a method's settings from unlabeled images (budget or agreement floor)")
@@ -655,77 +803,156 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help=argparse.SUPPRESS)  # deprecated spelling of --data
     p.add_argument("--budget", type=float, nargs="+", help="share(s) of the unpatched GFLOPs, in (0, 1)")
     p.add_argument("--budget-gflops", type=float, nargs="+", help="GFLOPs per image")
-    p.add_argument("--min-agreement", type=float, nargs="+", help="floor(s) on agreement's one-sided 95%% lower bound, in (0, 1]")
-    p.add_argument("--min-cosine", type=float, nargs="+", help="floor(s) on the mean output cosine's one-sided 95%% lower bound, in (0, 1]")
-    p.add_argument("--compare", nargs="*", default=[], choices=method_names(), metavar="METHOD",
-                   help="also calibrate these methods the same way (same images, goals and trials)")
-    p.add_argument("--fidelity", choices=("agreement", "cosine"), default=None,
-                   help="fidelity for a budget goal (default: agreement for classifiers, cosine for feature models)")
-    p.add_argument("--paper-space", action="store_true",
-                   help="search the methods' default ranges instead of ranges fitted to the model's similarity scores")
+    p.add_argument(
+        "--min-agreement", type=float, nargs="+", help="floor(s) on agreement's one-sided 95%% lower bound, in (0, 1]"
+    )
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        nargs="+",
+        help="floor(s) on the mean output cosine's one-sided 95%% lower bound, in (0, 1]",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        choices=method_names(),
+        metavar="METHOD",
+        help="also calibrate these methods the same way (same images, goals and trials)",
+    )
+    p.add_argument(
+        "--fidelity",
+        choices=("agreement", "cosine"),
+        default=None,
+        help="fidelity for a budget goal (default: agreement for classifiers, cosine for feature models)",
+    )
+    p.add_argument(
+        "--paper-space",
+        action="store_true",
+        help="search the methods' default ranges instead of ranges fitted to the model's similarity scores",
+    )
     p.add_argument("--trials", type=int, default=40, help="settings tried per method")
-    p.add_argument("--freeze", nargs="?", type=float, const=0.0, default=None, metavar="QUANTILE",
-                   help="save adaptive settings frozen: fixed merge counts per block (the mean over the calibration "
-                        "images, or this quantile in (0, 1]), one static graph for torch.compile / export")
-    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/calibrate/<UTC time>-<label>; files in a given --out are overwritten)")
+    p.add_argument(
+        "--freeze",
+        nargs="?",
+        type=float,
+        const=0.0,
+        default=None,
+        metavar="QUANTILE",
+        help="save adaptive settings frozen: fixed merge counts per block (the mean over the calibration "
+        "images, or this quantile in (0, 1]), one static graph for torch.compile / export",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the results (default: a new folder per run, results/calibrate/<UTC time>-<label>; files in a given --out are overwritten)",
+    )
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("search", help="Optuna search of a method's settings on a calibration set (same trials for --compare)")
+    p = sub.add_parser(
+        "search", help="Optuna search of a method's settings on a calibration set (same trials for --compare)"
+    )
     add_model_options(p)
     add_data_options(p)
     add_method_options(p)
-    p.add_argument("--goal", default=None, choices=["budget", "stress", "pareto"],
-                   help="budget: the best setting within a budget; stress: the cheapest; pareto: the front "
-                        "(default: budget when a budget is given, else pareto)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="share of the unpatched model's GFLOPs, in (0, 1), as in calibrate (goal budget)")
+    p.add_argument(
+        "--goal",
+        default=None,
+        choices=["budget", "stress", "pareto"],
+        help="budget: the best setting within a budget; stress: the cheapest; pareto: the front "
+        "(default: budget when a budget is given, else pareto)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="share of the unpatched model's GFLOPs, in (0, 1), as in calibrate (goal budget)",
+    )
     p.add_argument("--budget-gflops", type=float, default=None, help="GFLOPs per image instead (goal budget)")
     p.add_argument("--trials", type=int, default=40, help="settings tried per method")
-    p.add_argument("--metric", default="top1", choices=["top1", "agreement"],
-                   help="trial quality: top-1, or agreement with the unpatched model's predictions (no labels)")
-    p.add_argument("--compare", nargs="*", default=[], choices=method_names(), metavar="METHOD",
-                   help="also search these methods, each with the same number of trials, drawn on the same axes")
-    p.add_argument("--cache-dir", default=None,
-                   help="where the unpatched model's predictions are kept between runs (default: $ATMERGE_CACHE/predictions)")
+    p.add_argument(
+        "--metric",
+        default="top1",
+        choices=["top1", "agreement"],
+        help="trial quality: top-1, or agreement with the unpatched model's predictions (no labels)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        choices=method_names(),
+        metavar="METHOD",
+        help="also search these methods, each with the same number of trials, drawn on the same axes",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the unpatched model's predictions are kept between runs (default: $ATMERGE_CACHE/predictions)",
+    )
     p.add_argument("--no-cache", action="store_true", help="always recompute the unpatched model's predictions")
-    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/search/<UTC time>-<label>; files in a given --out are overwritten)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the results (default: a new folder per run, results/search/<UTC time>-<label>; files in a given --out are overwritten)",
+    )
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("analyze", help="the paper's studies", description="""The paper's studies, one per run:
+    p = sub.add_parser(
+        "analyze",
+        help="the paper's studies",
+        description="""The paper's studies, one per run:
   info-loss      Figure 2: merge in one block only (constant thresholds); cosine distance of the final CLS
                  feature from the unmerged model's, per block
   merge-profile  Figure 6: tokens merged per block by ATM and by a constant threshold of the same GFLOPs
   split-layer    Table 3: top-1 and GFLOPs of ATM for every split layer 0..depth
   batch-size     Table A1: top-1 and GFLOPs for each batch size, up to what fits in memory
-  merging-error  Theorem 1: every merged pair's merging error against its bounds""", formatter_class=argparse.RawDescriptionHelpFormatter)
+  merging-error  Theorem 1: every merged pair's merging error against its bounds""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("study", choices=["info-loss", "merge-profile", "split-layer", "batch-size", "merging-error"])
     add_model_options(p)
     add_data_options(p)
     add_method_options(p)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.80, 0.85, 0.90, 0.95], help="info-loss")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
-    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/analyze/<UTC time>-<label>; files in a given --out are overwritten)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the results (default: a new folder per run, results/analyze/<UTC time>-<label>; files in a given --out are overwritten)",
+    )
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("visualize", help="draw which patches merged")
     add_model_options(p, default="the shared DINOv2-S/14 backbone at 224 px, for real photos")
     add_method_options(p)
-    p.add_argument("--images", nargs="*", default=None, metavar="FILE_OR_FOLDER",
-                   help="image files or folders (default: the shared ImageNet photos)")
+    p.add_argument(
+        "--images",
+        nargs="*",
+        default=None,
+        metavar="FILE_OR_FOLDER",
+        help="image files or folders (default: the shared ImageNet photos)",
+    )
     p.add_argument("--count", type=int, default=4, help="how many photos of each folder, or of the shared ones")
     p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
     p.add_argument("--versus", default="tome", help="a method tuned to the same mean GFLOPs, drawn above ('' for none)")
     p.add_argument("--steps", type=int, default=10, help="bisection steps for --versus")
     p.add_argument("--every-block", action="store_true", help="one column per block (Figure A1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/visualize/<UTC time>-<label>; files in a given --out are overwritten)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the results (default: a new folder per run, results/visualize/<UTC time>-<label>; files in a given --out are overwritten)",
+    )
     p.set_defaults(func=cmd_visualize)
 
     from atmerge.finetune import FinetuneConfig
 
-    p = sub.add_parser("finetune", help="fine-tune with merging in the forward pass (also under torchrun)",
-                       description="Fine-tune a patched model with its merges in the loop; the paper's recipe by "
-                                   "default. Data-parallel: torchrun --nproc_per_node N -m atmerge.cli finetune ...")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune with merging in the forward pass (also under torchrun)",
+        description="Fine-tune a patched model with its merges in the loop; the paper's recipe by "
+        "default. Data-parallel: torchrun --nproc_per_node N -m atmerge.cli finetune ...",
+    )
     add_model_options(p, hf=False)  # the training recipe is timm's
     add_method_options(p)
     p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
@@ -735,10 +962,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, FinetuneConfig, "training (atmerge.FinetuneConfig)")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("export", help="write a frozen or fixed-count setting as ONNX (pip install \"atmerge[export]\")",
-                       description="Patch the model with a saved config (atmerge calibrate --freeze, or a fixed-count "
-                                   "method) and export it with torch.export to ONNX, for onnxruntime and other runtimes. "
-                                   "Adaptive settings (ATM, constant θ) are refused: freeze them first.")
+    p = sub.add_parser(
+        "export",
+        help='write a frozen or fixed-count setting as ONNX (pip install "atmerge[export]")',
+        description="Patch the model with a saved config (atmerge calibrate --freeze, or a fixed-count "
+        "method) and export it with torch.export to ONNX, for onnxruntime and other runtimes. "
+        "Adaptive settings (ATM, constant θ) are refused: freeze them first.",
+    )
     add_model_options(p)
     p.add_argument("--config", required=True, help="a calibration config holding a frozen or fixed-count method")
     p.add_argument("--out", default="model.onnx", help="the ONNX file to write")
@@ -751,7 +981,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, help="where to save the head (default: the cache)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    p.add_argument("--out", default=None, help="folder for the results (default: a new folder per run, results/probe/<UTC time>-<label>; files in a given --out are overwritten)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the results (default: a new folder per run, results/probe/<UTC time>-<label>; files in a given --out are overwritten)",
+    )
     p.set_defaults(func=cmd_probe)
     return parser
 

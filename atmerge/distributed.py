@@ -121,11 +121,19 @@ def reduce_eval(result: EvalResult | None) -> EvalResult:
             return sum(round(v * r.images) for v, r in zip(values, parts)) / images
         return sum(v * r.images for v, r in zip(values, parts)) / images
 
-    tokens = [sum(t * r.images for t, r in zip(column, parts)) / images
-              for column in zip(*(r.tokens_per_block for r in parts))]
+    tokens = [
+        sum(t * r.images for t, r in zip(column, parts)) / images
+        for column in zip(*(r.tokens_per_block for r in parts))
+    ]
     seconds = max(r.seconds for r in parts)
     return EvalResult(
-        images=images, gflops=mean("gflops"), matching_gflops=mean("matching_gflops"), tokens_per_block=tokens,
-        seconds=seconds, images_per_second=images / seconds if seconds > 0 else float("inf"),
-        top1=mean("top1"), top5=mean("top5"), output_cosine=mean("output_cosine"),
+        images=images,
+        gflops=mean("gflops"),
+        matching_gflops=mean("matching_gflops"),
+        tokens_per_block=tokens,
+        seconds=seconds,
+        images_per_second=images / seconds if seconds > 0 else float("inf"),
+        top1=mean("top1"),
+        top5=mean("top5"),
+        output_cosine=mean("output_cosine"),
     )

@@ -75,7 +75,7 @@ def evaluate(
     tokens: list[float] = []
     outputs: list[torch.Tensor] = []
     for i, batch in enumerate(_progress(batches, progress, desc)):
-        x, y = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
         if device is not None:
             x = x.to(device)
             y = None if y is None else y.to(device)

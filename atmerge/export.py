@@ -57,7 +57,9 @@ def unfused_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = True
 
 
-def export_program(model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = False) -> torch.export.ExportedProgram:
+def export_program(
+    model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = False
+) -> torch.export.ExportedProgram:
     """``torch.export.export`` of the patched (or unpatched) model on ``example`` images
     [B, C, H, W]; ``dynamic_batch``: any batch size ≥ 1 (else the example's)."""
     check_exportable(model)
@@ -101,9 +103,13 @@ def export_onnx(
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"ONNX export needs the export extra: pip install 'atmerge[export]' ({e.name} is missing)") from None
+        raise ImportError(
+            f"ONNX export needs the export extra: pip install 'atmerge[export]' ({e.name} is missing)"
+        ) from None
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
-        raise ValueError(f"example must be images [B, C, H, W], got {getattr(example, 'shape', type(example).__name__)}")
+        raise ValueError(
+            f"example must be images [B, C, H, W], got {getattr(example, 'shape', type(example).__name__)}"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
@@ -112,9 +118,15 @@ def export_onnx(
     try:
         with torch.no_grad(), unfused_attention(model):
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
-                dynamic_shapes=_shapes_for(model, shapes), custom_translation_table=_sort_translations(),
-                opset_version=opset, verbose=False,
+                model,
+                (example,),
+                dynamo=True,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=_shapes_for(model, shapes),
+                custom_translation_table=_sort_translations(),
+                opset_version=opset,
+                verbose=False,
             )
         program.save(str(path))
     finally:
@@ -136,7 +148,9 @@ def example_images(model: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, channels or 3, *size, generator=torch.Generator().manual_seed(0))
 
 
-def export_config(config: str | Path, model: nn.Module, out: str | Path, *, batch: int = 1, dynamic_batch: bool = True) -> Path:
+def export_config(
+    config: str | Path, model: nn.Module, out: str | Path, *, batch: int = 1, dynamic_batch: bool = True
+) -> Path:
     """``atmerge export --config CFG --out model.onnx``: patch ``model`` with the method saved at
     ``config`` (:func:`atmerge.load_method`; a frozen or fixed-count one) and write it as ONNX to
     ``out`` (input 'images' of any batch size with ``dynamic_batch``).  Returns the path."""

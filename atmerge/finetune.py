@@ -75,11 +75,14 @@ class FinetuneConfig:
     crop_scale_min: float = field(default=0.08, metadata=_help("smallest area share of the random resized crop"))
     hflip: float = field(default=0.5, metadata=_help("horizontal-flip probability"))
     train_interpolation: str = field(default="bicubic", metadata=_help("resize interpolation of training images"))
-    model_ema: bool = field(default=False, metadata=_help("keep an EMA of the weights (timm ModelEmaV3); "
-                                                          "then validation and saved weights are the EMA's"))
+    model_ema: bool = field(
+        default=False,
+        metadata=_help("keep an EMA of the weights (timm ModelEmaV3); then validation and saved weights are the EMA's"),
+    )
     model_ema_decay: float = field(default=0.99996, metadata=_help("EMA decay per update (DeiT: 0.99996)"))
-    amp: str = field(default="none", metadata=_help("mixed precision: none, bf16 (CPU or GPU) or fp16 (GPU, "
-                                                    "with a gradient scaler)"))
+    amp: str = field(
+        default="none", metadata=_help("mixed precision: none, bf16 (CPU or GPU) or fp16 (GPU, with a gradient scaler)")
+    )
     device: str = field(default="cpu", metadata=_help("cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)"))
     workers: int = field(default=0, metadata=_help("data-loading worker processes per training process"))
     seed: int = field(default=0, metadata=_help("seed of shuffling, augmentation and mixing"))
@@ -88,13 +91,21 @@ class FinetuneConfig:
     val_batch_size: int = field(default=64, metadata=_help("validation batch (batch-adaptive merging depends on it)"))
     out: str = field(default="results/finetune", metadata=_help("folder for weights, checkpoint and logs"))
     resume: str | None = field(default=None, metadata=_help("checkpoint.pt of an earlier run to continue exactly"))
-    stop_at_epoch: int | None = field(default=None, metadata=_help("end this run once N epochs are done (a "
-                                                                   "time-boxed job); --resume continues it"))
+    stop_at_epoch: int | None = field(
+        default=None, metadata=_help("end this run once N epochs are done (a time-boxed job); --resume continues it")
+    )
     progress: bool = field(default=True, metadata=_help("a progress bar per epoch"))
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 1), ("accum_steps", 1), ("val_batch_size", 1),
-                          ("warmup_epochs", 0), ("workers", 0), ("seed", 0)):
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("accum_steps", 1),
+            ("val_batch_size", 1),
+            ("warmup_epochs", 0),
+            ("workers", 0),
+            ("seed", 0),
+        ):
             _check_int(name, getattr(self, name), low)
         for name in ("train_limit", "val_limit", "stop_at_epoch"):
             if getattr(self, name) is not None:
@@ -164,8 +175,10 @@ def _dataset(source, transform, limit: int | None, seed: int, role: str):
     elif isinstance(source, torch.utils.data.Dataset):
         dataset = source
     else:
-        raise TypeError(f"{role} must be a folder of class folders or a torch Dataset of (image, label), "
-                        f"got {type(source).__name__}")
+        raise TypeError(
+            f"{role} must be a folder of class folders or a torch Dataset of (image, label), "
+            f"got {type(source).__name__}"
+        )
     return data.subset(dataset, limit, seed)
 
 
@@ -179,12 +192,16 @@ def _micro_batch(config: FinetuneConfig, processes: int) -> int:
     """Images per forward pass of one process."""
     parts = processes * config.accum_steps
     if config.batch_size % parts:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by processes ({processes}) × "
-                         f"accum_steps ({config.accum_steps}) = {parts}")
+        raise ValueError(
+            f"batch_size={config.batch_size} must be divisible by processes ({processes}) × "
+            f"accum_steps ({config.accum_steps}) = {parts}"
+        )
     micro = config.batch_size // parts
     if config.mixing and micro % 2:
-        raise ValueError(f"Mixup/CutMix mix pairs of images and needs an even micro-batch, got {micro} "
-                         f"(batch_size / processes / accum_steps); change batch_size or turn mixing off")
+        raise ValueError(
+            f"Mixup/CutMix mix pairs of images and needs an even micro-batch, got {micro} "
+            f"(batch_size / processes / accum_steps); change batch_size or turn mixing off"
+        )
     return micro
 
 
@@ -195,14 +212,22 @@ class _Run:
         self.config, self.world, self.module = config, world, model
         micro = _micro_batch(config, world.size)
         self.sampler = torch.utils.data.DistributedSampler(
-            train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed, drop_last=True)
+            train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
         self.loader = torch.utils.data.DataLoader(
-            train_set, batch_size=micro, sampler=self.sampler, num_workers=config.workers, drop_last=True,
-            pin_memory=world.device.type == "cuda")
+            train_set,
+            batch_size=micro,
+            sampler=self.sampler,
+            num_workers=config.workers,
+            drop_last=True,
+            pin_memory=world.device.type == "cuda",
+        )
         self.updates_per_epoch = len(self.loader) // config.accum_steps
         if self.updates_per_epoch == 0:
-            raise ValueError(f"{len(train_set)} training images make no full batch of batch_size={config.batch_size}; "
-                             "pass more images or a smaller batch_size")
+            raise ValueError(
+                f"{len(train_set)} training images make no full batch of batch_size={config.batch_size}; "
+                "pass more images or a smaller batch_size"
+            )
         self.val_set = val_set
         self.net = model
         if world.size > 1:
@@ -259,8 +284,14 @@ class _Run:
             bar.close()
         loss_sum, images, gflops_sum = distributed.sum_floats([loss_sum, images, gflops_sum])
         seconds = max(distributed.gather(seconds))
-        return {"lr": lr, "train_loss": loss_sum / images, "train_images": int(images), "train_seconds": seconds,
-                "train_images_per_s": images / seconds, "train_gflops": gflops_sum / images}
+        return {
+            "lr": lr,
+            "train_loss": loss_sum / images,
+            "train_images": int(images),
+            "train_seconds": seconds,
+            "train_images_per_s": images / seconds,
+            "train_gflops": gflops_sum / images,
+        }
 
     def _forward_gflops(self, x: torch.Tensor) -> float:
         if is_patched(self.module):
@@ -293,11 +324,18 @@ class _Run:
     def state(self, epoch: int, log: list[dict], best: dict, seconds: dict) -> dict:
         """Everything an exact resume needs (the random states of every process included)."""
         return {
-            "fingerprint": resume.fingerprint(self.module), "epoch": epoch, "updates": self.updates,
-            "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "fingerprint": resume.fingerprint(self.module),
+            "epoch": epoch,
+            "updates": self.updates,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "ema": None if self.ema is None else self.ema.module.state_dict(),
-            "rng": distributed.gather(resume.rng_state()), "log": log, "best": best, "seconds": seconds,
+            "rng": distributed.gather(resume.rng_state()),
+            "log": log,
+            "best": best,
+            "seconds": seconds,
             "config": dataclasses.asdict(self.config),
         }
 
@@ -315,8 +353,11 @@ class _Run:
         if len(state["rng"]) == self.world.size:
             resume.set_rng_state(state["rng"][self.world.rank])
         else:
-            warnings.warn(f"the checkpoint was written by {len(state['rng'])} processes and {self.world.size} resume "
-                          "it: shuffling continues, augmentation draws new random numbers", stacklevel=3)
+            warnings.warn(
+                f"the checkpoint was written by {len(state['rng'])} processes and {self.world.size} resume "
+                "it: shuffling continues, augmentation draws new random numbers",
+                stacklevel=3,
+            )
             resume.seed_everything(self.config.seed + 1000 * state["epoch"] + self.world.rank)
 
 
@@ -381,8 +422,10 @@ def finetune(
         patch(model, method, prop_attn=prop_attn, prune_last_block=prune_last_block)
     state = resume.load_checkpoint(config.resume, model) if config.resume else None
     if state is not None and state["epoch"] >= config.epochs:
-        raise ValueError(f"resume checkpoint {config.resume} is at epoch {state['epoch']} of epochs="
-                         f"{config.epochs}; raise epochs to train longer")
+        raise ValueError(
+            f"resume checkpoint {config.resume} is at epoch {state['epoch']} of epochs="
+            f"{config.epochs}; raise epochs to train longer"
+        )
     world = distributed.init(config.device)
     model.to(world.device)
     resume.seed_everything(config.seed + world.rank)
@@ -396,22 +439,29 @@ def finetune(
         _warn_changed(state["config"], config)
         start_epoch, log, best, seconds = state["epoch"], state["log"], state["best"], state["seconds"]
     out = Path(config.out)
-    files = {name: str(out / name) for name in
-             ("checkpoint.pt", "last.safetensors", "best.safetensors", "finetune.json", "finetune.csv")}
+    files = {
+        name: str(out / name)
+        for name in ("checkpoint.pt", "last.safetensors", "best.safetensors", "finetune.json", "finetune.csv")
+    }
     described = {
         "method": method_settings(merge_state(model).method) if is_patched(model) else None,
         "prop_attn": merge_state(model).prop_attn if is_patched(model) else None,
         "prune_last_block": merge_state(model).prune_last if is_patched(model) else None,
-        "model": type(model).__name__, "processes": world.size, "device": str(world.device),
-        "train_images": len(train_set), "val_images": len(val_set), "notes": notes or {},
+        "model": type(model).__name__,
+        "processes": world.size,
+        "device": str(world.device),
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "notes": notes or {},
     }
     stop = config.stop_at_epoch or config.epochs
     for epoch in range(start_epoch, stop):
         began = time.perf_counter()
         row = {"epoch": epoch + 1, **run.train_epoch(epoch)}
         val = run.validate()
-        row.update(val_top1=val.top1, val_top5=val.top5, val_gflops=val.gflops, val_images=val.images,
-                   val_seconds=val.seconds)
+        row.update(
+            val_top1=val.top1, val_top5=val.top5, val_gflops=val.gflops, val_images=val.images, val_seconds=val.seconds
+        )
         run.scheduler.step(epoch + 1)
         row["epoch_seconds"] = max(distributed.gather(time.perf_counter() - began))
         seconds = {"train": seconds["train"] + row["train_seconds"], "total": seconds["total"] + row["epoch_seconds"]}
@@ -441,14 +491,21 @@ def _warn_changed(saved: dict, config: FinetuneConfig) -> None:
     now = dataclasses.asdict(config)
     changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RUN_ONLY and saved.get(k) != now[k]]
     if changed:
-        warnings.warn("resuming with other settings than the checkpoint's (its optimiser and learning-rate "
-                      "schedule states continue): " + "; ".join(changed), stacklevel=3)
+        warnings.warn(
+            "resuming with other settings than the checkpoint's (its optimiser and learning-rate "
+            "schedule states continue): " + "; ".join(changed),
+            stacklevel=3,
+        )
 
 
 def _write(run: _Run, state: dict, described: dict, files: dict, improved: bool, row: dict) -> None:
     """Rank 0's files after an epoch: weights (last, best), the checkpoint, the logs so far."""
-    meta = {"epoch": row["epoch"], "val_top1": row["val_top1"], "val_gflops": row["val_gflops"],
-            "method": described["method"]}
+    meta = {
+        "epoch": row["epoch"],
+        "val_top1": row["val_top1"],
+        "val_gflops": row["val_gflops"],
+        "method": described["method"],
+    }
     resume.save_weights(Path(files["last.safetensors"]), run.eval_model, meta)
     if improved:
         resume.save_weights(Path(files["best.safetensors"]), run.eval_model, meta)

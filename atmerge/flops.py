@@ -41,7 +41,9 @@ class BlockCost:
         equal.  The MLP runs on ``tokens_mlp`` tokens (after any reduction after attention)."""
         n, a, m = tokens_in, tokens_attended, tokens_mlp
         if a == n:
-            attention = n * (self.attn_linear + self.norm1 + self.qk_norms + self.out_norm) + 2.0 * n * n * self.attn_dim
+            attention = (
+                n * (self.attn_linear + self.norm1 + self.qk_norms + self.out_norm) + 2.0 * n * n * self.attn_dim
+            )
         else:
             scores = n * (self.norm1 + self.qk_linear + self.qk_norms) + n * n * self.attn_dim
             values = a * (self.norm1 + self.attn_linear - self.qk_linear + self.out_norm) + a * a * self.attn_dim

@@ -58,8 +58,11 @@ class ScoreProfile:
         return min(values)
 
     def as_dict(self) -> dict:
-        return {"levels": list(self.levels), "images": self.images,
-                "quantiles": {s: [[round(v, 5) for v in row] for row in q.tolist()] for s, q in self.quantiles.items()}}
+        return {
+            "levels": list(self.levels),
+            "images": self.images,
+            "quantiles": {s: [[round(v, 5) for v in row] for row in q.tolist()] for s, q in self.quantiles.items()},
+        }
 
 
 class _ScoreRecorder(Method):

@@ -21,9 +21,17 @@ def train_transform(model: nn.Module, config: FinetuneConfig, normalization=None
     mean, std = normalization or (tuple(timm_config["mean"]), tuple(timm_config["std"]))
     size = getattr(getattr(model, "patch_embed", None), "img_size", None) or timm_config["input_size"][1:]
     transform = timm.data.create_transform(
-        input_size=(3, *size), is_training=True, scale=(config.crop_scale_min, 1.0),
-        hflip=config.hflip, color_jitter=config.color_jitter, auto_augment=config.aa,
-        interpolation=config.train_interpolation, mean=mean, std=std, re_prob=config.reprob, re_mode=config.remode,
+        input_size=(3, *size),
+        is_training=True,
+        scale=(config.crop_scale_min, 1.0),
+        hflip=config.hflip,
+        color_jitter=config.color_jitter,
+        auto_augment=config.aa,
+        interpolation=config.train_interpolation,
+        mean=mean,
+        std=std,
+        re_prob=config.reprob,
+        re_mode=config.remode,
     )
     for step in getattr(transform, "transforms", []):
         for op in getattr(step, "ops", []):  # timm's RandAugment / AutoAugment operations
@@ -61,8 +69,14 @@ def mixer(config: FinetuneConfig, num_classes: int):
 
     if not config.mixing:
         return None
-    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
-                 switch_prob=config.mixup_switch_prob, label_smoothing=config.smoothing, num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=config.mixup,
+        cutmix_alpha=config.cutmix,
+        prob=config.mixup_prob,
+        switch_prob=config.mixup_switch_prob,
+        label_smoothing=config.smoothing,
+        num_classes=num_classes,
+    )
 
 
 def optimizer_and_schedule(model: nn.Module, config: FinetuneConfig, updates_per_epoch: int):
@@ -74,7 +88,13 @@ def optimizer_and_schedule(model: nn.Module, config: FinetuneConfig, updates_per
 
     optimizer = timm.optim.create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
     scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=config.sched, num_epochs=config.epochs, min_lr=config.min_lr,
-        warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
-        step_on_epochs=not config.sched_on_updates, updates_per_epoch=updates_per_epoch)
+        optimizer,
+        sched=config.sched,
+        num_epochs=config.epochs,
+        min_lr=config.min_lr,
+        warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.warmup_lr,
+        step_on_epochs=not config.sched_on_updates,
+        updates_per_epoch=updates_per_epoch,
+    )
     return optimizer, scheduler

@@ -72,7 +72,9 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and unpickler errors alike
-        raise ValueError(f"resume checkpoint {path} is not a fine-tuning checkpoint ({str(e).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"resume checkpoint {path} is not a fine-tuning checkpoint ({str(e).splitlines()[0][:200]})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"resume checkpoint {path} is not a fine-tuning checkpoint (format must be {FORMAT!r})")
     saved, current = state["fingerprint"], fingerprint(model)

@@ -87,17 +87,28 @@ class MergeState:
 
     def _check_padding(self, valid: torch.Tensor, batch: int, num_tokens: int) -> None:
         """Raise ValueError unless ``valid`` [B, N] is a padding mask this state can follow."""
-        if valid.dtype != torch.bool or valid.dim() != 2 or valid.shape[1] != num_tokens or valid.shape[0] not in (1, batch):
-            raise ValueError(f"a key-padding mask must be a bool tensor [{batch}, {num_tokens}], got "
-                             f"{valid.dtype} {list(valid.shape)}")
+        if (
+            valid.dtype != torch.bool
+            or valid.dim() != 2
+            or valid.shape[1] != num_tokens
+            or valid.shape[0] not in (1, batch)
+        ):
+            raise ValueError(
+                f"a key-padding mask must be a bool tensor [{batch}, {num_tokens}], got "
+                f"{valid.dtype} {list(valid.shape)}"
+            )
         if not self.per_image:
             raise ValueError(PADDING_NEEDS_PER_IMAGE.format(method=type(self.method).__name__))
         if not bool(valid[:, : self.num_protected].all()):
-            raise ValueError(f"the attention mask hides a protected token (the first {self.num_protected}: CLS, "
-                             "distillation token, registers); only patch tokens may be padding")
+            raise ValueError(
+                f"the attention mask hides a protected token (the first {self.num_protected}: CLS, "
+                "distillation token, registers); only patch tokens may be padding"
+            )
         if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
-            raise ValueError("the attention mask hides a token before a token it keeps; padding must be "
-                             "trailing (the last tokens of each image), as atmerge's per-image batches lay it out")
+            raise ValueError(
+                "the attention mask hides a token before a token it keeps; padding must be "
+                "trailing (the last tokens of each image), as atmerge's per-image batches lay it out"
+            )
 
     _PER_FORWARD = ("size", "source", "records", "per_image_counts", "merged_any", "pruned_last", "padded", "_before")
 
@@ -175,7 +186,12 @@ class MergeState:
         self._before = None
         merged, threshold, macs, requested = 0, math.nan, 0.0, None
         if before is not None:
-            merged, threshold, macs, requested = before.merge.r, before.threshold, before.matching_macs, before.requested
+            merged, threshold, macs, requested = (
+                before.merge.r,
+                before.threshold,
+                before.matching_macs,
+                before.requested,
+            )
         if block == self.depth - 1 and self.prune_last:
             self.size = self.size[:, :p]
             x = x[:, :p]
@@ -184,11 +200,16 @@ class MergeState:
             decision = self.method.decide(BlockContext(block, self.depth, metric, self.size, p, x, attention))
             x = self._apply(decision, x)
             merged, threshold, macs, requested = (
-                decision.merge.r, decision.threshold, decision.matching_macs, decision.requested
+                decision.merge.r,
+                decision.threshold,
+                decision.matching_macs,
+                decision.requested,
             )
         if valid_in is not None:  # a padded batch: every image's own counts
             valid_out = (self.size > 0).sum(1)
-            merged_here = torch.zeros_like(valid_in) if block == self.depth - 1 and self.pruned_last else valid_in - valid_out
+            merged_here = (
+                torch.zeros_like(valid_in) if block == self.depth - 1 and self.pruned_last else valid_in - valid_out
+            )
             self.per_image_counts.append((valid_in, valid_out, merged_here))
         self.records.append(BlockRecord(n_in, x.shape[1], merged, threshold, macs, requested, n_attended))
         return x
@@ -219,8 +240,13 @@ class MergeState:
         if self.per_image_counts and self.size.shape[0] > 0:
             counts_in, counts_mlp, counts_merged = (torch.stack(c).double().cpu() for c in zip(*self.per_image_counts))
             images = counts_in.shape[1]
-            gflops = sum(gflops_of(tokens_in[0] - p, counts_in[:, b].tolist(), counts_mlp[:, b].tolist())
-                         for b in range(images)) / images
+            gflops = (
+                sum(
+                    gflops_of(tokens_in[0] - p, counts_in[:, b].tolist(), counts_mlp[:, b].tolist())
+                    for b in range(images)
+                )
+                / images
+            )
             # attention ran on the padded widths, the MLP on the real tokens only
             executed = gflops_of(tokens_in[0] - p, tokens_in, counts_mlp.mean(1).tolist(), attended)
             tokens_in, tokens_mlp = counts_in.mean(1).tolist(), counts_mlp.mean(1).tolist()

@@ -35,7 +35,9 @@ def _digest(model: nn.Module, batches: list) -> str:
     return h.hexdigest()
 
 
-def unpatched_outputs(model: nn.Module, batches: list, cache_dir: str | Path | None = None) -> tuple[dict, torch.Tensor, bool]:
+def unpatched_outputs(
+    model: nn.Module, batches: list, cache_dir: str | Path | None = None
+) -> tuple[dict, torch.Tensor, bool]:
     """The unpatched model's top-1, top-5, GFLOPs and outputs (logits, or features for a model
     without head) on ``batches`` — computed, or read from ``cache_dir`` when this model and
     these images were seen before (a safetensors file named by their digest, the summary in

@@ -129,7 +129,7 @@ SAFE_GLOBALS = [argparse.Namespace]
 def _read_torch(path: Path) -> object:
     try:
         allow = getattr(torch.serialization, "safe_globals", None)  # torch ≥ 2.5
-        with path.open("rb") as f, (allow(SAFE_GLOBALS) if allow else contextlib.nullcontext()):
+        with path.open("rb") as f, allow(SAFE_GLOBALS) if allow else contextlib.nullcontext():
             # a file object: torch.load would go by a .safetensors suffix
             return torch.load(f, map_location="cpu", weights_only=True)
     except PermissionError:
@@ -151,8 +151,10 @@ def _read_torch(path: Path) -> object:
 
 
 def _is_state_dict(obj: object) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 
@@ -216,5 +218,3 @@ def dinov2_small() -> nn.Module:
         img_size=224,
         num_classes=0,
     )
-
-

@@ -22,8 +22,15 @@ from fvcore.nn import FlopCountAnalysis
 import atmerge
 from common import imagenet_batches, run_header, table, write_json
 
-PUBLISHED = {"lvvit_t": 2.9, "lvvit_s": 6.6, "lvvit_m": 12.7, "t2t_vit_t_14": 6.1, "t2t_vit_t_19": 9.8,
-             "t2t_vit_t_24": 15.0, "mae_vit_base_ft": 17.6}
+PUBLISHED = {
+    "lvvit_t": 2.9,
+    "lvvit_s": 6.6,
+    "lvvit_m": 12.7,
+    "t2t_vit_t_14": 6.1,
+    "t2t_vit_t_19": 9.8,
+    "t2t_vit_t_24": 15.0,
+    "mae_vit_base_ft": 17.6,
+}
 
 
 def fvcore_gflops(model: torch.nn.Module) -> float:
@@ -47,9 +54,15 @@ def main(argv=None) -> int:
     for name, published in PUBLISHED.items():
         model = timm.create_model(name).eval()
         ours, fv = atmerge.gflops(model), fvcore_gflops(model)
-        row = dict(model=name, published=published, atmerge=round(ours, 3), fvcore=round(fv, 3),
-                   vs_published=f"{ours / published - 1:+.1%}", vs_fvcore=f"{ours / fv - 1:+.2e}",
-                   params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+        row = dict(
+            model=name,
+            published=published,
+            atmerge=round(ours, 3),
+            fvcore=round(fv, 3),
+            vs_published=f"{ours / published - 1:+.1%}",
+            vs_fvcore=f"{ours / fv - 1:+.2e}",
+            params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        )
         if name.startswith("lvvit"):
             images = torch.cat(imagenet_batches(model, 16, 16))
             for aux in (True, False):
@@ -64,8 +77,15 @@ def main(argv=None) -> int:
         rows.append(row)
         print(row, flush=True)
     print(table(rows, ["model", "published", "atmerge", "fvcore", "vs_published", "params_m"]))
-    header = run_header(args, seed=0, image_size=224, weights="random init (timm.create_model, no pretrained)",
-                        lvvit_images=16, lvvit_merging="ToMe(r=8)", fvcore="fused attention off, 1 random image")
+    header = run_header(
+        args,
+        seed=0,
+        image_size=224,
+        weights="random init (timm.create_model, no pretrained)",
+        lvvit_images=16,
+        lvvit_merging="ToMe(r=8)",
+        fvcore="fused attention off, 1 random image",
+    )
     write_json(dict(**header, rows=rows), args.out)
     return 0
 

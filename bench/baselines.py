@@ -62,8 +62,10 @@ MODELS = {"cifar10-vit": (cifar10_setup, 500, 1500, 250, 6), "dinov2-probe": (di
 
 def split(dataset, calib: int, report: int, seed: int = 0):
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    return (torch.utils.data.Subset(dataset, sorted(order[:calib])),
-            torch.utils.data.Subset(dataset, sorted(order[calib : calib + report])))
+    return (
+        torch.utils.data.Subset(dataset, sorted(order[:calib])),
+        torch.utils.data.Subset(dataset, sorted(order[calib : calib + report])),
+    )
 
 
 def run_on(model, method, batches, reference, labels) -> dict:
@@ -72,8 +74,12 @@ def run_on(model, method, batches, reference, labels) -> dict:
     res, outputs = atmerge.evaluate(model, batches, keep_outputs=True)
     stats = atmerge.last_stats(model)
     atmerge.unpatch(model)
-    return {"gflops": res.gflops, "prune_last_block": stats.prune_last_block, "prop_attn": stats.prop_attn,
-            **paired_fidelity(torch.cat(outputs), reference, labels)}
+    return {
+        "gflops": res.gflops,
+        "prune_last_block": stats.prune_last_block,
+        "prop_attn": stats.prop_attn,
+        **paired_fidelity(torch.cat(outputs), reference, labels),
+    }
 
 
 def spread(front: list[dict], count: int) -> list[dict]:
@@ -90,12 +96,19 @@ def main(argv=None) -> int:
     ap.add_argument("--figure", default=None, help="default: docs/figures/<model>_fair_fronts.png")
     ap.add_argument("--trials", type=int, default=24, help="Optuna trials per method (the same for every method)")
     ap.add_argument("--calib", type=int, default=None, help="calibration images (default: per model)")
-    ap.add_argument("--report", type=int, default=None, help="report images, disjoint from calibration (default: per model)")
+    ap.add_argument(
+        "--report", type=int, default=None, help="report images, disjoint from calibration (default: per model)"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     ap.add_argument("--markdown", action="store_true", help="only print the README table from --out's JSON")
-    ap.add_argument("--only", nargs="+", default=None, metavar="LABEL",
-                    help="re-run only these methods (labels as in the table, e.g. MCTF) and replace their rows, "
-                         "searches and fronts in --out; the other methods' results are kept from that file")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="re-run only these methods (labels as in the table, e.g. MCTF) and replace their rows, "
+        "searches and fronts in --out; the other methods' results are kept from that file",
+    )
     args = ap.parse_args(argv)
     setup, calib_default, report_default, batch_size, front_points = MODELS[args.model]
     args.out = args.out or f"bench/results/baselines_{args.model}.json"
@@ -127,8 +140,9 @@ def main(argv=None) -> int:
         methods = [labels[name] for name in args.only]
     for method in methods:
         t0 = time.time()
-        found = search_methods(model, calib, [method], goal="pareto", metric="agreement", trials=args.trials,
-                               seed=0, reference=reference)
+        found = search_methods(
+            model, calib, [method], goal="pareto", metric="agreement", trials=args.trials, seed=0, reference=reference
+        )
         searches.update(found)
         bases[next(iter(found))] = method
         print(f"  searched {next(iter(found))}: {time.time() - t0:.0f} s", flush=True)
@@ -149,40 +163,93 @@ def main(argv=None) -> int:
             best = max(under, key=lambda t: (t["agreement"], -t["gflops"]))
             chosen = trial_method(method, best, depth, patches)
             measured = run_on(model, chosen, report, base_outputs, labels)
-            rows.append({"method": label, "target": f"{share:.0%}", "setting": describe(chosen),
-                         "settings": method_settings(chosen), "calib_agreement": best["agreement"],
-                         "calib_gflops": best["gflops"], "gflops_share": measured["gflops"] / dense, **measured})
-            print(f"  {label} {share:.0%}: agreement {measured['agreement']:.4f}, "
-                  f"{measured['gflops'] / dense:.0%} GFLOPs", flush=True)
+            rows.append(
+                {
+                    "method": label,
+                    "target": f"{share:.0%}",
+                    "setting": describe(chosen),
+                    "settings": method_settings(chosen),
+                    "calib_agreement": best["agreement"],
+                    "calib_gflops": best["gflops"],
+                    "gflops_share": measured["gflops"] / dense,
+                    **measured,
+                }
+            )
+            print(
+                f"  {label} {share:.0%}: agreement {measured['agreement']:.4f}, "
+                f"{measured['gflops'] / dense:.0%} GFLOPs",
+                flush=True,
+            )
         fronts[label] = []
         for point in spread(result["pareto_front"], front_points):
             chosen = trial_method(method, point, depth, patches)
             measured = run_on(model, chosen, report, base_outputs, labels)
-            fronts[label].append({"setting": method_settings(chosen), "calib_agreement": point["agreement"],
-                                  "calib_gflops": point["gflops"], **measured})
+            fronts[label].append(
+                {
+                    "setting": method_settings(chosen),
+                    "calib_agreement": point["agreement"],
+                    "calib_gflops": point["gflops"],
+                    **measured,
+                }
+            )
     if args.only:
         rows, searches, fronts = keep_other_methods(args.out, rows, searches, fronts)
     report_json = dict(
-        **run_header(args, trials_per_method=args.trials, calib_images=len(cal), report_images=len(rep),
-                     batch_size=batch_size, front_points_per_method=front_points, targets=TARGETS, dtype="float32",
-                     split="seeded permutation of cifar10-test (seed 0): the first calib images calibrate, the "
-                           "next report images report", search="Optuna, seed 0, goal pareto, metric agreement",
-                     chosen_per_target="the most agreeing calibration trial within the target (rows.settings)"),
-        model=args.model, trials_per_method=args.trials, calib_images=len(cal), report_images=len(rep),
+        **run_header(
+            args,
+            trials_per_method=args.trials,
+            calib_images=len(cal),
+            report_images=len(rep),
+            batch_size=batch_size,
+            front_points_per_method=front_points,
+            targets=TARGETS,
+            dtype="float32",
+            split="seeded permutation of cifar10-test (seed 0): the first calib images calibrate, the "
+            "next report images report",
+            search="Optuna, seed 0, goal pareto, metric agreement",
+            chosen_per_target="the most agreeing calibration trial within the target (rows.settings)",
+        ),
+        model=args.model,
+        trials_per_method=args.trials,
+        calib_images=len(cal),
+        report_images=len(rep),
         patch_options="defaults: prune_last_block on (CLS only in the last MLP) for every method; "
-                      "prop_attn = each method's default (off for EViT)",
+        "prop_attn = each method's default (off for EViT)",
         unpatched={"gflops": dense, "top1": base.top1, "calib_top1": reference[0]["top1"]},
-        searches=searches, rows=rows, fronts=fronts, seconds=time.time() - start,
+        searches=searches,
+        rows=rows,
+        fronts=fronts,
+        seconds=time.time() - start,
     )
     if args.only and Path(args.out).exists():
         previous = json.loads(Path(args.out).read_text())
-        report_json["previous_run"] = {k: previous.get(k) for k in ("command", "seconds", "previous_run") if k in previous}
+        report_json["previous_run"] = {
+            k: previous.get(k) for k in ("command", "seconds", "previous_run") if k in previous
+        }
         report_json["rerun_methods"] = list(args.only)
     write_json(report_json, args.out)
-    print(table(rows, ["method", "target", "gflops_share", "agreement", "agreement_low", "kl", "top1_change",
-                       "top1_change_se", "setting"]))
-    plot_fronts(fronts, dense, Path(args.figure), f"{args.model}: fronts chosen on {len(cal)} calibration images, "
-                                                  f"run on {len(rep)} report images")
+    print(
+        table(
+            rows,
+            [
+                "method",
+                "target",
+                "gflops_share",
+                "agreement",
+                "agreement_low",
+                "kl",
+                "top1_change",
+                "top1_change_se",
+                "setting",
+            ],
+        )
+    )
+    plot_fronts(
+        fronts,
+        dense,
+        Path(args.figure),
+        f"{args.model}: fronts chosen on {len(cal)} calibration images, run on {len(rep)} report images",
+    )
     return 0
 
 
@@ -225,8 +292,10 @@ def _compact(value) -> str:
 def markdown(report: dict) -> str:
     """The README table: per budget and method, report-image measures with their uncertainty;
     the setting column shows the searched settings only."""
-    lines = ["| target | method | GFLOPs | agreement (95% CI) | KL (nats) | top-1 change ± SE | searched setting |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | method | GFLOPs | agreement (95% CI) | KL (nats) | top-1 change ± SE | searched setting |",
+        "|---|---|---|---|---|---|---|",
+    ]
     by_target = sorted(report["rows"], key=lambda r: -float(r["target"].rstrip("%")))
     for r in by_target:
         if "agreement" not in r:
@@ -242,7 +311,8 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['target']} | {r['method']} | {r['gflops_share']:.1%} | {100 * r['agreement']:.2f}% "
             f"({100 * r['agreement_low']:.1f}–{100 * r['agreement_high']:.1f}) | {r['kl']:.4f} | "
-            f"{100 * r['top1_change']:+.2f} ± {100 * r['top1_change_se']:.2f} | {setting} |")
+            f"{100 * r['top1_change']:+.2f} ± {100 * r['top1_change_se']:.2f} | {setting} |"
+        )
     return "\n".join(lines)
 
 

@@ -63,29 +63,72 @@ def main(argv=None) -> int:
         atmerge.unpatch(model)
         measured = paired_fidelity(torch.cat(outputs), reference, labels)
         finished = [t for t in c.trials if not t["pruned"]]
-        rows.append(dict(
-            goal=goal, target=target, met=c.met, minutes=minutes, trials=len(c.trials), finished=len(finished),
-            images_evaluated=sum(t["images"] for t in c.trials), setting=describe(c.method),
-            calib_gflops_share=c.gflops_share, calib_agreement=c.agreement, calib_agreement_low=c.fidelity_low,
-            report_gflops_share=res.gflops / base.gflops, **{f"report_{k}": v for k, v in measured.items()},
-        ))
+        rows.append(
+            dict(
+                goal=goal,
+                target=target,
+                met=c.met,
+                minutes=minutes,
+                trials=len(c.trials),
+                finished=len(finished),
+                images_evaluated=sum(t["images"] for t in c.trials),
+                setting=describe(c.method),
+                calib_gflops_share=c.gflops_share,
+                calib_agreement=c.agreement,
+                calib_agreement_low=c.fidelity_low,
+                report_gflops_share=res.gflops / base.gflops,
+                **{f"report_{k}": v for k, v in measured.items()},
+            )
+        )
         print(f"{goal} {target}: {minutes:.1f} min, {c.method}", flush=True)
-    header = run_header(args, goals=GOALS, method="ATM() (its default search space, fitted to the model)",
-                        calibration_batch_size=250, calibration_seed=0, optuna_seed=0, holdout=0.25, dtype="float32",
-                        report="all of cifar10-test, batch 250")
-    result = dict(**header, calibration_images=sum(b.shape[0] for b in batches),
-                  skipped=skipped, image_loading_seconds=load_seconds, report_images=len(labels),
-                  unpatched={"gflops": base.gflops, "top1": base.top1}, rows=rows)
-    print(table(rows, ["goal", "target", "met", "minutes", "finished", "calib_gflops_share", "calib_agreement",
-                       "calib_agreement_low", "report_gflops_share", "report_agreement", "report_top1_change"]))
+    header = run_header(
+        args,
+        goals=GOALS,
+        method="ATM() (its default search space, fitted to the model)",
+        calibration_batch_size=250,
+        calibration_seed=0,
+        optuna_seed=0,
+        holdout=0.25,
+        dtype="float32",
+        report="all of cifar10-test, batch 250",
+    )
+    result = dict(
+        **header,
+        calibration_images=sum(b.shape[0] for b in batches),
+        skipped=skipped,
+        image_loading_seconds=load_seconds,
+        report_images=len(labels),
+        unpatched={"gflops": base.gflops, "top1": base.top1},
+        rows=rows,
+    )
+    print(
+        table(
+            rows,
+            [
+                "goal",
+                "target",
+                "met",
+                "minutes",
+                "finished",
+                "calib_gflops_share",
+                "calib_agreement",
+                "calib_agreement_low",
+                "report_gflops_share",
+                "report_agreement",
+                "report_top1_change",
+            ],
+        )
+    )
     write_json(result, args.out)
     return 0
 
 
 def markdown(report: dict) -> str:
-    lines = ["| goal | minutes | trials complete / run | calibration: GFLOPs, agreement (one-sided 95% low) | "
-             "report: GFLOPs, agreement (95% CI) | report top-1 change ± SE | setting |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| goal | minutes | trials complete / run | calibration: GFLOPs, agreement (one-sided 95% low) | "
+        "report: GFLOPs, agreement (95% CI) | report top-1 change ± SE | setting |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
         goal = f"budget {r['target']:.0%}" if r["goal"] == "budget" else f"floor {r['target']}"
         lines.append(
@@ -93,7 +136,8 @@ def markdown(report: dict) -> str:
             f"{r['calib_gflops_share']:.1%}, {100 * r['calib_agreement']:.2f}% ({100 * r['calib_agreement_low']:.2f}%) | "
             f"{r['report_gflops_share']:.1%}, {100 * r['report_agreement']:.2f}% "
             f"({100 * r['report_agreement_low']:.1f}–{100 * r['report_agreement_high']:.1f}) | "
-            f"{100 * r['report_top1_change']:+.2f} ± {100 * r['report_top1_change_se']:.2f} | {r['setting']} |")
+            f"{100 * r['report_top1_change']:+.2f} ± {100 * r['report_top1_change_se']:.2f} | {r['setting']} |"
+        )
     return "\n".join(lines)
 
 

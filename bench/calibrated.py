@@ -35,8 +35,14 @@ from atmerge.fidelity import paired_fidelity
 from common import cifar10_model, dinov2_probe_model, describe, loader_batches, run_header, table, write_json
 
 GOALS = ({"budget": 0.75}, {"budget": 0.6}, {"budget": 0.5}, {"min_agreement": 0.99}, {"min_agreement": 0.98})
-METHODS = (("ATM", "atm", True), ("ATM (paper grid)", "atm", False), ("ToMe", "tome", True),
-           ("top-r", "topr", True), ("MCTF", "mctf", True), ("constant θ", "constant", True))
+METHODS = (
+    ("ATM", "atm", True),
+    ("ATM (paper grid)", "atm", False),
+    ("ToMe", "tome", True),
+    ("top-r", "topr", True),
+    ("MCTF", "mctf", True),
+    ("constant θ", "constant", True),
+)
 
 
 # name: (setup, calibration images, held-out share of them, report images, batch size, trials,
@@ -66,8 +72,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: bench/results/calibrated_<model>.json")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 64 images each, 3 trials (numbers meaningless)")
-    ap.add_argument("--only", nargs="+", default=None, metavar="LABEL",
-                    help="re-run only these methods (labels as in the table) and replace their rows in --out")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="re-run only these methods (labels as in the table) and replace their rows in --out",
+    )
     args = ap.parse_args(argv)
     out = args.out or f"bench/results/calibrated_{args.model}.json"
     if args.markdown:
@@ -76,15 +87,29 @@ def main(argv=None) -> int:
     setup, n_calib, holdout, n_report, batch_size, trials, methods = MODELS[args.model]
     if args.quick:
         n_calib, n_report, batch_size, trials = 64, 64, 32, 3
-    chosen = dict(calibration_images=n_calib, held_out_share=holdout, report_images=n_report, batch_size=batch_size,
-                  trials_per_method=trials, goals=GOALS, methods=[m[0] for m in methods], calibration_seed=0,
-                  optuna_seed=0, report_subset_seed=0, early_stop=False, dtype="float32",
-                  calibration_data="cifar10-train (seeded subset)", report_data="cifar10-test (seeded subset)")
+    chosen = dict(
+        calibration_images=n_calib,
+        held_out_share=holdout,
+        report_images=n_report,
+        batch_size=batch_size,
+        trials_per_method=trials,
+        goals=GOALS,
+        methods=[m[0] for m in methods],
+        calibration_seed=0,
+        optuna_seed=0,
+        report_subset_seed=0,
+        early_stop=False,
+        dtype="float32",
+        calibration_data="cifar10-train (seeded subset)",
+        report_data="cifar10-test (seeded subset)",
+    )
     torch.manual_seed(0)
     start = time.time()
     model, transform = setup()
     calib, _ = folder_batches(data.cifar10_folder("train"), transform, batch_size, limit=n_calib, seed=0)
-    report = loader_batches(data.subset(data.image_folder(data.cifar10_folder("test"), transform), n_report, 0), batch_size)
+    report = loader_batches(
+        data.subset(data.image_folder(data.cifar10_folder("test"), transform), n_report, 0), batch_size
+    )
     labels = torch.cat([y for _, y in report])
     atmerge.unpatch(model)
     base, reference = atmerge.evaluate(model, report, keep_outputs=True)
@@ -94,11 +119,21 @@ def main(argv=None) -> int:
 
     def add(label, goal, method, calib_numbers):
         measured = run_on(model, method, report, reference, labels)
-        rows.append(dict(method=label, goal=goal, setting=describe(method), **calib_numbers,
-                         report_gflops_share=measured["gflops"] / dense,
-                         **{f"report_{k}": v for k, v in measured.items()}))
-        print(f"  {label} {goal}: report {measured['gflops'] / dense:.1%} GFLOPs, agreement "
-              f"{measured['agreement']:.4f}, top-1 {measured['top1_change']:+.4f}", flush=True)
+        rows.append(
+            dict(
+                method=label,
+                goal=goal,
+                setting=describe(method),
+                **calib_numbers,
+                report_gflops_share=measured["gflops"] / dense,
+                **{f"report_{k}": v for k, v in measured.items()},
+            )
+        )
+        print(
+            f"  {label} {goal}: report {measured['gflops'] / dense:.1%} GFLOPs, agreement "
+            f"{measured['agreement']:.4f}, top-1 {measured['top1_change']:+.4f}",
+            flush=True,
+        )
 
     if args.only:
         unknown = set(args.only) - {m[0] for m in methods} - {"ATM, paper DeiT-S setting"}
@@ -108,13 +143,33 @@ def main(argv=None) -> int:
         chosen["methods"] = [m[0] for m in methods]
     for label, name, fitted in methods:
         t0 = time.time()
-        found = atmerge.calibrate_goals(model, calib, list(GOALS), method=name, trials=trials, seed=0,
-                                        early_stop=False, fit_space=fitted, paired=False, holdout=holdout)
+        found = atmerge.calibrate_goals(
+            model,
+            calib,
+            list(GOALS),
+            method=name,
+            trials=trials,
+            seed=0,
+            early_stop=False,
+            fit_space=fitted,
+            paired=False,
+            holdout=holdout,
+        )
         print(f"{label}: {trials} trials in {time.time() - t0:.0f} s", flush=True)
         for goal, c in zip(GOALS, found):
-            add(label, goal_name(goal), c.method, dict(met=c.met, calib_gflops_share=c.gflops_share,
-                                                       calib_agreement=c.fidelity, calib_agreement_low=c.fidelity_low,
-                                                       search=c.search, held_out_images=c.images))
+            add(
+                label,
+                goal_name(goal),
+                c.method,
+                dict(
+                    met=c.met,
+                    calib_gflops_share=c.gflops_share,
+                    calib_agreement=c.fidelity,
+                    calib_agreement_low=c.fidelity_low,
+                    search=c.search,
+                    held_out_images=c.images,
+                ),
+            )
     paper = atmerge.ATM()
     if args.only and "ATM, paper DeiT-S setting" not in args.only:
         return finish(args, out, rows, calib, labels, trials, dense, base, start, chosen)
@@ -125,9 +180,17 @@ def main(argv=None) -> int:
     from atmerge.calibrate import agreement_lower_bound
 
     agree = paired_fidelity(torch.cat(outputs), torch.cat(calib_ref))["agreement"]
-    add("ATM, paper DeiT-S setting", "fixed", paper,
-        dict(met=None, calib_gflops_share=res.gflops / dense, calib_agreement=agree,
-             calib_agreement_low=agreement_lower_bound(agree, res.images)))
+    add(
+        "ATM, paper DeiT-S setting",
+        "fixed",
+        paper,
+        dict(
+            met=None,
+            calib_gflops_share=res.gflops / dense,
+            calib_agreement=agree,
+            calib_agreement_low=agreement_lower_bound(agree, res.images),
+        ),
+    )
     return finish(args, out, rows, calib, labels, trials, dense, base, start, chosen)
 
 
@@ -145,18 +208,41 @@ def finish(args, out, rows, calib, labels, trials, dense, base, start, chosen) -
         minutes = {"previous": previous["minutes"], "rerun " + ", ".join(sorted(rerun)): minutes}
         header["previous_run"] = {k: v for k, v in previous.items() if k not in ("rows", "unpatched", "minutes")}
     result = dict(
-        **header, model=args.model, calibration_images=sum(b.shape[0] for b in calib), report_images=len(labels), trials_per_method=trials,
-        unpatched={"gflops": dense, "top1": base.top1}, minutes=minutes, rows=rows,
+        **header,
+        model=args.model,
+        calibration_images=sum(b.shape[0] for b in calib),
+        report_images=len(labels),
+        trials_per_method=trials,
+        unpatched={"gflops": dense, "top1": base.top1},
+        minutes=minutes,
+        rows=rows,
     )
-    print(table(rows, ["method", "goal", "met", "calib_gflops_share", "calib_agreement", "calib_agreement_low",
-                       "report_gflops_share", "report_agreement", "report_top1_change"]))
+    print(
+        table(
+            rows,
+            [
+                "method",
+                "goal",
+                "met",
+                "calib_gflops_share",
+                "calib_agreement",
+                "calib_agreement_low",
+                "report_gflops_share",
+                "report_agreement",
+                "report_top1_change",
+            ],
+        )
+    )
     write_json(result, out)
     return 0
 
 
 def markdown(report: dict) -> str:
-    lines = ["| goal | method | held-out calibration images: GFLOPs, agreement (one-sided 95% low) | report: GFLOPs, agreement (95% CI) "
-             "| report top-1 change ± SE | setting |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| goal | method | held-out calibration images: GFLOPs, agreement (one-sided 95% low) | report: GFLOPs, agreement (95% CI) "
+        "| report top-1 change ± SE | setting |",
+        "|---|---|---|---|---|---|",
+    ]
     order = {g: i for i, g in enumerate([goal_name(g) for g in GOALS] + ["fixed"])}
     for r in sorted(report["rows"], key=lambda r: order[r["goal"]]):
         met = "" if r["met"] in (True, None) else " (not met)"
@@ -164,7 +250,8 @@ def markdown(report: dict) -> str:
             f"| {r['goal']}{met} | {r['method']} | {r['calib_gflops_share']:.1%}, {100 * r['calib_agreement']:.2f}% "
             f"({100 * r['calib_agreement_low']:.2f}%) | {r['report_gflops_share']:.1%}, {100 * r['report_agreement']:.2f}% "
             f"({100 * r['report_agreement_low']:.1f}–{100 * r['report_agreement_high']:.1f}) | "
-            f"{100 * r['report_top1_change']:+.2f} ± {100 * r['report_top1_change_se']:.2f} | {r['setting']} |")
+            f"{100 * r['report_top1_change']:+.2f} ± {100 * r['report_top1_change_se']:.2f} | {r['setting']} |"
+        )
     return "\n".join(lines)
 
 

@@ -36,8 +36,9 @@ def cpu_model() -> str:
         pass
     if sys.platform == "darwin":
         try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine()
@@ -57,8 +58,13 @@ def _git_commit() -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -72,14 +78,23 @@ def gpu_info() -> dict | None:
     index = torch.cuda.current_device()
     driver = None
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={index}"],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={index}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         driver = done.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
-    return dict(name=torch.cuda.get_device_name(index), capability=".".join(map(str, torch.cuda.get_device_capability(index))),
-                count=torch.cuda.device_count(), driver=driver, cuda=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version())
+    return dict(
+        name=torch.cuda.get_device_name(index),
+        capability=".".join(map(str, torch.cuda.get_device_capability(index))),
+        count=torch.cuda.device_count(),
+        driver=driver,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version(),
+    )
 
 
 def _plain(value):
@@ -112,12 +127,25 @@ def run_header(args=None, **chosen) -> dict:
         python_executable=sys.executable,
         arguments=_plain(vars(args)) if args is not None else None,
         date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=dict(cpu=cpu_model(), cores=os.cpu_count(), cores_usable=usable, torch_threads=torch.get_num_threads(),
-                     torch_interop_threads=torch.get_num_interop_threads(), platform=platform.platform()),
+        machine=dict(
+            cpu=cpu_model(),
+            cores=os.cpu_count(),
+            cores_usable=usable,
+            torch_threads=torch.get_num_threads(),
+            torch_interop_threads=torch.get_num_interop_threads(),
+            platform=platform.platform(),
+        ),
         gpu=gpu_info(),
-        versions=dict(python=platform.python_version(), torch=torch.__version__, timm=_version("timm"),
-                      transformers=_version("transformers"), fvcore=_version("fvcore"), numpy=_version("numpy"),
-                      atmerge=_version("atmerge"), git_commit=_git_commit()),
+        versions=dict(
+            python=platform.python_version(),
+            torch=torch.__version__,
+            timm=_version("timm"),
+            transformers=_version("transformers"),
+            fvcore=_version("fvcore"),
+            numpy=_version("numpy"),
+            atmerge=_version("atmerge"),
+            git_commit=_git_commit(),
+        ),
         chosen=_plain(chosen),
     )
 
@@ -198,6 +226,7 @@ def alternate_timings(runs: dict, repeats: int, warmup: int = WARMUP, sync=None)
 
 def method_runs(model, methods: dict, x) -> dict:
     """For :func:`alternate_timings`: ``model(x)`` patched with each method (None: unpatched)."""
+
     def prepare(method):
         return lambda: atmerge.patch(model, method) if method is not None else atmerge.unpatch(model)
 

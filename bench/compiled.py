@@ -26,7 +26,17 @@ import torch._dynamo as dynamo
 import atmerge
 from atmerge import data
 from atmerge.methods.registry import knob_factory
-from common import WARMUP, alternate_timings, cifar10_model, describe, imagenet_batches, loader_batches, run_header, table, write_json
+from common import (
+    WARMUP,
+    alternate_timings,
+    cifar10_model,
+    describe,
+    imagenet_batches,
+    loader_batches,
+    run_header,
+    table,
+    write_json,
+)
 
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)
 
@@ -59,8 +69,13 @@ def main(argv=None) -> int:
         atm = atmerge.ATM(**PAPER_DEIT_S)
         target = atmerge.budget.mean_gflops(model, atm, batches)
         tome = atmerge.match_gflops(model, knob_factory("tome", depth, patches), target, batches, steps=8).method
-        matched[name] = dict(target_gflops=target, tome=describe(tome), atm=describe(atm),
-                             images=sum(x.shape[0] for x in batches), batch_size=batches[0].shape[0])
+        matched[name] = dict(
+            target_gflops=target,
+            tome=describe(tome),
+            atm=describe(atm),
+            images=sum(x.shape[0] for x in batches),
+            batch_size=batches[0].shape[0],
+        )
         atmerge.unpatch(model)
         variants, graphs, compile_seconds, gflops = {}, {}, {}, {}
         for method_name, method in (("unpatched", None), ("ToMe", tome), ("ATM", atm)):
@@ -78,26 +93,59 @@ def main(argv=None) -> int:
                     compiled(x)
                 eager(batches[0])
             graphs[method_name] = int(dynamo.utils.counters["stats"]["unique_graphs"])
-            gflops[method_name] = atmerge.last_stats(eager).gflops if method is not None else atmerge.gflops(
-                eager, tuple(batches[0].shape[1:]))
+            gflops[method_name] = (
+                atmerge.last_stats(eager).gflops
+                if method is not None
+                else atmerge.gflops(eager, tuple(batches[0].shape[1:]))
+            )
             variants[f"{method_name} eager"] = (lambda: None, lambda m=eager, x=batches[0]: m(x))
             variants[f"{method_name} compiled"] = (lambda: None, lambda m=compiled, x=batches[0]: m(x))
         seconds = alternate_timings(variants, repeats)
         base = seconds["unpatched eager"]
         for variant, s in seconds.items():
             method_name, mode = variant.rsplit(" ", 1)
-            rows.append(dict(model=name, method=method_name, mode=mode, gflops=round(gflops[method_name], 3),
-                             images_per_s=round(batches[0].shape[0] / s, 1), speedup_vs_unpatched_eager=round(base / s, 3),
-                             speedup_vs_own_eager=round(seconds[f"{method_name} eager"] / s, 3),
-                             flops_ratio=round(gflops["unpatched"] / gflops[method_name], 3),
-                             first_call_seconds=round(compile_seconds[method_name], 1) if mode == "compiled" else None,
-                             graphs=graphs[method_name] if mode == "compiled" else None))
+            rows.append(
+                dict(
+                    model=name,
+                    method=method_name,
+                    mode=mode,
+                    gflops=round(gflops[method_name], 3),
+                    images_per_s=round(batches[0].shape[0] / s, 1),
+                    speedup_vs_unpatched_eager=round(base / s, 3),
+                    speedup_vs_own_eager=round(seconds[f"{method_name} eager"] / s, 3),
+                    flops_ratio=round(gflops["unpatched"] / gflops[method_name], 3),
+                    first_call_seconds=round(compile_seconds[method_name], 1) if mode == "compiled" else None,
+                    graphs=graphs[method_name] if mode == "compiled" else None,
+                )
+            )
             print(rows[-1], flush=True)
-    print(table(rows, ["model", "method", "mode", "gflops", "images_per_s", "speedup_vs_unpatched_eager",
-                       "speedup_vs_own_eager", "flops_ratio", "first_call_seconds", "graphs"]))
-    header = run_header(args, repeats=repeats, warmup=WARMUP, dtype="float32", backend="inductor (torch.compile default)",
-                        tome_bisection_steps=8, matched_per_model=matched,
-                        timed="batches[0] of each model; the other batches run once first to make shapes dynamic")
+    print(
+        table(
+            rows,
+            [
+                "model",
+                "method",
+                "mode",
+                "gflops",
+                "images_per_s",
+                "speedup_vs_unpatched_eager",
+                "speedup_vs_own_eager",
+                "flops_ratio",
+                "first_call_seconds",
+                "graphs",
+            ],
+        )
+    )
+    header = run_header(
+        args,
+        repeats=repeats,
+        warmup=WARMUP,
+        dtype="float32",
+        backend="inductor (torch.compile default)",
+        tome_bisection_steps=8,
+        matched_per_model=matched,
+        timed="batches[0] of each model; the other batches run once first to make shapes dynamic",
+    )
     write_json(dict(**header, repeats=repeats, rows=rows), args.out)
     return 0
 

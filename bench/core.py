@@ -23,7 +23,16 @@ import torch
 
 import atmerge
 from atmerge import data, zoo
-from common import WARMUP, alternate_timings, imagenet_batches, loader_batches, method_runs, run_header, table, write_json
+from common import (
+    WARMUP,
+    alternate_timings,
+    imagenet_batches,
+    loader_batches,
+    method_runs,
+    run_header,
+    table,
+    write_json,
+)
 from atmerge.core.matching import alternate_split, best_match
 from atmerge.core.merging import bipartite_merge, merge_weighted_average
 from atmerge.core.schedules import batch_adaptive_r
@@ -53,10 +62,20 @@ def compare(model, batches, methods: dict, timed: torch.Tensor, repeats: int = 1
     rows = []
     for name, res in results.items():
         speedup, flops_ratio = seconds["baseline"] / seconds[name], timed_gflops["baseline"] / timed_gflops[name]
-        rows.append(dict(method=name, top1=res.top1, gflops=res.gflops, matching_gflops=res.matching_gflops,
-                         images_per_s=timed.shape[0] / seconds[name], speedup=speedup, flops_ratio=flops_ratio,
-                         speedup_over_flops_ratio=speedup / flops_ratio, output_cosine=res.output_cosine,
-                         tokens_per_block=[round(t, 1) for t in res.tokens_per_block]))
+        rows.append(
+            dict(
+                method=name,
+                top1=res.top1,
+                gflops=res.gflops,
+                matching_gflops=res.matching_gflops,
+                images_per_s=timed.shape[0] / seconds[name],
+                speedup=speedup,
+                flops_ratio=flops_ratio,
+                speedup_over_flops_ratio=speedup / flops_ratio,
+                output_cosine=res.output_cosine,
+                tokens_per_block=[round(t, 1) for t in res.tokens_per_block],
+            )
+        )
     return rows
 
 
@@ -75,7 +94,9 @@ def merge_overhead(batch: int = 64, repeats: int = 21) -> dict:
         r = batch_adaptive_r(scores, 0.0)  # about half of A above 0 on random keys
         return merge_weighted_average(bipartite_merge(scores, match, a, b, r, 1), x, size)
 
-    seconds = alternate_timings({"block": (lambda: None, lambda: block(x)), "merge": (lambda: None, merge_step)}, repeats)
+    seconds = alternate_timings(
+        {"block": (lambda: None, lambda: block(x)), "merge": (lambda: None, merge_step)}, repeats
+    )
     t_block, t_merge = seconds["block"], seconds["merge"]
     return dict(batch=batch, tokens=197, block_ms=1e3 * t_block, merge_ms=1e3 * t_merge, share=t_merge / t_block)
 
@@ -90,8 +111,11 @@ def dinov2_similarity(count: int, batch_size: int, steps: int) -> list[dict]:
         for sim in ("raw", "centered"):
             # One knob for both: t in [0, 1] scales the decay, beta = 0.1 (1 - t); t = 1 merges nothing.
             match = atmerge.match_gflops(
-                model, lambda t: atmerge.ATM(alpha=1.0, beta=0.1 * (1 - t), theta_min=0.5, similarity=sim),
-                target, batches, steps=steps,
+                model,
+                lambda t: atmerge.ATM(alpha=1.0, beta=0.1 * (1 - t), theta_min=0.5, similarity=sim),
+                target,
+                batches,
+                steps=steps,
             )
             res, _ = atmerge.evaluate(model, batches, reference=ref)
             rows.append(
@@ -120,13 +144,32 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     q = args.quick
     report: dict = run_header(
-        args, batch_size=64, dtype="float32", seed=0, warmup=WARMUP, repeats=3 if q else 11,
-        merge_overhead_repeats=5 if q else 21, cifar10_images=256 if q else "all", deit_s_images=64 if q else 256,
-        dinov2_images=16 if q else 64, dinov2_batch_size=32, dinov2_bisection_steps=5 if q else 12,
-        atm=PAPER_DEIT_S, note="the bisected beta of every DINOv2 row is in dinov2_similarity.rows",
+        args,
+        batch_size=64,
+        dtype="float32",
+        seed=0,
+        warmup=WARMUP,
+        repeats=3 if q else 11,
+        merge_overhead_repeats=5 if q else 21,
+        cifar10_images=256 if q else "all",
+        deit_s_images=64 if q else 256,
+        dinov2_images=16 if q else 64,
+        dinov2_batch_size=32,
+        dinov2_bisection_steps=5 if q else 12,
+        atm=PAPER_DEIT_S,
+        note="the bisected beta of every DINOv2 row is in dinov2_similarity.rows",
     )
     atm = {"ATM (0.99, 0.04, 0.88)": atmerge.ATM(**PAPER_DEIT_S)}
-    cols = ["method", "top1", "gflops", "images_per_s", "speedup", "flops_ratio", "speedup_over_flops_ratio", "output_cosine"]
+    cols = [
+        "method",
+        "top1",
+        "gflops",
+        "images_per_s",
+        "speedup",
+        "flops_ratio",
+        "speedup_over_flops_ratio",
+        "output_cosine",
+    ]
 
     print("== 1. CIFAR-10 reference ViT, cifar10-test ==", flush=True)
     model = zoo.cifar10_reference_vit()

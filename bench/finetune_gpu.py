@@ -79,8 +79,16 @@ def main(argv=None) -> int:
         print("bench/finetune_gpu.py needs a CUDA device; none is available here", file=sys.stderr)
         return 2
     count = 16 if args.smoke else 1000
-    base_config = FinetuneConfig(epochs=2, batch_size=args.batch, amp="bf16", device=device, workers=args.workers,
-                                 val_limit=count, val_batch_size=min(256, count), progress=False)
+    base_config = FinetuneConfig(
+        epochs=2,
+        batch_size=args.batch,
+        amp="bf16",
+        device=device,
+        workers=args.workers,
+        val_limit=count,
+        val_batch_size=min(256, count),
+        progress=False,
+    )
     torch.manual_seed(0)
     start = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=1000)
     train_x, train_y = photos(start, base_config, count, training=True)
@@ -92,8 +100,13 @@ def main(argv=None) -> int:
     probe = start.to(device).eval()
     batches = [val_x[:256].to(device)]
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        match = atmerge.match_gflops(probe, lambda t: atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.5 + 0.5 * t),
-                                     TARGET_GFLOPS, batches, steps=12)
+        match = atmerge.match_gflops(
+            probe,
+            lambda t: atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.5 + 0.5 * t),
+            TARGET_GFLOPS,
+            batches,
+            steps=12,
+        )
     atm = match.method
     atmerge.unpatch(probe)
     state = {k: v.clone() for k, v in start.state_dict().items()}
@@ -106,37 +119,70 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         result = finetune(model, method, train, val, config)
         last = result.epochs[-1]
-        rows.append(dict(method=name, setting=None if method is None else dict(alpha=0.99, beta=0.04, theta_min=atm.theta_min),
-                         train_gflops=last["train_gflops"], val_gflops=last["val_gflops"],
-                         epoch_images=last["train_images"], epoch_train_seconds=last["train_seconds"],
-                         images_per_s=last["train_images_per_s"],
-                         imagenet_epoch_minutes=IMAGENET_TRAIN_IMAGES / last["train_images_per_s"] / 60,
-                         wall_seconds=time.perf_counter() - began))
+        rows.append(
+            dict(
+                method=name,
+                setting=None if method is None else dict(alpha=0.99, beta=0.04, theta_min=atm.theta_min),
+                train_gflops=last["train_gflops"],
+                val_gflops=last["val_gflops"],
+                epoch_images=last["train_images"],
+                epoch_train_seconds=last["train_seconds"],
+                images_per_s=last["train_images_per_s"],
+                imagenet_epoch_minutes=IMAGENET_TRAIN_IMAGES / last["train_images_per_s"] / 60,
+                wall_seconds=time.perf_counter() - began,
+            )
+        )
         print(rows[-1], flush=True)
     for row in rows:
         row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
         row["flops_ratio"] = dense / row["train_gflops"] if row["method"] != "unmerged" else 1.0
-    header = run_header(args, device=device, images_per_epoch=args.images, batch=args.batch, workers=args.workers,
-                        photos=count, epochs=base_config.epochs, timed="the last (second) of the two epochs",
-                        dtype="bf16 autocast (amp)", weights="random init, seed 0", augmentation_seed=0,
-                        target_gflops=TARGET_GFLOPS, bisected_theta_min=atm.theta_min, atm_bisection_steps=12,
-                        bisected_on=f"{len(batches[0])} evaluation-transform photos, bf16 autocast",
-                        matched_eval_gflops=match.gflops, finetune_config=base_config.__dict__)
-    write_json(dict(**header, device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
-                    batch=args.batch, dense_gflops=dense,
-                    target_gflops=TARGET_GFLOPS, matched_eval_gflops=match.gflops, rows=rows), args.out)
+    header = run_header(
+        args,
+        device=device,
+        images_per_epoch=args.images,
+        batch=args.batch,
+        workers=args.workers,
+        photos=count,
+        epochs=base_config.epochs,
+        timed="the last (second) of the two epochs",
+        dtype="bf16 autocast (amp)",
+        weights="random init, seed 0",
+        augmentation_seed=0,
+        target_gflops=TARGET_GFLOPS,
+        bisected_theta_min=atm.theta_min,
+        atm_bisection_steps=12,
+        bisected_on=f"{len(batches[0])} evaluation-transform photos, bf16 autocast",
+        matched_eval_gflops=match.gflops,
+        finetune_config=base_config.__dict__,
+    )
+    write_json(
+        dict(
+            **header,
+            device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
+            batch=args.batch,
+            dense_gflops=dense,
+            target_gflops=TARGET_GFLOPS,
+            matched_eval_gflops=match.gflops,
+            rows=rows,
+        ),
+        args.out,
+    )
     return 0
 
 
 def markdown(report: dict) -> str:
     device = report["device_name"] if "device_name" in report else report["device"]  # older files: "device"
-    lines = [f"{device}, DeiT-S shape, batch {report['batch']}, bf16, second of two epochs "
-             f"(`{report['command']}`)", "",
-             "| model | train GFLOPs / image | eval GFLOPs | images/s | speed-up | FLOPs ratio | ImageNet epoch (1.28 M images) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{device}, DeiT-S shape, batch {report['batch']}, bf16, second of two epochs (`{report['command']}`)",
+        "",
+        "| model | train GFLOPs / image | eval GFLOPs | images/s | speed-up | FLOPs ratio | ImageNet epoch (1.28 M images) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['method']} | {r['train_gflops']:.2f} | {r['val_gflops']:.2f} | {r['images_per_s']:.0f} | {r['speedup']:.2f}× | "
-                     f"{r['flops_ratio']:.2f}× | {r['imagenet_epoch_minutes']:.1f} min |")
+        lines.append(
+            f"| {r['method']} | {r['train_gflops']:.2f} | {r['val_gflops']:.2f} | {r['images_per_s']:.0f} | {r['speedup']:.2f}× | "
+            f"{r['flops_ratio']:.2f}× | {r['imagenet_epoch_minutes']:.1f} min |"
+        )
     return "\n".join(lines)
 
 

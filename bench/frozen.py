@@ -42,7 +42,16 @@ from atmerge import data
 from atmerge.budget import match_gflops
 from atmerge.fidelity import wilson_interval
 from atmerge.methods.registry import knob_factory
-from common import WARMUP, alternate_timings, cifar10_model, imagenet_batches, loader_batches, run_header, table, write_json
+from common import (
+    WARMUP,
+    alternate_timings,
+    cifar10_model,
+    imagenet_batches,
+    loader_batches,
+    run_header,
+    table,
+    write_json,
+)
 
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)  # Table A2, DeiT-S row
 
@@ -83,14 +92,25 @@ def agreement_rows(model, methods: dict, batches: list[torch.Tensor]) -> tuple[l
         agree[name] = (classes == reference).double()
         k = int(agree[name].sum())
         low, high = wilson_interval(k, n)
-        rows.append(dict(method=name, images=n, agreement=round(k / n, 4), wilson_low=round(low, 4), wilson_high=round(high, 4),
-                         gflops=round(gflops, 4)))
+        rows.append(
+            dict(
+                method=name,
+                images=n,
+                agreement=round(k / n, 4),
+                wilson_low=round(low, 4),
+                wilson_high=round(high, 4),
+                gflops=round(gflops, 4),
+            )
+        )
         print(rows[-1], flush=True)
     d = agree["ATM frozen"] - agree["ATM"]
     se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    paired = dict(frozen_minus_adaptive=round(float(d.mean()), 4), standard_error=round(se, 4),
-                  within_one_standard_error=bool(abs(float(d.mean())) <= se) if se == se else None,
-                  images_that_differ=int((d != 0).sum()))
+    paired = dict(
+        frozen_minus_adaptive=round(float(d.mean()), 4),
+        standard_error=round(se, 4),
+        within_one_standard_error=bool(abs(float(d.mean())) <= se) if se == se else None,
+        images_that_differ=int((d != 0).sum()),
+    )
     atmerge.unpatch(model)
     return rows, paired
 
@@ -101,7 +121,8 @@ def setups(smoke: bool, report_images: int, deit: bool = True, cifar: bool = Tru
     if smoke:
         torch.manual_seed(0)
         model = timm.models.vision_transformer.VisionTransformer(
-            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10
+        ).eval()
         x = torch.randn(32, 3, 32, 32)
         yield "tiny random ViT", model, list(x[:16].split(8)), list(x[16:].split(8))
         return
@@ -122,8 +143,12 @@ def cifar_setup(report_images: int):
     order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0)).tolist()
     freeze_set = torch.utils.data.Subset(test, order[:512])
     report_set = torch.utils.data.Subset(test, order[512 : 512 + report_images])
-    yield ("CIFAR-10 ViT", model, [x for x, _ in loader_batches(freeze_set, 64)],
-           [x for x, _ in loader_batches(report_set, 64)])
+    yield (
+        "CIFAR-10 ViT",
+        model,
+        [x for x, _ in loader_batches(freeze_set, 64)],
+        [x for x, _ in loader_batches(report_set, 64)],
+    )
 
 
 def onnx_rows(name: str, model, methods: dict, x: torch.Tensor, repeats: int, gflops: dict) -> list[dict]:
@@ -146,45 +171,73 @@ def onnx_rows(name: str, model, methods: dict, x: torch.Tensor, repeats: int, gf
             runs[method_name] = (lambda: None, lambda s=session, f=feed: s.run(None, f))
         seconds = alternate_timings(runs, repeats)
     base = seconds["dense"]
-    return [dict(model=name, method=k, runtime="onnxruntime", gflops=round(gflops[k], 4),
-                 images_per_s=round(x.shape[0] / s, 1), speedup_vs_dense=round(base / s, 3),
-                 flops_ratio=round(gflops["dense"] / gflops[k], 3),
-                 speedup_over_flops_ratio=round(base / s / (gflops["dense"] / gflops[k]), 3),
-                 max_abs_diff_vs_eager=parity[k]) for k, s in seconds.items()]
+    return [
+        dict(
+            model=name,
+            method=k,
+            runtime="onnxruntime",
+            gflops=round(gflops[k], 4),
+            images_per_s=round(x.shape[0] / s, 1),
+            speedup_vs_dense=round(base / s, 3),
+            flops_ratio=round(gflops["dense"] / gflops[k], 3),
+            speedup_over_flops_ratio=round(base / s / (gflops["dense"] / gflops[k]), 3),
+            max_abs_diff_vs_eager=parity[k],
+        )
+        for k, s in seconds.items()
+    ]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--report-images", type=int, default=2000, help="CIFAR-10 test images for agreement (never frozen on)")
+    ap.add_argument(
+        "--report-images", type=int, default=2000, help="CIFAR-10 test images for agreement (never frozen on)"
+    )
     ap.add_argument("--models", default="cifar10,deit-s", help="comma-separated: cifar10, deit-s")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-onnx", action="store_true")
     ap.add_argument("--no-fidelity", action="store_true", help="skip the agreement on unseen CIFAR-10 images (2)")
-    ap.add_argument("--no-speed", action="store_true", help="skip the timings (1 and 3) and the DeiT-S shape: CIFAR-10 fidelity only")
+    ap.add_argument(
+        "--no-speed",
+        action="store_true",
+        help="skip the timings (1 and 3) and the DeiT-S shape: CIFAR-10 fidelity only",
+    )
     ap.add_argument("--out", default="bench/results/frozen.json")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                    help="torch (and onnxruntime) threads; 1 is steadier on a CPU shared with other jobs")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch (and onnxruntime) threads; 1 is steadier on a CPU shared with other jobs",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = 5 if args.smoke else args.repeats
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # ATM's graph breaks where it reads a count: expected
     load_before = os.getloadavg()
     speed, fidelity, exported, frozen_settings = [], [], [], {}
-    for name, model, freeze_batches, report_batches in setups(args.smoke, 64 if args.smoke or args.no_fidelity else args.report_images,
-                                                                   deit="deit-s" in args.models and not args.no_speed,
-                                                                   cifar="cifar10" in args.models):
+    for name, model, freeze_batches, report_batches in setups(
+        args.smoke,
+        64 if args.smoke or args.no_fidelity else args.report_images,
+        deit="deit-s" in args.models and not args.no_speed,
+        cifar="cifar10" in args.models,
+    ):
         depth, patches = len(model.blocks), model.patch_embed.num_patches
         atm = atmerge.ATM(**PAPER_DEIT_S)
         adaptive_freeze_gflops = mean_gflops(model, atm, freeze_batches)
         frozen = atmerge.freeze(model, freeze_batches)
         frozen_gflops = mean_gflops(model, frozen, freeze_batches[:1])
-        tome = match_gflops(model, knob_factory("tome", depth, patches), frozen_gflops, freeze_batches[:1], steps=8).method
+        tome = match_gflops(
+            model, knob_factory("tome", depth, patches), frozen_gflops, freeze_batches[:1], steps=8
+        ).method
         atmerge.unpatch(model)
-        frozen_settings[name] = dict(frozen=repr(frozen), tome=repr(tome), freezing_images=sum(b.shape[0] for b in freeze_batches),
-                                     adaptive_gflops_on_freezing_images=round(adaptive_freeze_gflops, 4),
-                                     frozen_gflops=round(frozen_gflops, 4))
+        frozen_settings[name] = dict(
+            frozen=repr(frozen),
+            tome=repr(tome),
+            freezing_images=sum(b.shape[0] for b in freeze_batches),
+            adaptive_gflops_on_freezing_images=round(adaptive_freeze_gflops, 4),
+            frozen_gflops=round(frozen_gflops, 4),
+        )
         print(f"== {name}: {frozen_settings[name]}", flush=True)
         methods = {"dense": None, "ATM": atm, "ATM frozen": frozen, "ToMe": tome}
         timed = report_batches[0]
@@ -195,7 +248,11 @@ def main(argv=None) -> int:
                 atmerge.patch(eager, method)
             with torch.no_grad():
                 eager(timed)
-            gflops[method_name] = atmerge.last_stats(eager).gflops if method is not None else atmerge.gflops(eager, tuple(timed.shape[1:]))
+            gflops[method_name] = (
+                atmerge.last_stats(eager).gflops
+                if method is not None
+                else atmerge.gflops(eager, tuple(timed.shape[1:]))
+            )
             variants[f"{method_name}|eager"] = (lambda: None, lambda m=eager: m(timed))
             if args.no_compile:
                 continue
@@ -215,11 +272,20 @@ def main(argv=None) -> int:
             method_name, mode = variant.split("|")
             base = seconds[f"dense|{mode}"]
             ratio = gflops["dense"] / gflops[method_name]
-            speed.append(dict(model=name, method=method_name, mode=mode, gflops=round(gflops[method_name], 4),
-                              images_per_s=round(timed.shape[0] / s, 1), speedup_vs_dense_same_mode=round(base / s, 3),
-                              flops_ratio=round(ratio, 3), speedup_over_flops_ratio=round(base / s / ratio, 3),
-                              first_call_seconds=round(first_call[method_name], 1) if mode == "compiled" else None,
-                              graphs=graphs.get(method_name) if mode == "compiled" else None))
+            speed.append(
+                dict(
+                    model=name,
+                    method=method_name,
+                    mode=mode,
+                    gflops=round(gflops[method_name], 4),
+                    images_per_s=round(timed.shape[0] / s, 1),
+                    speedup_vs_dense_same_mode=round(base / s, 3),
+                    flops_ratio=round(ratio, 3),
+                    speedup_over_flops_ratio=round(base / s / ratio, 3),
+                    first_call_seconds=round(first_call[method_name], 1) if mode == "compiled" else None,
+                    graphs=graphs.get(method_name) if mode == "compiled" else None,
+                )
+            )
             print(speed[-1], flush=True)
         if name != "DeiT-S shape" and not args.no_fidelity:  # random weights: agreement would say nothing
             rows, paired = agreement_rows(model, {"ATM": atm, "ATM frozen": frozen, "ToMe": tome}, report_batches)
@@ -227,18 +293,52 @@ def main(argv=None) -> int:
             print(table(rows, list(rows[0])), "\n", paired, flush=True)
         onnx_ok = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
         if not args.no_onnx and not args.no_speed and onnx_ok and (args.smoke or name == "DeiT-S shape"):
-            exported += onnx_rows(name, model, {"dense": None, "ATM frozen": frozen, "ToMe": tome}, timed, repeats, gflops)
+            exported += onnx_rows(
+                name, model, {"dense": None, "ATM frozen": frozen, "ToMe": tome}, timed, repeats, gflops
+            )
             print(table(exported, list(exported[0])), flush=True)
-    print(speed and table(speed, ["model", "method", "mode", "gflops", "images_per_s", "speedup_vs_dense_same_mode", "flops_ratio",
-                        "speedup_over_flops_ratio", "first_call_seconds", "graphs"]))
+    print(
+        speed
+        and table(
+            speed,
+            [
+                "model",
+                "method",
+                "mode",
+                "gflops",
+                "images_per_s",
+                "speedup_vs_dense_same_mode",
+                "flops_ratio",
+                "speedup_over_flops_ratio",
+                "first_call_seconds",
+                "graphs",
+            ],
+        )
+    )
     ort = importlib.util.find_spec("onnxruntime")
-    header = run_header(args, repeats=repeats, warmup=WARMUP, batch=64, dtype="float32",
-                        backend="inductor (torch.compile defaults)", paper_setting=PAPER_DEIT_S,
-                        freezing="mean count per block over the freezing images (atmerge.freeze, quantile=None)")
-    write_json(dict(**header, onnxruntime=__import__("onnxruntime").__version__ if ort else None,
-                    load_average_before=[round(v, 2) for v in load_before],
-                    load_average_after=[round(v, 2) for v in os.getloadavg()],
-                    frozen=frozen_settings, speed=speed, fidelity=fidelity, onnxruntime_speed=exported), args.out)
+    header = run_header(
+        args,
+        repeats=repeats,
+        warmup=WARMUP,
+        batch=64,
+        dtype="float32",
+        backend="inductor (torch.compile defaults)",
+        paper_setting=PAPER_DEIT_S,
+        freezing="mean count per block over the freezing images (atmerge.freeze, quantile=None)",
+    )
+    write_json(
+        dict(
+            **header,
+            onnxruntime=__import__("onnxruntime").__version__ if ort else None,
+            load_average_before=[round(v, 2) for v in load_before],
+            load_average_after=[round(v, 2) for v in os.getloadavg()],
+            frozen=frozen_settings,
+            speed=speed,
+            fidelity=fidelity,
+            onnxruntime_speed=exported,
+        ),
+        args.out,
+    )
     return 0
 
 

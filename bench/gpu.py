@@ -70,7 +70,13 @@ def main(argv=None) -> int:
         return 0
     shapes, dtypes, device = SHAPES, DTYPES, torch.device("cuda")
     if args.smoke:
-        shapes, dtypes, device, args.batch, args.repeats = SHAPES[:1], {"bf16": torch.bfloat16}, torch.device("cpu"), 8, 1
+        shapes, dtypes, device, args.batch, args.repeats = (
+            SHAPES[:1],
+            {"bf16": torch.bfloat16},
+            torch.device("cpu"),
+            8,
+            1,
+        )
     elif not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device; none is available here", file=sys.stderr)
         return 2
@@ -90,11 +96,18 @@ def main(argv=None) -> int:
             "unpatched": None,
             "ATM": atm,
             "ToMe": matched(model, knob_factory("tome", depth, patches), target, x),
-            "ATM per-image": matched(model, lambda t: atmerge.ATM(**{**PAPER_DEIT_S, "theta_min": 0.5 + 0.5 * t},
-                                                                  batch_adaptive=False), target, x),
+            "ATM per-image": matched(
+                model,
+                lambda t: atmerge.ATM(**{**PAPER_DEIT_S, "theta_min": 0.5 + 0.5 * t}, batch_adaptive=False),
+                target,
+                x,
+            ),
         }
-        bisected[shape] = {"target_gflops": target, "ToMe": str(methods["ToMe"]),
-                           "ATM per-image theta_min": methods["ATM per-image"].theta_min}
+        bisected[shape] = {
+            "target_gflops": target,
+            "ToMe": str(methods["ToMe"]),
+            "ATM per-image theta_min": methods["ATM per-image"].theta_min,
+        }
         gflops = {"unpatched": dense}
         for name, method in methods.items():
             if method is not None:
@@ -105,26 +118,58 @@ def main(argv=None) -> int:
         for dtype_name, dtype in dtypes.items():
             seconds = timed(model, methods, x, dtype, args.repeats)
             for name in methods:
-                rows.append(dict(model=shape, dtype=dtype_name, method=name, gflops=gflops[name],
-                                 images_per_s=args.batch / seconds[name],
-                                 speedup=seconds["unpatched"] / seconds[name], flops_ratio=dense / gflops[name]))
+                rows.append(
+                    dict(
+                        model=shape,
+                        dtype=dtype_name,
+                        method=name,
+                        gflops=gflops[name],
+                        images_per_s=args.batch / seconds[name],
+                        speedup=seconds["unpatched"] / seconds[name],
+                        flops_ratio=dense / gflops[name],
+                    )
+                )
                 print(rows[-1], flush=True)
-    header = run_header(args, device=str(device), shapes=shapes, dtypes=list(dtypes), batch=args.batch,
-                        repeats=args.repeats, warmup=WARMUP, weights="random init, seed 0",
-                        images="64 shared ImageNet photos repeated to the batch", bisection_steps=10,
-                        bisected_in="bf16 autocast", atm=PAPER_DEIT_S, bisected=bisected)
-    write_json(dict(**header, device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)",
-                    batch=args.batch, rows=rows), args.out)
+    header = run_header(
+        args,
+        device=str(device),
+        shapes=shapes,
+        dtypes=list(dtypes),
+        batch=args.batch,
+        repeats=args.repeats,
+        warmup=WARMUP,
+        weights="random init, seed 0",
+        images="64 shared ImageNet photos repeated to the batch",
+        bisection_steps=10,
+        bisected_in="bf16 autocast",
+        atm=PAPER_DEIT_S,
+        bisected=bisected,
+    )
+    write_json(
+        dict(
+            **header,
+            device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)",
+            batch=args.batch,
+            rows=rows,
+        ),
+        args.out,
+    )
     return 0
 
 
 def markdown(report: dict) -> str:
     device = report["device_name"] if "device_name" in report else report["device"]  # older files: "device"
-    lines = [f"{device}, batch {report['batch']}, median of the runs (`{report['command']}`)", "",
-             "| model | dtype | method | GFLOPs | images/s | speed-up | FLOPs ratio |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{device}, batch {report['batch']}, median of the runs (`{report['command']}`)",
+        "",
+        "| model | dtype | method | GFLOPs | images/s | speed-up | FLOPs ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['method']} | {r['gflops']:.2f} | {r['images_per_s']:.0f} | "
-                     f"{r['speedup']:.2f}× | {r['flops_ratio']:.2f}× |")
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['method']} | {r['gflops']:.2f} | {r['images_per_s']:.0f} | "
+            f"{r['speedup']:.2f}× | {r['flops_ratio']:.2f}× |"
+        )
     return "\n".join(lines)
 
 

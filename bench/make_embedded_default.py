@@ -53,13 +53,20 @@ def make_weights(check: bool) -> dict:
         state = {k: f.get_tensor(k) for k in f.keys()}
     half = {k: v.to(torch.float16).contiguous() for k, v in state.items()}
     fp32, fp16 = top1(state), top1(half)
-    print(f"cifar10-test top-1 (5000 images): float32 {100 * fp32:.2f}%, float16 weights {100 * fp16:.2f}% "
-          f"(change {100 * (fp16 - fp32):+.2f} pt)")
+    print(
+        f"cifar10-test top-1 (5000 images): float32 {100 * fp32:.2f}%, float16 weights {100 * fp16:.2f}% "
+        f"(change {100 * (fp16 - fp32):+.2f} pt)"
+    )
     if abs(fp16 - fp32) > MAX_TOP1_CHANGE:
         raise SystemExit("float16 changes top-1 by more than 0.1 point: not shipping it")
-    info = {"source": "cifar10_vit_tiny_p4.safetensors (atmerge's CIFAR-10 reference ViT)", "dtype": "float16",
-            "epochs": meta.get("epochs_done", ""), "cifar10_test_images": "5000",
-            "cifar10_test_top1_float32": f"{fp32:.4f}", "cifar10_test_top1_float16": f"{fp16:.4f}"}
+    info = {
+        "source": "cifar10_vit_tiny_p4.safetensors (atmerge's CIFAR-10 reference ViT)",
+        "dtype": "float16",
+        "epochs": meta.get("epochs_done", ""),
+        "cifar10_test_images": "5000",
+        "cifar10_test_top1_float32": f"{fp32:.4f}",
+        "cifar10_test_top1_float16": f"{fp16:.4f}",
+    }
     if not check:
         ASSETS.mkdir(exist_ok=True)
         save_file(half, str(ASSETS / "cifar10_vit_tiny_p4_fp16.safetensors"), metadata=info)

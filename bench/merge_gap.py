@@ -47,17 +47,35 @@ def main(argv=None) -> int:
             t = t + block.mlp(block.norm2(t))
         return dense.forward_head(dense.norm(t))
 
-    seconds = alternate_timings({"unpatched": (lambda: None, lambda: dense(x)),
-                                 "ATM": (lambda: None, lambda: merged(x)),
-                                 "oracle": (lambda: None, oracle)}, args.repeats)
+    seconds = alternate_timings(
+        {
+            "unpatched": (lambda: None, lambda: dense(x)),
+            "ATM": (lambda: None, lambda: merged(x)),
+            "oracle": (lambda: None, oracle),
+        },
+        args.repeats,
+    )
     flops_ratio = atmerge.gflops(dense, (3, 32, 32)) / stats.gflops
-    header = run_header(args, images="the first 64 of cifar10-test", batch_size=64, repeats=args.repeats, warmup=WARMUP,
-                        dtype="float32", atm=PAPER_DEIT_S, oracle_mlp_tokens=mlp_counts)
-    report = dict(**header, tokens_per_block=attn_counts,
-                  gflops=stats.gflops, flops_ratio=flops_ratio, ms={k: 1e3 * v for k, v in seconds.items()},
-                  atm_speedup_over_flops_ratio=seconds["unpatched"] / seconds["ATM"] / flops_ratio,
-                  oracle_speedup_over_flops_ratio=seconds["unpatched"] / seconds["oracle"] / flops_ratio,
-                  merge_step_share_of_atm_time=1 - seconds["oracle"] / seconds["ATM"])
+    header = run_header(
+        args,
+        images="the first 64 of cifar10-test",
+        batch_size=64,
+        repeats=args.repeats,
+        warmup=WARMUP,
+        dtype="float32",
+        atm=PAPER_DEIT_S,
+        oracle_mlp_tokens=mlp_counts,
+    )
+    report = dict(
+        **header,
+        tokens_per_block=attn_counts,
+        gflops=stats.gflops,
+        flops_ratio=flops_ratio,
+        ms={k: 1e3 * v for k, v in seconds.items()},
+        atm_speedup_over_flops_ratio=seconds["unpatched"] / seconds["ATM"] / flops_ratio,
+        oracle_speedup_over_flops_ratio=seconds["unpatched"] / seconds["oracle"] / flops_ratio,
+        merge_step_share_of_atm_time=1 - seconds["oracle"] / seconds["ATM"],
+    )
     for key, value in report.items():
         if key not in header:
             print(f"{key}: {value}")

@@ -50,12 +50,30 @@ def study(name, model, calib, report, *, trials, base_atm, seed=0) -> dict:
         atmerge.patch(model, method)
         res, _ = atmerge.evaluate(model, report)
         atmerge.unpatch(model)
-        return {"model": name, "method": label, "calib_top1": cal["top1"], "calib_gflops": cal["gflops"],
-                "top1": res.top1, "gflops": res.gflops, "gflops_saved": 1 - res.gflops / base_rep.gflops,
-                "top1_change": res.top1 - base_rep.top1, "setting": method_settings(method)}
+        return {
+            "model": name,
+            "method": label,
+            "calib_top1": cal["top1"],
+            "calib_gflops": cal["gflops"],
+            "top1": res.top1,
+            "gflops": res.gflops,
+            "gflops_saved": 1 - res.gflops / base_rep.gflops,
+            "top1_change": res.top1 - base_rep.top1,
+            "setting": method_settings(method),
+        }
 
-    rows = [{"model": name, "method": "unpatched", "calib_top1": base_cal["top1"], "calib_gflops": base_cal["gflops"],
-             "top1": base_rep.top1, "gflops": base_rep.gflops, "gflops_saved": 0.0, "top1_change": 0.0}]
+    rows = [
+        {
+            "model": name,
+            "method": "unpatched",
+            "calib_top1": base_cal["top1"],
+            "calib_gflops": base_cal["gflops"],
+            "top1": base_rep.top1,
+            "gflops": base_rep.gflops,
+            "gflops_saved": 0.0,
+            "top1_change": 0.0,
+        }
+    ]
     no_drop = [t for t in result["trials"] if t["top1"] >= base_cal["top1"]]
     atm_choice = None
     if no_drop:
@@ -63,8 +81,13 @@ def study(name, model, calib, report, *, trials, base_atm, seed=0) -> dict:
         atm_choice = search_mod.trial_method(base_atm, best, depth, patches)
         rows.append(report_row("ATM", atm_choice, best))
     profile = analyze.merge_profile(model, calib, atm_choice) if atm_choice else None
-    return {"search": result, "stress": rows, "profile": profile,
-            "calib_images": result["images"], "report_images": base_rep.images}
+    return {
+        "search": result,
+        "stress": rows,
+        "profile": profile,
+        "calib_images": result["images"],
+        "report_images": base_rep.images,
+    }
 
 
 def plots(r: dict, figures: Path, prefix: str, title: str) -> None:
@@ -90,13 +113,19 @@ def _pct(x: float) -> str:
 
 def markdown(report: dict) -> str:
     """The README's stress-test table from the JSON report."""
-    lines = ["| model | method | setting | calib top-1 | GFLOPs (saved) | top-1 on report images (change) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | setting | calib top-1 | GFLOPs (saved) | top-1 on report images (change) |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, _, _ in FIGURES:
         for r in report[key]["stress"]:
-            setting = ", ".join(f"{k}={v}" for k, v in (r.get("setting") or {}).items() if k != "method" and v is not None)
-            lines.append(f"| {r['model']} | {r['method']} | {setting} | {_pct(r['calib_top1'])} | "
-                         f"{r['gflops']:.3f} ({r['gflops_saved']:.0%}) | {_pct(r['top1'])} ({100 * r['top1_change']:+.2f}) |")
+            setting = ", ".join(
+                f"{k}={v}" for k, v in (r.get("setting") or {}).items() if k != "method" and v is not None
+            )
+            lines.append(
+                f"| {r['model']} | {r['method']} | {setting} | {_pct(r['calib_top1'])} | "
+                f"{r['gflops']:.3f} ({r['gflops_saved']:.0%}) | {_pct(r['top1'])} ({100 * r['top1_change']:+.2f}) |"
+            )
     return "\n".join(lines)
 
 
@@ -123,8 +152,14 @@ def main(argv=None) -> int:
     model = zoo.cifar10_reference_vit()
     test = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
     cal, rep = split(test, 64 if q else 1000, 64 if q else None)
-    r = study("cifar10-vit", model, loader_batches(cal, 250), loader_batches(rep, 250),
-              trials=4 if q else 40, base_atm=atmerge.ATM())
+    r = study(
+        "cifar10-vit",
+        model,
+        loader_batches(cal, 250),
+        loader_batches(rep, 250),
+        trials=4 if q else 40,
+        base_atm=atmerge.ATM(),
+    )
     report["cifar10_reference"] = r
     plots(r, figures, "cifar10", FIGURES[0][2].format(**r))
 
@@ -133,37 +168,77 @@ def main(argv=None) -> int:
     model, _ = load_probe_classifier()
     test = data.image_folder(data.cifar10_folder("test"), data.model_transform(model))
     cal, rep = split(test, 32 if q else 128, 32 if q else 400, seed=1)
-    r = study("dinov2-s+probe", model, loader_batches(cal, 64), loader_batches(rep, 64),
-              trials=3 if q else 16, base_atm=atmerge.ATM(similarity="centered"))
+    r = study(
+        "dinov2-s+probe",
+        model,
+        loader_batches(cal, 64),
+        loader_batches(rep, 64),
+        trials=3 if q else 16,
+        base_atm=atmerge.ATM(similarity="centered"),
+    )
     report["dinov2_probe"] = r
     plots(r, figures, "dinov2", FIGURES[1][2].format(**r))
 
     print("== Figure 7: ToMe vs ATM on the shared ImageNet photos (DINOv2-S) ==", flush=True)
     backbone = zoo.dinov2_small()
     tf = data.model_transform(backbone)
-    files = sorted(data.imagenet_samples_folder().iterdir())[:: 125][: 2 if q else 6]
+    files = sorted(data.imagenet_samples_folder().iterdir())[::125][: 2 if q else 6]
     images = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
     atm = atmerge.ATM(alpha=1.0, beta=0.04, theta_min=0.8, similarity="centered")
     singles = list(images.split(1))
     target = atmerge.budget.mean_gflops(backbone, atm, singles)
     tome = atmerge.match_gflops(backbone, knob_factory("tome", 12, 256), target, singles, steps=8).method
     mean, std = data.normalization(tf)
-    vis = draw(backbone, images, {f"ToMe r={tome.r}": tome, "ATM (centred)": atm}, figures / "visualize.png",
-               mean=mean, std=std)
-    report["visualize"] = {"images": [f.name for f in files], "atm": method_settings(atm), "tome": method_settings(tome),
-                           "mean_gflops_target": target, **vis}
+    vis = draw(
+        backbone,
+        images,
+        {f"ToMe r={tome.r}": tome, "ATM (centred)": atm},
+        figures / "visualize.png",
+        mean=mean,
+        std=std,
+    )
+    report["visualize"] = {
+        "images": [f.name for f in files],
+        "atm": method_settings(atm),
+        "tome": method_settings(tome),
+        "mean_gflops_target": target,
+        **vis,
+    }
 
-    report = {**run_header(
-        args, seed=0, dtype="float32",
-        cifar10=dict(calib_images=64 if q else 1000, report_images=64 if q else "the other 9,000", split_seed=0,
-                     batch_size=250, trials=4 if q else 40, search="Optuna, seed 0, goal pareto, ATM()"),
-        dinov2=dict(calib_images=32 if q else 128, report_images=32 if q else 400, split_seed=1, batch_size=64,
-                    trials=3 if q else 16, search="Optuna, seed 0, goal pareto, ATM(similarity='centered')",
-                    probe_train_images=200 if q else 2000, probe_test_images=100 if q else 1000),
-        stress_choice="the cheapest trial whose calibration top-1 is no lower than the unpatched model's",
-        visualize=dict(images=len(files), atm=method_settings(atm), tome_bisected=method_settings(tome),
-                       tome_bisection_steps=8, mean_gflops_target=target),
-    ), **report}
+    report = {
+        **run_header(
+            args,
+            seed=0,
+            dtype="float32",
+            cifar10=dict(
+                calib_images=64 if q else 1000,
+                report_images=64 if q else "the other 9,000",
+                split_seed=0,
+                batch_size=250,
+                trials=4 if q else 40,
+                search="Optuna, seed 0, goal pareto, ATM()",
+            ),
+            dinov2=dict(
+                calib_images=32 if q else 128,
+                report_images=32 if q else 400,
+                split_seed=1,
+                batch_size=64,
+                trials=3 if q else 16,
+                search="Optuna, seed 0, goal pareto, ATM(similarity='centered')",
+                probe_train_images=200 if q else 2000,
+                probe_test_images=100 if q else 1000,
+            ),
+            stress_choice="the cheapest trial whose calibration top-1 is no lower than the unpatched model's",
+            visualize=dict(
+                images=len(files),
+                atm=method_settings(atm),
+                tome_bisected=method_settings(tome),
+                tome_bisection_steps=8,
+                mean_gflops_target=target,
+            ),
+        ),
+        **report,
+    }
     cols = ["model", "method", "calib_top1", "calib_gflops", "top1", "gflops", "gflops_saved", "top1_change"]
     print(table(report["cifar10_reference"]["stress"] + report["dinov2_probe"]["stress"], cols))
     write_json(report, args.out)

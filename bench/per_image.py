@@ -32,7 +32,16 @@ import torch
 import atmerge
 from atmerge import data
 from atmerge.fidelity import paired_fidelity
-from common import alternate_timings, cifar10_model, dinov2_probe_model, loader_batches, method_runs, run_header, table, write_json
+from common import (
+    alternate_timings,
+    cifar10_model,
+    dinov2_probe_model,
+    loader_batches,
+    method_runs,
+    run_header,
+    table,
+    write_json,
+)
 
 TARGETS = (0.75, 0.6, 0.5)
 MODES = {"batch-mean r": True, "per-image r": False}
@@ -95,13 +104,24 @@ def bench_model(name: str, quick: bool) -> dict:
             measured = paired_fidelity(outputs, reference, labels)
             same = (outputs.argmax(-1) == reference.argmax(-1)).double()
             per_mode[mode] = same
-            rows.append(dict(model=name, target=share, mode=mode, beta=match.method.beta,
-                             calib_gflops_share=match.gflops / dense, gflops_share=gflops / dense,
-                             executed_gflops_share=executed / dense, **measured))
+            rows.append(
+                dict(
+                    model=name,
+                    target=share,
+                    mode=mode,
+                    beta=match.method.beta,
+                    calib_gflops_share=match.gflops / dense,
+                    gflops_share=gflops / dense,
+                    executed_gflops_share=executed / dense,
+                    **measured,
+                )
+            )
             if share == 0.6:
                 chosen_methods[mode] = match.method
-            print(f"{name} {share:.0%} {mode}: {gflops / dense:.1%} GFLOPs, agreement {measured['agreement']:.4f}",
-                  flush=True)
+            print(
+                f"{name} {share:.0%} {mode}: {gflops / dense:.1%} GFLOPs, agreement {measured['agreement']:.4f}",
+                flush=True,
+            )
         diff = per_mode["per-image r"] - per_mode["batch-mean r"]
         rows[-1]["agreement_gain"] = float(diff.mean())
         rows[-1]["agreement_gain_se"] = float(diff.std(unbiased=True) / math.sqrt(diff.numel()))
@@ -109,9 +129,17 @@ def bench_model(name: str, quick: bool) -> dict:
     seconds = timings(model, chosen_methods, x, repeats)
     speed = {mode: {"seconds_per_batch": s, "images_per_second": x.shape[0] / s} for mode, s in seconds.items()}
     speed["per_image_slowdown"] = seconds["per-image r"] / seconds["batch-mean r"] - 1
-    return dict(model=name, dense_gflops=dense, calib_images=n_calib, report_images=n_report, rows=rows,
-                speed=speed, speed_batch=x.shape[0], repeats=repeats,
-                timed_methods={mode: str(method) for mode, method in chosen_methods.items()})
+    return dict(
+        model=name,
+        dense_gflops=dense,
+        calib_images=n_calib,
+        report_images=n_report,
+        rows=rows,
+        speed=speed,
+        speed_batch=x.shape[0],
+        repeats=repeats,
+        timed_methods={mode: str(method) for mode, method in chosen_methods.items()},
+    )
 
 
 def main(argv=None) -> int:
@@ -128,37 +156,66 @@ def main(argv=None) -> int:
     start = time.time()
     results = [bench_model(name, args.quick) for name in args.models]
     header = run_header(
-        args, targets=TARGETS, modes=MODES, batch_size=BATCH, warmup=WARMUP, bisection_steps=STEPS, dtype="float32",
+        args,
+        targets=TARGETS,
+        modes=MODES,
+        batch_size=BATCH,
+        warmup=WARMUP,
+        bisection_steps=STEPS,
+        dtype="float32",
         knob="ATM(alpha=1, beta=0.1 (1 - t), theta_min=0.5), t bisected to each target on the calibration images",
         split="a seeded (0) subset of cifar10-test: the first calib images calibrate, the rest report",
-        sizes={name: dict(zip(("calib_images", "report_images", "repeats"),
-                              (64, 128, 2) if args.quick else MODELS[name][1:])) for name in args.models},
+        sizes={
+            name: dict(
+                zip(("calib_images", "report_images", "repeats"), (64, 128, 2) if args.quick else MODELS[name][1:])
+            )
+            for name in args.models
+        },
         timed="the first report batch, with the methods bisected to the 60% target (models[].timed_methods); "
-              "every row's bisected beta is in models[].rows")
+        "every row's bisected beta is in models[].rows",
+    )
     report = dict(**header, minutes=(time.time() - start) / 60, models=results)
     for r in results:
-        print(table(r["rows"], ["model", "target", "mode", "gflops_share", "executed_gflops_share", "agreement",
-                                "top1_change", "kl"]))
+        print(
+            table(
+                r["rows"],
+                ["model", "target", "mode", "gflops_share", "executed_gflops_share", "agreement", "top1_change", "kl"],
+            )
+        )
         print(r["speed"])
     write_json(report, args.out)
     return 0
 
 
 def markdown(report: dict) -> str:
-    lines = ["| model | target | mode | GFLOPs (executed) | agreement (95% CI) | per-image − batch-mean agreement ± SE "
-             "| top-1 change ± SE | KL |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | target | mode | GFLOPs (executed) | agreement (95% CI) | per-image − batch-mean agreement ± SE "
+        "| top-1 change ± SE | KL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in report["models"]:
         for r in m["rows"]:
-            gain = f"{100 * r['agreement_gain']:+.2f} ± {100 * r['agreement_gain_se']:.2f}" if "agreement_gain" in r else ""
+            gain = (
+                f"{100 * r['agreement_gain']:+.2f} ± {100 * r['agreement_gain_se']:.2f}"
+                if "agreement_gain" in r
+                else ""
+            )
             lines.append(
                 f"| {r['model']} | {r['target']:.0%} | {r['mode']} | {r['gflops_share']:.1%} ({r['executed_gflops_share']:.1%}) "
                 f"| {100 * r['agreement']:.2f}% ({100 * r['agreement_low']:.1f}–{100 * r['agreement_high']:.1f}) | {gain} "
-                f"| {100 * r['top1_change']:+.2f} ± {100 * r['top1_change_se']:.2f} | {r['kl']:.4f} |")
-    lines += ["", "| model | batch | batch-mean r: images/s | per-image r: images/s | per-image slowdown |", "|---|---|---|---|---|"]
+                f"| {100 * r['top1_change']:+.2f} ± {100 * r['top1_change_se']:.2f} | {r['kl']:.4f} |"
+            )
+    lines += [
+        "",
+        "| model | batch | batch-mean r: images/s | per-image r: images/s | per-image slowdown |",
+        "|---|---|---|---|---|",
+    ]
     for m in report["models"]:
         s = m["speed"]
-        lines.append(f"| {m['model']} | {m['speed_batch']} | {s['batch-mean r']['images_per_second']:.0f} | "
-                     f"{s['per-image r']['images_per_second']:.0f} | {100 * s['per_image_slowdown']:+.1f}% |")
+        lines.append(
+            f"| {m['model']} | {m['speed_batch']} | {s['batch-mean r']['images_per_second']:.0f} | "
+            f"{s['per-image r']['images_per_second']:.0f} | {100 * s['per_image_slowdown']:+.1f}% |"
+        )
     return "\n".join(lines)
 
 

@@ -42,15 +42,19 @@ def pytest_runtest_setup(item):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Say how many tests did not run for want of the shared data, and why: never a silently
     hollow green run."""
-    skipped = [r for r in terminalreporter.stats.get("skipped", [])
-               if isinstance(r.longrepr, tuple) and SHARED_SKIP in str(r.longrepr[2])]
+    skipped = [
+        r
+        for r in terminalreporter.stats.get("skipped", [])
+        if isinstance(r.longrepr, tuple) and SHARED_SKIP in str(r.longrepr[2])
+    ]
     if skipped:
         terminalreporter.write_sep("=", f"{len(skipped)} tests skipped: they need the shared data", yellow=True)
         terminalreporter.write_line(
             f"The shared folder {data.shared_dir()} (ATMERGE_SHARED, default ../shared beside the repository) lacks "
             "the large data or weights these tests use (CIFAR-10 train/test, DINOv2-S, ImageNet photos); the core "
             "suite ran on the default that ships with the package. Point ATMERGE_SHARED at the shared folder to run "
-            "them; ATMERGE_REQUIRE_SHARED=1 (CI) makes them fail instead of skip.")
+            "them; ATMERGE_REQUIRE_SHARED=1 (CI) makes them fail instead of skip."
+        )
 
 
 def small_vit(**kwargs) -> torch.nn.Module:

@@ -33,8 +33,18 @@ def config(out: Path) -> FinetuneConfig:
     """No dropout, Mixup or augmentation: nothing random but the (seeded) shuffling.  SGD (momentum
     0.9), not AdamW: AdamW divides by the root of second moments, which turns the float noise of
     weights whose gradient is zero analytically (the key bias) into full steps of lr."""
-    return FinetuneConfig(epochs=1, batch_size=8, opt="sgd", lr=0.1, min_lr=0.01, mixup=0, cutmix=0, val_batch_size=8,
-                          progress=False, out=str(out))
+    return FinetuneConfig(
+        epochs=1,
+        batch_size=8,
+        opt="sgd",
+        lr=0.1,
+        min_lr=0.01,
+        mixup=0,
+        cutmix=0,
+        val_batch_size=8,
+        progress=False,
+        out=str(out),
+    )
 
 
 def fresh_model() -> torch.nn.Module:
@@ -43,8 +53,22 @@ def fresh_model() -> torch.nn.Module:
 
 
 def eval_args(checkpoint: Path, images: Path, out: Path) -> list[str]:
-    return ["eval", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(SMALL), "--checkpoint",
-            str(checkpoint), "--data", str(images), "--batch-size", "4", "--no-progress", "--out", str(out)]
+    return [
+        "eval",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        json.dumps(SMALL),
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(images),
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 if __name__ == "__main__":

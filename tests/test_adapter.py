@@ -30,7 +30,9 @@ def test_the_timm_family_is_found_and_describes_the_model():
 
 
 def test_unsupported_models_are_told_which_families_are_supported():
-    with pytest.raises(atmerge.UnsupportedModelError, match=r"atmerge patches timm VisionTransformer models .*got Linear"):
+    with pytest.raises(
+        atmerge.UnsupportedModelError, match=r"atmerge patches timm VisionTransformer models .*got Linear"
+    ):
         adapter_for(torch.nn.Linear(2, 2))
 
 
@@ -101,8 +103,9 @@ register_backbone(__name__, blocks=(HalfMlpBlock,), cost_hooks={ToyViT: _head2_c
 
 def toy_vit() -> ToyViT:
     torch.manual_seed(0)
-    return ToyViT(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10,
-                  global_pool="avg").eval()
+    return ToyViT(
+        img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10, global_pool="avg"
+    ).eval()
 
 
 def test_a_backbone_registered_in_its_own_file_patches_merges_with_tome_and_unpatches_exactly():
@@ -113,14 +116,16 @@ def test_a_backbone_registered_in_its_own_file_patches_merges_with_tome_and_unpa
     adapter = adapter_for(model)
     assert isinstance(adapter, TimmViT)
     # its cost hook counts the second head: 48 × 10 more multiply-adds than the same ViT without it
-    plain = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10,
-                              global_pool="avg")
+    plain = VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10, global_pool="avg"
+    )
     assert adapter.cost(model).head == adapter.cost(plain).head + 48 * 10
     assert atmerge.gflops(model, (3, 32, 32)) == pytest.approx(atmerge.gflops(plain, (3, 32, 32)) + 480e-9)
 
     atmerge.patch(model, atmerge.ToMe(r=2))
     assert type(model).__name__ == "MergingToyViT" and all(
-        type(b).__name__ == "MergingHalfMlpBlock" for b in model.blocks)
+        type(b).__name__ == "MergingHalfMlpBlock" for b in model.blocks
+    )
     # the patched class is found again by name through the registered module (a pickled model's path)
     assert timm_vit.__getattr__("MergingToyViT") is type(model)
     with torch.no_grad():

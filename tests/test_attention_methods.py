@@ -79,10 +79,16 @@ def test_mctf_keeps_unmerged_b_tokens_in_the_releases_order():
     fuse: 7→2, 3→6 (3 carries 8).  Unmerged B by descending score: 5 (0.25), then 1 (0.2).
     Output: [CLS, 2+7, 6+3+8, 5, 1+4].
     """
-    weights = torch.tensor([[[0.1, 0.2, 0.25, 0.4],   # A-token 2 against B-tokens 1, 3, 5, 7
-                             [0.9, 0.1, 0.1, 0.1],    # A-token 4
-                             [0.2, 0.3, 0.2, 0.1],    # A-token 6
-                             [0.1, 0.5, 0.1, 0.2]]])  # A-token 8
+    weights = torch.tensor(
+        [
+            [
+                [0.1, 0.2, 0.25, 0.4],  # A-token 2 against B-tokens 1, 3, 5, 7
+                [0.9, 0.1, 0.1, 0.1],  # A-token 4
+                [0.2, 0.3, 0.2, 0.1],  # A-token 6
+                [0.1, 0.5, 0.1, 0.2],
+            ]
+        ]
+    )  # A-token 8
     a, b = torch.tensor([2, 4, 6, 8]), torch.tensor([1, 3, 5, 7])
     red = bidirectional_assignment(weights, a, b, r=4, num_protected=1, num_tokens=9)
     assert red.num_out == 5

@@ -46,57 +46,104 @@ def _blocks(depth, dim, hidden, qkv_bias):
     keys = {}
     for i in range(depth):
         b = f"blocks.{i}."
-        keys.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim),
-                     b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
-                     b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
-                     b + "mlp.fc1.weight": (hidden, dim), b + "mlp.fc1.bias": (hidden,),
-                     b + "mlp.fc2.weight": (dim, hidden), b + "mlp.fc2.bias": (dim,)})
+        keys.update(
+            {
+                b + "norm1.weight": (dim,),
+                b + "norm1.bias": (dim,),
+                b + "attn.qkv.weight": (3 * dim, dim),
+                b + "attn.proj.weight": (dim, dim),
+                b + "attn.proj.bias": (dim,),
+                b + "norm2.weight": (dim,),
+                b + "norm2.bias": (dim,),
+                b + "mlp.fc1.weight": (hidden, dim),
+                b + "mlp.fc1.bias": (hidden,),
+                b + "mlp.fc2.weight": (dim, hidden),
+                b + "mlp.fc2.bias": (dim,),
+            }
+        )
         if qkv_bias:
             keys[b + "attn.qkv.bias"] = (3 * dim,)
     return keys
 
 
 def official_lvvit(depth, dim, classes=1000):
-    keys = {"cls_token": (1, 1, dim), "pos_embed": (1, 197, dim),
-            "patch_embed.conv1.weight": (64, 3, 7, 7), "patch_embed.conv2.weight": (64, 64, 3, 3),
-            "patch_embed.conv3.weight": (64, 64, 3, 3), "patch_embed.proj.weight": (dim, 64, 8, 8),
-            "patch_embed.proj.bias": (dim,)}
+    keys = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, 197, dim),
+        "patch_embed.conv1.weight": (64, 3, 7, 7),
+        "patch_embed.conv2.weight": (64, 64, 3, 3),
+        "patch_embed.conv3.weight": (64, 64, 3, 3),
+        "patch_embed.proj.weight": (dim, 64, 8, 8),
+        "patch_embed.proj.bias": (dim,),
+    }
     for bn in ("bn1", "bn2", "bn3"):
         for part in ("weight", "bias", "running_mean", "running_var"):
             keys[f"patch_embed.{bn}.{part}"] = (64,)
         keys[f"patch_embed.{bn}.num_batches_tracked"] = ()
     keys.update(_blocks(depth, dim, 3 * dim, qkv_bias=False))
-    keys.update({"norm.weight": (dim,), "norm.bias": (dim,), "head.weight": (classes, dim), "head.bias": (classes,),
-                 "aux_head.weight": (classes, dim), "aux_head.bias": (classes,)})
+    keys.update(
+        {
+            "norm.weight": (dim,),
+            "norm.bias": (dim,),
+            "head.weight": (classes, dim),
+            "head.bias": (classes,),
+            "aux_head.weight": (classes, dim),
+            "aux_head.bias": (classes,),
+        }
+    )
     return keys
 
 
 def official_t2t(depth, dim, classes=1000):
-    keys = {"cls_token": (1, 1, dim), "pos_embed": (1, 197, dim),
-            "tokens_to_token.project.weight": (dim, 576), "tokens_to_token.project.bias": (dim,)}
+    keys = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, 197, dim),
+        "tokens_to_token.project.weight": (dim, 576),
+        "tokens_to_token.project.bias": (dim,),
+    }
     for name, width in (("attention1", 147), ("attention2", 576)):
         t = f"tokens_to_token.{name}."
-        keys.update({t + "norm1.weight": (width,), t + "norm1.bias": (width,), t + "attn.qkv.weight": (192, width),
-                     t + "attn.proj.weight": (64, 64), t + "attn.proj.bias": (64,),
-                     t + "norm2.weight": (64,), t + "norm2.bias": (64,), t + "mlp.fc1.weight": (64, 64),
-                     t + "mlp.fc1.bias": (64,), t + "mlp.fc2.weight": (64, 64), t + "mlp.fc2.bias": (64,)})
+        keys.update(
+            {
+                t + "norm1.weight": (width,),
+                t + "norm1.bias": (width,),
+                t + "attn.qkv.weight": (192, width),
+                t + "attn.proj.weight": (64, 64),
+                t + "attn.proj.bias": (64,),
+                t + "norm2.weight": (64,),
+                t + "norm2.bias": (64,),
+                t + "mlp.fc1.weight": (64, 64),
+                t + "mlp.fc1.bias": (64,),
+                t + "mlp.fc2.weight": (64, 64),
+                t + "mlp.fc2.bias": (64,),
+            }
+        )
     keys.update(_blocks(depth, dim, 3 * dim, qkv_bias=False))
     keys.update({"norm.weight": (dim,), "norm.bias": (dim,), "head.weight": (classes, dim), "head.bias": (classes,)})
     return keys
 
 
 def official_mae_ft(classes=1000):
-    keys = {"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768), "patch_embed.proj.weight": (768, 3, 16, 16),
-            "patch_embed.proj.bias": (768,)}
+    keys = {
+        "cls_token": (1, 1, 768),
+        "pos_embed": (1, 197, 768),
+        "patch_embed.proj.weight": (768, 3, 16, 16),
+        "patch_embed.proj.bias": (768,),
+    }
     keys.update(_blocks(12, 768, 3072, qkv_bias=True))
-    keys.update({"fc_norm.weight": (768,), "fc_norm.bias": (768,), "head.weight": (classes, 768), "head.bias": (classes,)})
+    keys.update(
+        {"fc_norm.weight": (768,), "fc_norm.bias": (768,), "head.weight": (classes, 768), "head.bias": (classes,)}
+    )
     return keys
 
 
 OFFICIAL = {
-    "lvvit_t": lambda: official_lvvit(12, 240), "lvvit_s": lambda: official_lvvit(16, 384),
-    "lvvit_m": lambda: official_lvvit(20, 512), "t2t_vit_t_14": lambda: official_t2t(14, 384),
-    "t2t_vit_t_19": lambda: official_t2t(19, 448), "t2t_vit_t_24": lambda: official_t2t(24, 512),
+    "lvvit_t": lambda: official_lvvit(12, 240),
+    "lvvit_s": lambda: official_lvvit(16, 384),
+    "lvvit_m": lambda: official_lvvit(20, 512),
+    "t2t_vit_t_14": lambda: official_t2t(14, 384),
+    "t2t_vit_t_19": lambda: official_t2t(19, 448),
+    "t2t_vit_t_24": lambda: official_t2t(24, 512),
     "mae_vit_base_ft": official_mae_ft,
 }
 
@@ -111,8 +158,15 @@ def test_state_dict_keys_and_shapes_equal_the_official_models(name):
 
 # ----------------------------------------------------------------------------- FLOPs
 
-PUBLISHED = {"lvvit_t": 2.9, "lvvit_s": 6.6, "lvvit_m": 12.7, "t2t_vit_t_14": 6.1, "t2t_vit_t_19": 9.8,
-             "t2t_vit_t_24": 15.0, "mae_vit_base_ft": 17.6}
+PUBLISHED = {
+    "lvvit_t": 2.9,
+    "lvvit_s": 6.6,
+    "lvvit_m": 12.7,
+    "t2t_vit_t_14": 6.1,
+    "t2t_vit_t_19": 9.8,
+    "t2t_vit_t_24": 15.0,
+    "mae_vit_base_ft": 17.6,
+}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -122,8 +176,9 @@ def test_dense_gflops_equal_the_published_numbers(name):
     assert atmerge.gflops(model) == pytest.approx(PUBLISHED[name], rel=0.02)
 
 
-@pytest.mark.parametrize("name, kwargs", [("lvvit_t", {}), ("lvvit_t", dict(aux_head=False)), ("t2t_vit_t_14", {}),
-                                          ("mae_vit_base_ft", {})])
+@pytest.mark.parametrize(
+    "name, kwargs", [("lvvit_t", {}), ("lvvit_t", dict(aux_head=False)), ("t2t_vit_t_14", {}), ("mae_vit_base_ft", {})]
+)
 def test_dense_gflops_equal_fvcore(name, kwargs):
     model = timm.create_model(name, depth=2, **kwargs).eval()  # the full stem at 224 px, two blocks
     assert atmerge.gflops(model) == pytest.approx(fvcore_gflops(model, torch.randn(1, 3, 224, 224)), rel=1e-6)
@@ -150,13 +205,21 @@ def test_merged_gflops_equal_fvcore_of_the_merged_forward(name):
 
 # ----------------------------------------------------------------------------- merging
 
-METHODS = [atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.5), atmerge.ToMe(r=3), atmerge.EViT(keep_rate=0.7, locations=(2,)),
-           atmerge.MCTF(r=3), atmerge.ZeroTP(r=3), atmerge.TopR(r=3), atmerge.ConstantThreshold(theta=0.5),
-           atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.5, batch_adaptive=False)]
+METHODS = [
+    atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.5),
+    atmerge.ToMe(r=3),
+    atmerge.EViT(keep_rate=0.7, locations=(2,)),
+    atmerge.MCTF(r=3),
+    atmerge.ZeroTP(r=3),
+    atmerge.TopR(r=3),
+    atmerge.ConstantThreshold(theta=0.5),
+    atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.5, batch_adaptive=False),
+]
 
 
-@pytest.mark.parametrize("name, kwargs", [("lvvit_t", {}), ("lvvit_t", dict(aux_head=False)), ("t2t_vit_t_14", {}),
-                                          ("mae_vit_base_ft", {})])
+@pytest.mark.parametrize(
+    "name, kwargs", [("lvvit_t", {}), ("lvvit_t", dict(aux_head=False)), ("t2t_vit_t_14", {}), ("mae_vit_base_ft", {})]
+)
 def test_nothing_merges_at_threshold_one_and_unpatch_is_exact(name, kwargs):
     model = small(name, **kwargs)
     x = blocky_images(3, size=64)
@@ -164,11 +227,15 @@ def test_nothing_merges_at_threshold_one_and_unpatch_is_exact(name, kwargs):
         dense = model(x)
         atmerge.patch(model, atmerge.ATM(alpha=1.0, beta=0.0, theta_min=1.0), prune_last_block=False)
         same = model(x)
-        assert atmerge.last_stats(model).gflops == pytest.approx(atmerge.gflops(atmerge.unpatch(copy.deepcopy(model)), (3, 64, 64)))
+        assert atmerge.last_stats(model).gflops == pytest.approx(
+            atmerge.gflops(atmerge.unpatch(copy.deepcopy(model)), (3, 64, 64))
+        )
         for method in METHODS:  # every method runs and reports fewer GFLOPs than dense
             atmerge.patch(model, method)
             assert model(x).shape == dense.shape
-            assert atmerge.last_stats(model).gflops <= atmerge.gflops(atmerge.unpatch(copy.deepcopy(model)), (3, 64, 64))
+            assert atmerge.last_stats(model).gflops <= atmerge.gflops(
+                atmerge.unpatch(copy.deepcopy(model)), (3, 64, 64)
+            )
         atmerge.unpatch(model)
         again = model(x)
     assert (same - dense).abs().max() < 1e-5
@@ -186,7 +253,9 @@ def test_lvvit_aux_head_keeps_every_token_to_the_end_unless_turned_off():
             assert merge_state(model).prune_last == (last == 1)
             assert atmerge.last_stats(model).tokens_mlp_per_block[-1] == last
     # what the auxiliary head costs: one linear per token that reaches it
-    extra = atmerge.gflops(atmerge.unpatch(with_aux), (3, 64, 64)) - atmerge.gflops(atmerge.unpatch(without), (3, 64, 64))
+    extra = atmerge.gflops(atmerge.unpatch(with_aux), (3, 64, 64)) - atmerge.gflops(
+        atmerge.unpatch(without), (3, 64, 64)
+    )
     assert extra == pytest.approx(16 * with_aux.aux_head.weight.numel() / 1e9)
 
 
@@ -262,12 +331,16 @@ def _image_folder(root, size):
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
         for i in range(2):
-            Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / c / f"{i}.png")
+            Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()).save(
+                root / c / f"{i}.png"
+            )
     return root
 
 
-@pytest.mark.parametrize("name, layout, suffix", [("lvvit_s", "state_dict", ".pth.tar"), ("t2t_vit_t_14", None, ".pth"),
-                                                  ("mae_vit_base_ft", "model", ".pth")])
+@pytest.mark.parametrize(
+    "name, layout, suffix",
+    [("lvvit_s", "state_dict", ".pth.tar"), ("t2t_vit_t_14", None, ".pth"), ("mae_vit_base_ft", "model", ".pth")],
+)
 def test_official_layout_checkpoint_loads_through_eval(name, layout, suffix, tmp_path, capsys):
     kwargs = dict(depth=2, img_size=64, num_classes=2)
     source = small(name, **kwargs)
@@ -278,8 +351,26 @@ def test_official_layout_checkpoint_loads_through_eval(name, layout, suffix, tmp
     with torch.no_grad():
         assert torch.equal(loaded(x), source(x))
     data = _image_folder(tmp_path / "data", 64)
-    args = ["eval", "--model", name, "--model-kwargs", json.dumps(kwargs), "--checkpoint", str(tmp_path / f"official{suffix}"),
-            "--data", str(data), "--method", "tome", "--r", "2", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "out")]
+    args = [
+        "eval",
+        "--model",
+        name,
+        "--model-kwargs",
+        json.dumps(kwargs),
+        "--checkpoint",
+        str(tmp_path / f"official{suffix}"),
+        "--data",
+        str(data),
+        "--method",
+        "tome",
+        "--r",
+        "2",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["images"] == 4
@@ -293,10 +384,30 @@ def test_checkpoint_of_another_family_or_with_code_is_a_one_line_error(tmp_path,
     with pytest.raises(ValueError, match=r"does not fit .*keys missing: \d+ \(tokens_to_token"):
         load_weights(timm.create_model("t2t_vit_t_14", **kwargs), tmp_path / "lvvit.pth.tar")
     torch.save({"model": small("mae_vit_base_ft", **kwargs).state_dict(), "trainer": Trainer()}, tmp_path / "code.pth")
-    assert main(["eval", "--model", "mae_vit_base_ft", "--model-kwargs", json.dumps(kwargs), "--checkpoint",
-                 str(tmp_path / "code.pth"), "--no-progress", "--data", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "mae_vit_base_ft",
+                "--model-kwargs",
+                json.dumps(kwargs),
+                "--checkpoint",
+                str(tmp_path / "code.pth"),
+                "--no-progress",
+                "--data",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert "needs code to unpickle" in err and "weights_only" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert (
+        "needs code to unpickle" in err
+        and "weights_only" in err
+        and "Traceback" not in err
+        and len(err.splitlines()) == 1
+    )
 
 
 class Trainer:
@@ -310,9 +421,16 @@ def test_training_options_beside_the_weights_load(tmp_path):
 
     kwargs = dict(depth=2, img_size=64)
     source = small("t2t_vit_t_14", **kwargs)
-    torch.save({"epoch": 309, "arch": "t2t_vit_t_14", "state_dict": source.state_dict(),
-                "args": argparse.Namespace(lr=1e-3, model="t2t_vit_t_14", input_size=(3, 224, 224)), "metric": 81.7},
-               tmp_path / "81.7_T2T_ViTt_14.pth.tar")
+    torch.save(
+        {
+            "epoch": 309,
+            "arch": "t2t_vit_t_14",
+            "state_dict": source.state_dict(),
+            "args": argparse.Namespace(lr=1e-3, model="t2t_vit_t_14", input_size=(3, 224, 224)),
+            "metric": 81.7,
+        },
+        tmp_path / "81.7_T2T_ViTt_14.pth.tar",
+    )
     loaded = load_weights(timm.create_model("t2t_vit_t_14", **kwargs).eval(), tmp_path / "81.7_T2T_ViTt_14.pth.tar")
     x = blocky_images(1, size=64)
     with torch.no_grad():

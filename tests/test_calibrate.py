@@ -149,12 +149,19 @@ def test_one_search_serves_several_goals(calibration_images):
         assert c.met and c.gflops <= c.target
     assert results[2].met and results[2].fidelity_low >= 0.5
     # the fitted space searches the similarity and the split layer too
-    assert {"similarity", "split_layer"} <= set(results[0].space) and results[0].profile["images"] == 18  # search images
+    assert {"similarity", "split_layer"} <= set(results[0].space) and results[0].profile[
+        "images"
+    ] == 18  # search images
 
 
 @pytest.mark.parametrize(
     "method",
-    [atmerge.ToMe(r=(3, -0.5)), atmerge.ToMe(r=[1, 2, 3]), atmerge.EViT(0.6, (2, 4)), atmerge.MCTF(r=0.35, blocks=(2, 3))],
+    [
+        atmerge.ToMe(r=(3, -0.5)),
+        atmerge.ToMe(r=[1, 2, 3]),
+        atmerge.EViT(0.6, (2, 4)),
+        atmerge.MCTF(r=0.35, blocks=(2, 3)),
+    ],
 )
 def test_methods_round_trip_through_json(method):
     assert method_from_dict(json.loads(json.dumps(method_to_dict(method)))) == method
@@ -185,8 +192,16 @@ def test_folder_images_any_layout_unreadable_skipped(tmp_path):
         (dict(budget=0.5, min_agreement=0.9), ValueError, "give exactly one goal"),
         (dict(), ValueError, "give exactly one goal of budget, budget_gflops, min_agreement, min_cosine; got none"),
         (dict(min_cosine=float("nan")), ValueError, r"min_cosine=nan is out of range; allowed \(0, 1\]"),
-        (dict(budget=0.5, fidelity="l2"), ValueError, r"fidelity='l2' is not supported; choose one of \('agreement', 'cosine'\)"),
-        (dict(min_cosine=0.9, fidelity="agreement"), ValueError, "min_cosine does not fit fidelity measure 'agreement'"),
+        (
+            dict(budget=0.5, fidelity="l2"),
+            ValueError,
+            r"fidelity='l2' is not supported; choose one of \('agreement', 'cosine'\)",
+        ),
+        (
+            dict(min_cosine=0.9, fidelity="agreement"),
+            ValueError,
+            "min_cosine does not fit fidelity measure 'agreement'",
+        ),
         (dict(budget=0.5, trials=0), ValueError, r"trials=0 must be an integer >= 1"),
         (dict(budget=0.5, method="nope"), ValueError, "unknown method 'nope'"),
     ],
@@ -240,8 +255,15 @@ def test_unreachable_goals_are_reported_not_met_with_the_closest_setting(calibra
     dense = atmerge.gflops(model, (3, 32, 32))
     # 5% of the cost: below the first block alone, which sees every token (1/6 of the blocks)
     # 0.99 floor: even 6 of 6 held-out images agreeing give a lower bound of 6 / (6 + 1.645²) ≈ 0.69
-    budget, floor = atmerge.calibrate_goals(model, calibration_images, [{"budget": 0.05}, {"min_agreement": 0.99}],
-                                            method="tome", trials=4, batch_size=8, paired=False)
+    budget, floor = atmerge.calibrate_goals(
+        model,
+        calibration_images,
+        [{"budget": 0.05}, {"min_agreement": 0.99}],
+        method="tome",
+        trials=4,
+        batch_size=8,
+        paired=False,
+    )
     assert not budget.met and budget.gflops > budget.target == pytest.approx(0.05 * dense)
     assert budget.search["gflops"] == min(t["gflops"] for t in budget.trials)
     assert not floor.met and floor.fidelity_low < 0.99 and floor.images == 6

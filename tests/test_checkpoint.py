@@ -96,7 +96,7 @@ def test_formats_round_trip(fmt, source, images, tmp_path):
     ],
 )
 def test_ema_preference(held, taken, images, tmp_path):
-    """"model", then "state_dict", then the EMA weights "model_ema", "state_dict_ema"."""
+    """ "model", then "state_dict", then the EMA weights "model_ema", "state_dict_ema"."""
     models = {key: tiny(seed=10 + i) for i, key in enumerate(held)}
     torch.save({key: m.state_dict() for key, m in models.items()}, tmp_path / "w.pth")
 

@@ -63,7 +63,10 @@ def test_class_map_file(tmp_path, capsys):
     named = _eval(_copy(tmp_path / "named", ["cat", "dog"]), tmp_path / "o1")
     (tmp_path / "map.json").write_text(json.dumps({"kitten": 3, "puppy": 5}))
     mapped = _eval(folder, tmp_path / "o2", "--class-map", str(tmp_path / "map.json"))
-    assert mapped["baseline"]["top1"] == named["baseline"]["top1"] and mapped["data"]["classes"] == {"kitten": 3, "puppy": 5}
+    assert mapped["baseline"]["top1"] == named["baseline"]["top1"] and mapped["data"]["classes"] == {
+        "kitten": 3,
+        "puppy": 5,
+    }
     (tmp_path / "bad.json").write_text(json.dumps({"kitten": 3, "puppy": 12}))
     assert main(["eval", "--data", str(folder), "--class-map", str(tmp_path / "bad.json"), "--no-progress"]) == 2
     assert "'puppy': 12 is not a class index of the model; allowed: integers 0 to 9" in capsys.readouterr().err
@@ -78,13 +81,22 @@ def test_imagenet_names_synsets_and_hf_labels():
     with pytest.raises(ValueError, match="'kitten' of .* match none of the model's 1000 class names"):
         data.map_class_folders(["kitten"], names, 1000)
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=64, num_labels=3,
-                                    id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "bird"},
+        label2id={"cat": 0, "dog": 1, "bird": 2},
+    )
     hf = transformers.ViTForImageClassification(config)
     assert data.map_class_folders(["dog"], data.model_class_names(hf), 3)[0] == {"dog": 1}
-    placeholder = transformers.ViTForImageClassification(transformers.ViTConfig(**{**config.to_dict(), "id2label": None,
-                                                                                   "label2id": None}))
+    placeholder = transformers.ViTForImageClassification(
+        transformers.ViTConfig(**{**config.to_dict(), "id2label": None, "label2id": None})
+    )
     assert data.model_class_names(placeholder) is None  # LABEL_0, LABEL_1, ...: no names
 
 

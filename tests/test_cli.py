@@ -62,10 +62,15 @@ def test_eval_names_a_method_as_its_results_do(tmp_path, capsys):
         (["eval", "--model", "deit_tiny_patch16_224"], "no data given: pass --data"),
         (["eval", "--model-kwargs", "{oops"], "--model-kwargs must be a JSON object"),
         (["search", "--goal", "budget", "--limit", "4"], "goal 'budget' needs a positive budget"),
-        (["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", "/nonexistent.safetensors", "--data", "."],
-         "checkpoint /nonexistent.safetensors not found"),
+        (
+            ["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", "/nonexistent.safetensors", "--data", "."],
+            "checkpoint /nonexistent.safetensors not found",
+        ),
         (["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", "/", "--data", "."], "checkpoint / is not a file"),
-        (["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", __file__, "--data", "."], "is not a safetensors file"),
+        (
+            ["eval", "--model", "vit_tiny_patch16_224", "--checkpoint", __file__, "--data", "."],
+            "is not a safetensors file",
+        ),
         (["analyze", "split-layer", "--method", "tome", "--limit", "4"], "split-layer studies ATM"),
     ],
 )
@@ -76,8 +81,23 @@ def test_bad_options_give_clear_errors(args, message, tmp_path, capsys):
 
 
 def test_search_results_match_a_re_evaluation(tmp_path):
-    args = ["search", "--limit", "16", "--trials", "3", "--goal", "stress", "--compare", "tome", "evit",
-            "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    args = [
+        "search",
+        "--limit",
+        "16",
+        "--trials",
+        "3",
+        "--goal",
+        "stress",
+        "--compare",
+        "tome",
+        "evit",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     result = _json(tmp_path / "search.json")
     assert result["baseline_from_cache"] is False and len(list((tmp_path / "cache").iterdir())) == 1
@@ -110,8 +130,21 @@ def test_search_results_match_a_re_evaluation(tmp_path):
 def test_search_reports_an_unreachable_goal(tmp_path, capsys):
     # a budget of 1% of the unpatched GFLOPs is below the first block alone, which sees all 65
     # tokens (1/12 of the blocks' cost): no setting can meet it
-    args = ["search", "--limit", "8", "--trials", "2", "--goal", "budget", "--budget", "0.01",
-            "--no-progress", "--no-cache", "--out", str(tmp_path)]
+    args = [
+        "search",
+        "--limit",
+        "8",
+        "--trials",
+        "2",
+        "--goal",
+        "budget",
+        "--budget",
+        "0.01",
+        "--no-progress",
+        "--no-cache",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     result = _json(tmp_path / "search.json")
     assert result["best"] is None and not any(t["feasible"] for t in result["trials"])
@@ -167,14 +200,36 @@ def test_probe_and_dinov2_probe_eval(tmp_path):
     require_shared("models/dinov2_small_imgfocus.safetensors")
     require_shared("data/cifar10-train.tar.gz")
     head = tmp_path / "head.safetensors"
-    args = ["probe", "--train-images", "20", "--test-images", "8", "--save", str(head), "--no-progress",
-            "--out", str(tmp_path)]
+    args = [
+        "probe",
+        "--train-images",
+        "20",
+        "--test-images",
+        "8",
+        "--save",
+        str(head),
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     result = _json(tmp_path / "probe.json")
     assert result["train_images"] == 20 and result["test_images"] == 8 and head.exists()
     assert 0.0 <= result["test_top1"] <= 1.0 and result["train_top1"] > 0.5
-    args = ["eval", "--model", "dinov2-probe", "--probe", str(head), "--limit", "4", "--no-progress",
-            "--similarity", "centered", "--out", str(tmp_path / "e")]
+    args = [
+        "eval",
+        "--model",
+        "dinov2-probe",
+        "--probe",
+        str(head),
+        "--limit",
+        "4",
+        "--no-progress",
+        "--similarity",
+        "centered",
+        "--out",
+        str(tmp_path / "e"),
+    ]
     assert main(args) == 0
     ev = _json(tmp_path / "e" / "eval.json")
     assert ev["baseline"]["tokens_per_block"][0] == 257 and ev["baseline"]["top1"] is not None
@@ -235,12 +290,31 @@ def test_eval_timm_name_with_local_checkpoint_and_image_folder(tmp_path, capsys)
         for i in range(2):
             pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
-    args = ["eval", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(kwargs),
-            "--checkpoint", str(tmp_path / "tiny.safetensors"), "--data", str(tmp_path / "data"),
-            "--method", "tome", "--r", "2", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "out")]
+    args = [
+        "eval",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        json.dumps(kwargs),
+        "--checkpoint",
+        str(tmp_path / "tiny.safetensors"),
+        "--data",
+        str(tmp_path / "data"),
+        "--method",
+        "tome",
+        "--r",
+        "2",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     result = _json(tmp_path / "out" / "eval.json")
-    assert result["images"] == 6 and result["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert result["images"] == 6 and result["params_m"] == pytest.approx(
+        sum(p.numel() for p in model.parameters()) / 1e6
+    )
     assert result["baseline"]["gflops"] == pytest.approx(atmerge.gflops(model, (3, 32, 32)))
     assert result["merged"]["tokens_per_block"] == [17, 15]  # 16 patches + CLS, ToMe r = 2
     for run in ("baseline", "merged"):
@@ -254,29 +328,76 @@ def test_eval_timm_name_with_local_checkpoint_and_image_folder(tmp_path, capsys)
 
 def test_calibrate_then_eval_with_the_config(tmp_path):
     out = tmp_path / "cal"
-    args = ["calibrate", "--limit", "48", "--min-agreement", "0.2", "--trials", "3", "--method", "tome",
-            "--no-progress", "--out", str(out)]
+    args = [
+        "calibrate",
+        "--limit",
+        "48",
+        "--min-agreement",
+        "0.2",
+        "--trials",
+        "3",
+        "--method",
+        "tome",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     config = _json(out / "calibration.json")
     assert config["method"]["name"] == "tome"
     assert (config["calibration"]["search_images"], config["calibration"]["held_out_images"]) == (36, 12)
-    assert config["measured"]["fidelity_measure"] == "agreement" and config["measured"]["fidelity_low_one_sided_95"] >= 0.2
+    assert (
+        config["measured"]["fidelity_measure"] == "agreement" and config["measured"]["fidelity_low_one_sided_95"] >= 0.2
+    )
     assert "images from" in config["calibration"]["images_description"]
     assert len(list(csv.DictReader((out / "trials.csv").open()))) == 3
-    assert main(["eval", "--config", str(out / "calibration.json"), "--limit", "16", "--no-progress",
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--config",
+                str(out / "calibration.json"),
+                "--limit",
+                "16",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     assert _json(tmp_path / "eval" / "eval.json")["method"]["method"] == "tome"
 
 
 def test_calibrate_compares_methods_on_several_goals(tmp_path, capsys):
     out = tmp_path / "cal"
-    args = ["calibrate", "--limit", "24", "--budget", "0.7", "--min-agreement", "0.5", "--trials", "3", "--method", "atm",
-            "--compare", "tome", "--no-progress", "--out", str(out)]
+    args = [
+        "calibrate",
+        "--limit",
+        "24",
+        "--budget",
+        "0.7",
+        "--min-agreement",
+        "0.5",
+        "--trials",
+        "3",
+        "--method",
+        "atm",
+        "--compare",
+        "tome",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     main(args)
     printed = capsys.readouterr().out
     names = sorted(p.name for p in out.glob("*.json"))
-    assert names == ["atm_budget_0.7.json", "atm_min_agreement_0.5.json", "tome_budget_0.7.json",
-                     "tome_min_agreement_0.5.json"]
+    assert names == [
+        "atm_budget_0.7.json",
+        "atm_min_agreement_0.5.json",
+        "tome_budget_0.7.json",
+        "tome_min_agreement_0.5.json",
+    ]
     for name in names:  # every config is usable, and says what it was calibrated for
         config = _json(out / name)
         assert config["method"]["name"] == name.split("_")[0] and config["calibration"]["trials"] == 3

@@ -48,7 +48,9 @@ def test_threshold_methods_stop_recompiling_once_shapes_are_dynamic(images, batc
     assert frames[1] == frames[2] == frames[3]
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor on CPU needs a C++ compiler"
+)
 def test_inductor_compiled_tome_equals_eager():
     """The default backend (inductor: generated, fused C++ kernels) on a tiny model: ToMe's outputs
     and statistics as eager.  Fused kernels sum in another order: equal to float32 rounding

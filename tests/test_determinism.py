@@ -15,7 +15,11 @@ MERGING_ATM = atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6)  # merges plenty
 BATCH_ADAPTIVE = [MERGING_ATM, atmerge.ConstantThreshold(theta=0.8)]
 PER_IMAGE = [
     atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6, batch_adaptive=False),
-    atmerge.ToMe(r=6), atmerge.TopR("increasing", 3), atmerge.EViT(0.6, (2, 4)), atmerge.MCTF(r=6), atmerge.ZeroTP(r=4),
+    atmerge.ToMe(r=6),
+    atmerge.TopR("increasing", 3),
+    atmerge.EViT(0.6, (2, 4)),
+    atmerge.MCTF(r=6),
+    atmerge.ZeroTP(r=4),
 ]
 
 

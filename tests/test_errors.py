@@ -42,7 +42,9 @@ def test_non_vit_model():
 
 
 def test_unsupported_pooling():
-    with pytest.raises(atmerge.UnsupportedModelError, match="global_pool='max' is not supported; supported: 'token', 'avg', 'map'"):
+    with pytest.raises(
+        atmerge.UnsupportedModelError, match="global_pool='max' is not supported; supported: 'token', 'avg', 'map'"
+    ):
         atmerge.patch(small_vit(global_pool="max"), atmerge.ATM())
 
 
@@ -59,7 +61,9 @@ def test_wrong_image_size(shape):
 
 
 def test_wrong_input_size_for_gflops():
-    with pytest.raises(ValueError, match=r"images of shape \[1, 3, 224, 224\] given; this model takes \[B, 3, 32, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"images of shape \[1, 3, 224, 224\] given; this model takes \[B, 3, 32, 32\]"
+    ):
         atmerge.gflops(small_vit())
 
 

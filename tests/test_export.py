@@ -12,12 +12,15 @@ from atmerge.export import export_onnx, export_program
 from conftest import blocky_images
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime"))
-needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="ONNX export needs the export extra: pip install 'atmerge[export]'")
+needs_onnx = pytest.mark.skipif(
+    not HAS_ONNX, reason="ONNX export needs the export extra: pip install 'atmerge[export]'"
+)
 
 
 def tiny_vit(**kwargs) -> torch.nn.Module:
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10, **kwargs).eval()
+        img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10, **kwargs
+    ).eval()
 
 
 def frozen_atm() -> atmerge.Frozen:
@@ -25,7 +28,11 @@ def frozen_atm() -> atmerge.Frozen:
     return atmerge.freeze(model, blocky_images(8, cells=2, noise=0.05))
 
 
-METHODS = {"tome": lambda: atmerge.ToMe(r=2), "frozen-atm": frozen_atm, "mctf": lambda: atmerge.MCTF(r=2, blocks=(1, 2, 3))}
+METHODS = {
+    "tome": lambda: atmerge.ToMe(r=2),
+    "frozen-atm": frozen_atm,
+    "mctf": lambda: atmerge.MCTF(r=2, blocks=(1, 2, 3)),
+}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -70,7 +77,10 @@ def test_an_unpatched_model_exports_the_same_way(tmp_path):
 @pytest.mark.parametrize("method", [atmerge.ATM(), atmerge.ConstantThreshold(theta=0.9)], ids=["atm", "constant"])
 def test_exporting_an_adaptive_method_is_refused(method, tmp_path):
     model = atmerge.patch(tiny_vit(), method)
-    for call in (lambda: export_onnx(model, tmp_path / "m.onnx", blocky_images(2)), lambda: export_program(model, blocky_images(2))):
+    for call in (
+        lambda: export_onnx(model, tmp_path / "m.onnx", blocky_images(2)),
+        lambda: export_program(model, blocky_images(2)),
+    ):
         with pytest.raises(ValueError, match="is adaptive") as e:
             call()
         assert "\n" not in str(e.value) and "atmerge.freeze" in str(e.value)

@@ -28,8 +28,19 @@ TIMING = ("train_seconds", "train_images_per_s", "val_seconds", "epoch_seconds")
 
 def _quiet(out: Path, **settings) -> FinetuneConfig:
     """A tiny run: no augmentation randomness unless asked, no progress bar."""
-    return FinetuneConfig(**{"epochs": 1, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "mixup": 0, "cutmix": 0,
-                             "progress": False, "out": str(out), **settings})
+    return FinetuneConfig(
+        **{
+            "epochs": 1,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+            "mixup": 0,
+            "cutmix": 0,
+            "progress": False,
+            "out": str(out),
+            **settings,
+        }
+    )
 
 
 def _tensor_data(count: int, seed: int = 0) -> torch.utils.data.TensorDataset:
@@ -65,9 +76,13 @@ def test_loss_decreases_on_a_fixed_batch_with_merging_in_the_loop(tmp_path):
 
 @pytest.mark.parametrize(
     "variant, method",
-    [(dict(), ATM_MERGING), (dict(), atmerge.MCTF(r=6)), (dict(), atmerge.EViT(0.6, (2, 4))),
-     (dict(class_token=False, global_pool="avg"), atmerge.ToMe(r=6)),
-     (dict(reg_tokens=2, global_pool="avg", fc_norm=True), ATM_MERGING)],
+    [
+        (dict(), ATM_MERGING),
+        (dict(), atmerge.MCTF(r=6)),
+        (dict(), atmerge.EViT(0.6, (2, 4))),
+        (dict(class_token=False, global_pool="avg"), atmerge.ToMe(r=6)),
+        (dict(reg_tokens=2, global_pool="avg", fc_norm=True), ATM_MERGING),
+    ],
     ids=["ATM-cls-pruned-last-block", "MCTF", "EViT", "ToMe-avg-pool", "ATM-registers"],
 )
 def test_gradients_reach_every_weight_that_the_unmerged_models_reach(variant, method):
@@ -98,8 +113,13 @@ def test_resume_after_epoch_one_equals_an_uninterrupted_run(tmp_path):
     whole, first, rest = (copy.deepcopy(start) for _ in range(3))
     uninterrupted = finetune(whole, ATM_MERGING, images, images, _quiet(tmp_path / "a", **settings))
     finetune(first, ATM_MERGING, images, images, _quiet(tmp_path / "b", stop_at_epoch=1, **settings))
-    resumed = finetune(rest, ATM_MERGING, images, images,
-                       _quiet(tmp_path / "c", resume=str(tmp_path / "b" / "checkpoint.pt"), **settings))
+    resumed = finetune(
+        rest,
+        ATM_MERGING,
+        images,
+        images,
+        _quiet(tmp_path / "c", resume=str(tmp_path / "b" / "checkpoint.pt"), **settings),
+    )
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), rest.state_dict().values()))
     ema_a, ema_c = (load_file(tmp_path / d / "last.safetensors") for d in ("a", "c"))
     assert all(torch.equal(ema_a[k], ema_c[k]) for k in ema_a)
@@ -111,9 +131,28 @@ def test_saved_weights_load_into_plain_timm_and_atmerge_eval_reproduces_the_logg
     images = _image_folder(tmp_path / "images")
     tiny = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(worker.SMALL)]
     merging = ["--method", "atm", "--alpha", "0.97", "--beta", "0.05", "--theta-min", "0.6"]
-    run = ["finetune", *tiny, *merging, "--data", str(images), "--val-data", str(images), "--epochs", "2",
-           "--batch-size", "8", "--lr", "1e-3", "--min-lr", "1e-4", "--val-batch-size", "16", "--no-progress",
-           "--out", str(tmp_path / "ft")]
+    run = [
+        "finetune",
+        *tiny,
+        *merging,
+        "--data",
+        str(images),
+        "--val-data",
+        str(images),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-4",
+        "--val-batch-size",
+        "16",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "ft"),
+    ]
     assert main(run) == 0
     log = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     best = log["epochs"][log["best_epoch"] - 1]
@@ -121,9 +160,22 @@ def test_saved_weights_load_into_plain_timm_and_atmerge_eval_reproduces_the_logg
     plain.load_state_dict(load_file(tmp_path / "ft" / "best.safetensors"))  # strict: every weight, nothing else
     # finetune took the two folders in sorted order as classes 0 and 1; eval is told so (the model has 10)
     (tmp_path / "classes.json").write_text(json.dumps({"class0": 0, "class1": 1}))
-    evaluate = ["eval", *tiny, *merging, "--checkpoint", str(tmp_path / "ft" / "best.safetensors"), "--data",
-                str(images), "--class-map", str(tmp_path / "classes.json"), "--batch-size", "16", "--no-progress",
-                "--out", str(tmp_path / "eval")]
+    evaluate = [
+        "eval",
+        *tiny,
+        *merging,
+        "--checkpoint",
+        str(tmp_path / "ft" / "best.safetensors"),
+        "--data",
+        str(images),
+        "--class-map",
+        str(tmp_path / "classes.json"),
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     assert main(evaluate) == 0
     merged = json.loads((tmp_path / "eval" / "eval.json").read_text())["merged"]
     assert merged["top1"] == best["val_top1"] and merged["gflops"] == pytest.approx(best["val_gflops"], rel=1e-12)
@@ -135,8 +187,10 @@ def test_accumulated_micro_batches_equal_one_batch_and_bf16_trains(tmp_path):
     method = atmerge.ToMe(r=4)  # decides image by image, so micro-batches merge as the whole batch does
     sgd = dict(opt="sgd", lr=0.1, min_lr=0.01)  # see ddp_finetune_worker.config: SGD keeps float noise small
     start = small_vit()
-    runs = [finetune(copy.deepcopy(start), method, data, data, _quiet(tmp_path / f"a{k}", accum_steps=k, **sgd))
-            for k in (1, 2)]
+    runs = [
+        finetune(copy.deepcopy(start), method, data, data, _quiet(tmp_path / f"a{k}", accum_steps=k, **sgd))
+        for k in (1, 2)
+    ]
     one, two = (load_file(tmp_path / f"a{k}" / "last.safetensors") for k in (1, 2))
     assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-6) for k in one)  # they differ by ~1e-7
     assert not torch.allclose(one["head.weight"], start.state_dict()["head.weight"], atol=1e-2)
@@ -149,8 +203,16 @@ def test_accumulated_micro_batches_equal_one_batch_and_bf16_trains(tmp_path):
 def test_two_processes_under_torchrun_equal_one_process(tmp_path):
     _image_folder(tmp_path / "images", per_class=2, classes=10)  # as many folders as the model's classes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(worker.__file__)), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(worker.__file__)),
+        str(tmp_path),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
@@ -221,18 +283,38 @@ def test_bad_settings_give_one_line_errors(settings, message):
 def test_bad_runs_give_one_line_errors(tmp_path):
     data = _tensor_data(8)
     cases = [
-        (lambda: finetune(small_vit(), ATM_MERGING, tmp_path / "missing", data, _quiet(tmp_path)),
-         FileNotFoundError, f"data folder {tmp_path / 'missing'} does not exist"),
-        (lambda: finetune(small_vit(), ATM_MERGING, data, data, _quiet(tmp_path, resume=str(tmp_path / "none.pt"))),
-         FileNotFoundError, f"resume checkpoint {tmp_path / 'none.pt'} not found"),
-        (lambda: finetune(small_vit(), ATM_MERGING, data, data, _quiet(tmp_path, batch_size=16)),
-         ValueError, "8 training images make no full batch of batch_size=16"),
-        (lambda: finetune(small_vit(), ATM_MERGING, data, data, _quiet(tmp_path, batch_size=6, mixup=0.8, accum_steps=2)),
-         ValueError, "needs an even micro-batch, got 3"),
-        (lambda: finetune(small_vit(), ATM_MERGING, data, data, _quiet(tmp_path, amp="fp16")),
-         ValueError, "amp='fp16' needs a CUDA device"),
-        (lambda: finetune(small_vit(), ATM_MERGING, [1, 2], data, _quiet(tmp_path)),
-         TypeError, "train_data must be a folder of class folders or a torch Dataset"),
+        (
+            lambda: finetune(small_vit(), ATM_MERGING, tmp_path / "missing", data, _quiet(tmp_path)),
+            FileNotFoundError,
+            f"data folder {tmp_path / 'missing'} does not exist",
+        ),
+        (
+            lambda: finetune(small_vit(), ATM_MERGING, data, data, _quiet(tmp_path, resume=str(tmp_path / "none.pt"))),
+            FileNotFoundError,
+            f"resume checkpoint {tmp_path / 'none.pt'} not found",
+        ),
+        (
+            lambda: finetune(small_vit(), ATM_MERGING, data, data, _quiet(tmp_path, batch_size=16)),
+            ValueError,
+            "8 training images make no full batch of batch_size=16",
+        ),
+        (
+            lambda: finetune(
+                small_vit(), ATM_MERGING, data, data, _quiet(tmp_path, batch_size=6, mixup=0.8, accum_steps=2)
+            ),
+            ValueError,
+            "needs an even micro-batch, got 3",
+        ),
+        (
+            lambda: finetune(small_vit(), ATM_MERGING, data, data, _quiet(tmp_path, amp="fp16")),
+            ValueError,
+            "amp='fp16' needs a CUDA device",
+        ),
+        (
+            lambda: finetune(small_vit(), ATM_MERGING, [1, 2], data, _quiet(tmp_path)),
+            TypeError,
+            "train_data must be a folder of class folders or a torch Dataset",
+        ),
     ]
     for call, error, message in cases:
         with pytest.raises(error) as raised:
@@ -245,8 +327,11 @@ def test_bad_runs_give_one_line_errors(tmp_path):
     with pytest.warns(UserWarning, match="other settings than the checkpoint's .*epochs: 1 -> 2"):
         longer = finetune(small_vit(), None, data, data, _quiet(tmp_path / "longer", epochs=2, resume=done))
     assert [row["epoch"] for row in longer.epochs] == [1, 2]
-    with pytest.raises(ValueError, match=r"was saved from another model: weight 'blocks.2.attn.proj.bias' has "
-                                         r"shape \[48\] there and none here"):
+    with pytest.raises(
+        ValueError,
+        match=r"was saved from another model: weight 'blocks.2.attn.proj.bias' has "
+        r"shape \[48\] there and none here",
+    ):
         finetune(small_vit(depth=2), None, data, data, _quiet(tmp_path, resume=done))
     (tmp_path / "text.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="is not a fine-tuning checkpoint"):
@@ -264,9 +349,22 @@ def test_bad_runs_give_one_line_errors(tmp_path):
 )
 def test_cli_bad_input_returns_2_with_one_line(args, message, tmp_path, capsys):
     images = _image_folder(tmp_path / "images", per_class=4)
-    base = ["finetune", "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(worker.SMALL),
-            "--data", str(images), "--val-data", str(images), "--batch-size", "8", "--no-progress",
-            "--out", str(tmp_path / "out")]
+    base = [
+        "finetune",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        json.dumps(worker.SMALL),
+        "--data",
+        str(images),
+        "--val-data",
+        str(images),
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(base + args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -26,7 +26,8 @@ def fvcore_gflops(model, x) -> float:
 
 
 @pytest.mark.parametrize(
-    "name, expected", [("deit_tiny_patch16_224", 1.26), ("deit_small_patch16_224", 4.61), ("deit_base_patch16_224", 17.58)]
+    "name, expected",
+    [("deit_tiny_patch16_224", 1.26), ("deit_small_patch16_224", 4.61), ("deit_base_patch16_224", 17.58)],
 )
 def test_unpatched_deit_matches_fvcore(name, expected):
     model = timm.create_model(name).eval()

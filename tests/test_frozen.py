@@ -21,8 +21,15 @@ def run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, atmerge.
 
 
 @pytest.mark.parametrize("variant", SMALL_MODEL_VARIANTS, ids=["cls", "avg", "regs", "layerscale"])
-@pytest.mark.parametrize("method", [ATM_SMALL, atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, split_layer=2, similarity="centered"),
-                                    atmerge.ConstantThreshold(theta=0.5)], ids=["atm", "atm-centered", "constant"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        ATM_SMALL,
+        atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, split_layer=2, similarity="centered"),
+        atmerge.ConstantThreshold(theta=0.5),
+    ],
+    ids=["atm", "atm-centered", "constant"],
+)
 def test_frozen_on_one_batch_merges_what_the_adaptive_method_merged(variant, method):
     torch.manual_seed(0)
     model = atmerge.patch(small_vit(**variant), method)
@@ -59,7 +66,9 @@ def test_fixed_count_methods_are_returned_as_they_are():
 def test_frozen_costs_the_adaptive_gflops_on_the_freezing_images(batch_adaptive):
     torch.manual_seed(0)
     model = atmerge.patch(small_vit(), atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, batch_adaptive=batch_adaptive))
-    batches = [blocky_images(4, cells=c, noise=n, seed=s) for c, n, s in [(4, 0.1, 1), (8, 0.3, 2), (2, 0.05, 3), (4, 0.2, 4)]]
+    batches = [
+        blocky_images(4, cells=c, noise=n, seed=s) for c, n, s in [(4, 0.1, 1), (8, 0.3, 2), (2, 0.05, 3), (4, 0.2, 4)]
+    ]
     adaptive = [run(model, x)[1] for x in batches]
     gflops = sum(s.gflops * s.batch_size for s in adaptive) / sum(s.batch_size for s in adaptive)
     tokens = [sum(s.tokens_per_block[b] * s.batch_size for s in adaptive) / 16 for b in range(6)]
@@ -78,8 +87,10 @@ def test_frozen_token_counts_are_data_independent():
     torch.manual_seed(0)
     model = atmerge.patch(small_vit(), ATM_SMALL)
     atmerge.patch(model, atmerge.freeze(model, blocky_images(8, noise=0.1)))
-    counts = {tuple(run(model, x)[1].tokens_per_block) for x in
-              (blocky_images(3, cells=8, noise=0.5, seed=5), torch.randn(5, 3, 32, 32), torch.zeros(2, 3, 32, 32))}
+    counts = {
+        tuple(run(model, x)[1].tokens_per_block)
+        for x in (blocky_images(3, cells=8, noise=0.5, seed=5), torch.randn(5, 3, 32, 32), torch.zeros(2, 3, 32, 32))
+    }
     assert len(counts) == 1
 
 
@@ -87,21 +98,31 @@ def test_quantile_levels_order_the_counts():
     torch.manual_seed(0)
     model = atmerge.patch(small_vit(), atmerge.ATM(alpha=0.95, beta=0.05, theta_min=0.8, batch_adaptive=False))
     x = torch.cat([blocky_images(4, cells=c, noise=0.1, seed=c) for c in (2, 4, 8)])
-    low, mean, high = atmerge.freeze(model, x, quantile=0.1), atmerge.freeze(model, x), atmerge.freeze(model, x, quantile=1.0)
+    low, mean, high = (
+        atmerge.freeze(model, x, quantile=0.1),
+        atmerge.freeze(model, x),
+        atmerge.freeze(model, x, quantile=1.0),
+    )
     assert low.counts[0] < mean.counts[0] < high.counts[0]  # per-image counts of the first block: 22 … 31
     assert sum(low.counts) < sum(mean.counts)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m, x: atmerge.freeze(m, x[:0]), "at least one calibration image; got 0"),
-    (lambda m, x: atmerge.freeze(m, []), "at least one calibration image; got 0"),
-    (lambda m, x: atmerge.freeze(m, x, quantile=0), "quantile=0 is out of range; allowed (0, 1]"),
-    (lambda m, x: atmerge.freeze(m, x, quantile=1.5), "quantile=1.5 is out of range; allowed (0, 1]"),
-    (lambda m, x: atmerge.freeze(atmerge.unpatch(m), x), "this model is not patched"),
-    (lambda m, x: atmerge.freeze(m, x, batch_size=0), "batch_size must be an integer >= 1, got 0"),
-    (lambda m, x: atmerge.Frozen(counts=(3, -1)), "counts must be a sequence of integers >= 0"),
-    (lambda m, x: atmerge.patch(m, atmerge.Frozen(counts=(1,) * 7)), "counts has 7 entries for a model of 6 blocks"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, x: atmerge.freeze(m, x[:0]), "at least one calibration image; got 0"),
+        (lambda m, x: atmerge.freeze(m, []), "at least one calibration image; got 0"),
+        (lambda m, x: atmerge.freeze(m, x, quantile=0), "quantile=0 is out of range; allowed (0, 1]"),
+        (lambda m, x: atmerge.freeze(m, x, quantile=1.5), "quantile=1.5 is out of range; allowed (0, 1]"),
+        (lambda m, x: atmerge.freeze(atmerge.unpatch(m), x), "this model is not patched"),
+        (lambda m, x: atmerge.freeze(m, x, batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (lambda m, x: atmerge.Frozen(counts=(3, -1)), "counts must be a sequence of integers >= 0"),
+        (
+            lambda m, x: atmerge.patch(m, atmerge.Frozen(counts=(1,) * 7)),
+            "counts has 7 entries for a model of 6 blocks",
+        ),
+    ],
+)
 def test_bad_input_gives_one_line_errors(call, message):
     model = atmerge.patch(small_vit(), ATM_SMALL)
     with pytest.raises(ValueError) as e:
@@ -129,8 +150,19 @@ def test_freezing_a_calibration_keeps_its_record(tmp_path):
 
     model = small_vit()
     x = blocky_images(8, noise=0.1)
-    c = Calibration(method=ATM_SMALL, goal="budget", target=0.5, met=True, measure="agreement", gflops=0.003,
-                    gflops_share=0.5, fidelity=0.9, fidelity_low=0.8, images=8, unpatched_gflops=0.006)
+    c = Calibration(
+        method=ATM_SMALL,
+        goal="budget",
+        target=0.5,
+        met=True,
+        measure="agreement",
+        gflops=0.003,
+        gflops_share=0.5,
+        fidelity=0.9,
+        fidelity_low=0.8,
+        images=8,
+        unpatched_gflops=0.006,
+    )
     frozen = frozen_calibration(model, c, x)
     assert isinstance(frozen.method, atmerge.Frozen) and frozen.details["frozen_from"]["name"] == "atm"
     assert math.isclose(frozen.details["frozen_gflops"], frozen.details["adaptive_gflops"], rel_tol=0.02)
@@ -142,9 +174,11 @@ def test_freezing_a_calibration_keeps_its_record(tmp_path):
 # --- torch.compile (inductor): one graph, equal to eager ---------------------------------------
 # (a cold inductor cache compiles C++ kernels: tens of seconds per model on a busy CPU)
 
+
 def tiny_vit(depth: int = 2) -> torch.nn.Module:
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=10).eval()
+        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=10
+    ).eval()
 
 
 def frozen_atm_on_tiny() -> atmerge.Frozen:
@@ -154,8 +188,11 @@ def frozen_atm_on_tiny() -> atmerge.Frozen:
     return frozen
 
 
-@pytest.mark.parametrize("make", [frozen_atm_on_tiny, lambda: atmerge.ToMe(r=2), lambda: atmerge.MCTF(r=2, blocks=(1, 2))],
-                         ids=["frozen-atm", "tome", "mctf"])
+@pytest.mark.parametrize(
+    "make",
+    [frozen_atm_on_tiny, lambda: atmerge.ToMe(r=2), lambda: atmerge.MCTF(r=2, blocks=(1, 2))],
+    ids=["frozen-atm", "tome", "mctf"],
+)
 def test_inductor_compiles_one_graph_equal_to_eager(make):
     torch.manual_seed(0)
     model = atmerge.patch(tiny_vit(), make())
@@ -175,4 +212,3 @@ def test_inductor_compiles_one_graph_equal_to_eager(make):
         x2 = blocky_images(3, cells=8, noise=0.3, seed=7)  # new images: no recompilation, still equal
         assert torch.allclose(compiled(x2), model(x2), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
-

@@ -17,7 +17,9 @@ from conftest import blocky_images  # noqa: E402
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-TINY = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, image_size=32, patch_size=4, layer_norm_eps=1e-6)
+TINY = dict(
+    hidden_size=48, num_hidden_layers=4, num_attention_heads=3, image_size=32, patch_size=4, layer_norm_eps=1e-6
+)
 TIMM_TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3)
 NO_MERGE = atmerge.ATM(alpha=1.0, beta=0.0, theta_min=1.0)
 MERGING = atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.5)
@@ -41,9 +43,15 @@ def hf_model(cls_name: str, attn: str = "sdpa") -> torch.nn.Module:
 
 
 HF_CLASSES = [
-    "ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
-    "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
-    "CLIPVisionModel", "CLIPVisionModelWithProjection",
+    "ViTModel",
+    "ViTForImageClassification",
+    "DeiTModel",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+    "Dinov2Model",
+    "Dinov2ForImageClassification",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
 ]
 METHODS = [
     atmerge.ATM(alpha=0.9, beta=0.04, theta_min=0.3),
@@ -88,20 +96,36 @@ def timm_to_hf(state: dict, *, prefix: str, layers: str, names: dict, top: dict)
             for part, chunk in zip(("q_proj", "k_proj", "v_proj"), state[f"{src}attn.qkv.{kind}"].chunk(3)):
                 out[f"{dst}{names['attn']}.{part}.{kind}"] = chunk
         for key in (k for k in state if k.startswith(src) and ".qkv." not in k):
-            rest = key[len(src):]
+            rest = key[len(src) :]
             part = next(p for p in sorted(names, key=len, reverse=True) if rest.startswith(p + ".") or rest == p)
-            out[dst + names[part] + rest[len(part):]] = state[key]
+            out[dst + names[part] + rest[len(part) :]] = state[key]
     return out
 
 
-DEIT_NAMES = {"norm1": "layernorm_before", "attn": "attention", "attn.proj": "attention.o_proj",
-              "norm2": "layernorm_after", "mlp": "mlp"}
-DINO_NAMES = {"norm1": "norm1", "attn": "attention", "attn.proj": "attention.o_proj", "norm2": "norm2", "mlp": "mlp",
-              "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
-EMBED = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-         "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-         "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-         "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+DEIT_NAMES = {
+    "norm1": "layernorm_before",
+    "attn": "attention",
+    "attn.proj": "attention.o_proj",
+    "norm2": "layernorm_after",
+    "mlp": "mlp",
+}
+DINO_NAMES = {
+    "norm1": "norm1",
+    "attn": "attention",
+    "attn.proj": "attention.o_proj",
+    "norm2": "norm2",
+    "mlp": "mlp",
+    "ls1.gamma": "layer_scale1.lambda1",
+    "ls2.gamma": "layer_scale2.lambda1",
+}
+EMBED = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
 
 
 def load(hf: torch.nn.Module, converted: dict, allowed_missing: tuple[str, ...] = ()) -> torch.nn.Module:
@@ -115,9 +139,14 @@ def deit_twins(attn: str):
     timm_model = randomise(VisionTransformerDistilled(**TIMM_TINY, num_classes=10)).eval()
     for block in timm_model.blocks:
         block.attn.fused_attn = attn == "sdpa"
-    top = {**{k: "deit." + v for k, v in EMBED.items()}, "dist_token": "deit.embeddings.distillation_token",
-           "head.weight": "cls_classifier.weight", "head.bias": "cls_classifier.bias",
-           "head_dist.weight": "distillation_classifier.weight", "head_dist.bias": "distillation_classifier.bias"}
+    top = {
+        **{k: "deit." + v for k, v in EMBED.items()},
+        "dist_token": "deit.embeddings.distillation_token",
+        "head.weight": "cls_classifier.weight",
+        "head.bias": "cls_classifier.bias",
+        "head_dist.weight": "distillation_classifier.weight",
+        "head_dist.bias": "distillation_classifier.bias",
+    }
     converted = timm_to_hf(timm_model.state_dict(), prefix="deit.", layers="layers", names=DEIT_NAMES, top=top)
     return timm_model, load(hf_model("DeiTForImageClassificationWithTeacher", attn), converted)
 
@@ -224,8 +253,11 @@ def test_every_method_runs_and_counts_its_gflops(cls_name, method):
 
 
 @pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "Dinov2ForImageClassification", "CLIPVisionModel"])
-@pytest.mark.parametrize("method", [MERGING, atmerge.MCTF(r=6, blocks=(2, 3, 4)), atmerge.EViT(locations=(2, 3))],
-                         ids=["ATM", "MCTF", "EViT"])
+@pytest.mark.parametrize(
+    "method",
+    [MERGING, atmerge.MCTF(r=6, blocks=(2, 3, 4)), atmerge.EViT(locations=(2, 3))],
+    ids=["ATM", "MCTF", "EViT"],
+)
 def test_eager_and_sdpa_give_the_same_patched_outputs(cls_name, method):
     eager, sdpa = hf_model(cls_name, "eager"), hf_model(cls_name, "sdpa")
     sdpa.load_state_dict(eager.state_dict())
@@ -376,11 +408,14 @@ def fvcore_gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
 @pytest.mark.parametrize("cls_name", HF_CLASSES)
 def test_dense_gflops_equal_fvcores_count(cls_name):
     model = hf_model(cls_name, "eager")  # fvcore sees the attention matmuls only in eager attention
-    assert atmerge.gflops(model, (3, 32, 32)) == pytest.approx(fvcore_gflops(model, torch.randn(1, 3, 32, 32)), rel=1e-6)
+    assert atmerge.gflops(model, (3, 32, 32)) == pytest.approx(
+        fvcore_gflops(model, torch.randn(1, 3, 32, 32)), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(
-    "cls_name", ["DeiTForImageClassificationWithTeacher", "Dinov2ForImageClassification", "CLIPVisionModelWithProjection"]
+    "cls_name",
+    ["DeiTForImageClassificationWithTeacher", "Dinov2ForImageClassification", "CLIPVisionModelWithProjection"],
 )
 @pytest.mark.parametrize("method", [METHODS[0], atmerge.ToMe(r=6)], ids=["ATM", "ToMe"])
 def test_patched_gflops_equal_fvcores_trace_of_the_merging_forward(cls_name, method):

@@ -22,8 +22,9 @@ from atmerge.experiments.hf import ProcessorTransform, load_hf_model, model_clas
 
 README = Path(__file__).resolve().parents[1] / "docs" / "usage.md"  # the snippet lives in the docs
 PLACEHOLDER = "path/to/saved-vit"
-TINY = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=128)
+TINY = dict(
+    image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+)
 
 
 def processor() -> object:
@@ -69,8 +70,23 @@ def _json(path: Path) -> dict:
 
 
 def eval_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--hf-model", str(model_dir), "--data", str(data), "--method", "tome", "--r", "2",
-            "--batch-size", "4", "--no-progress", "--out", str(out), *extra]
+    return [
+        "eval",
+        "--hf-model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--method",
+        "tome",
+        "--r",
+        "2",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_eval_of_a_saved_classifier(vit_dir, image_folder, tmp_path, capsys):
@@ -134,7 +150,7 @@ def test_bad_hf_model_options_give_one_line_errors(vit_dir, image_folder, tmp_pa
         assert main(args) == 2
         err = capsys.readouterr().err  # transformers' progress bars, then the error
         assert "Traceback" not in err and err.endswith("\n") and err.count("atmerge eval: error:") == 1
-        line = err[err.index("atmerge eval: error:"):].rstrip("\n")
+        line = err[err.index("atmerge eval: error:") :].rstrip("\n")
         assert "\n" not in line
         return line
 
@@ -153,8 +169,9 @@ def test_bad_hf_model_options_give_one_line_errors(vit_dir, image_folder, tmp_pa
     err = error(["eval", "--hf-model", str(vit_dir), "--no-progress", "--out", str(tmp_path / "out")])
     assert "no data given: pass --data" in err
     torch.manual_seed(0)
-    bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                   vocab_size=50)
+    bert = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50
+    )
     err = error(eval_args(save(transformers.BertModel(bert), tmp_path / "bert"), image_folder, tmp_path / "out"))
     assert f"--hf-model {tmp_path / 'bert'}:" in err and "BertModel" in err
 
@@ -165,8 +182,12 @@ def test_fingerprint_of_a_hf_model(vit_dir, tmp_path):
     model = load_hf_model(str(vit_dir))
     fingerprint = model_fingerprint(model)
     assert {k: v for k, v in fingerprint.items() if k != "weights_sha256"} == {
-        "class": "ViTForImageClassification", "architecture": "ViTForImageClassification", "input_size": [32, 32],
-        "patch_size": [8, 8], "hidden_size": 64, "layers": 2,
+        "class": "ViTForImageClassification",
+        "architecture": "ViTForImageClassification",
+        "input_size": [32, 32],
+        "patch_size": [8, 8],
+        "hidden_size": 64,
+        "layers": 2,
     }
     assert model_fingerprint(classifier())["architecture"] == "vit"  # not saved yet: its model_type
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -186,8 +207,24 @@ def test_fingerprint_of_a_hf_model(vit_dir, tmp_path):
 
 
 def test_calibrate_then_eval_with_the_config(vit_dir, image_folder, tmp_path):
-    args = ["calibrate", "--hf-model", str(vit_dir), "--data", str(image_folder), "--budget", "0.8", "--trials", "2",
-            "--method", "tome", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "cal")]
+    args = [
+        "calibrate",
+        "--hf-model",
+        str(vit_dir),
+        "--data",
+        str(image_folder),
+        "--budget",
+        "0.8",
+        "--trials",
+        "2",
+        "--method",
+        "tome",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "cal"),
+    ]
     main(args)  # 1 where the goal was not met on these few images: the config is written either way
     config = tmp_path / "cal" / "calibration.json"
     assert _json(config)["model"]["architecture"] == "ViTForImageClassification"
@@ -206,8 +243,11 @@ def test_calibrate_then_eval_with_the_config(vit_dir, image_folder, tmp_path):
     ],
 )
 def test_other_sub_commands_take_hf_model(args, written, vit_dir, image_folder, tmp_path):
-    data = ["--images", str(image_folder / "a" / "0.png")] if args[0] == "visualize" else ["--data", str(image_folder),
-                                                                                         "--no-progress"]
+    data = (
+        ["--images", str(image_folder / "a" / "0.png")]
+        if args[0] == "visualize"
+        else ["--data", str(image_folder), "--no-progress"]
+    )
     assert main([*args, "--hf-model", str(vit_dir), *data, "--out", str(tmp_path)]) == 0
     assert (tmp_path / written).is_file()
     if args[0] == "visualize":
@@ -243,7 +283,9 @@ def test_the_readme_snippet_runs_on_a_locally_saved_model(vit_dir, capsys):
 
 
 def test_atmerge_never_imports_transformers_without_hf_model():
-    code = ("import sys, atmerge, atmerge.cli, atmerge.config, atmerge.experiments.hf, atmerge.experiments.setup; "
-            "atmerge.cli.build_parser(); print('transformers' in sys.modules)")
+    code = (
+        "import sys, atmerge, atmerge.cli, atmerge.config, atmerge.experiments.hf, atmerge.experiments.setup; "
+        "atmerge.cli.build_parser(); print('transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

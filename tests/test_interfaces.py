@@ -17,8 +17,13 @@ from atmerge.models.patching import merge_state
 from conftest import blocky_images
 
 TIMM_FAMILIES = [
-    "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_tiny_patch16_224", "deit3_small_patch16_224",
-    "lvvit_t", "t2t_vit_t_14", "mae_vit_base_ft",
+    "deit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "vit_tiny_patch16_224",
+    "deit3_small_patch16_224",
+    "lvvit_t",
+    "t2t_vit_t_14",
+    "mae_vit_base_ft",
 ]
 SMALL = dict(depth=3, img_size=64, num_classes=10)  # 4×4 patches of 16 px
 NO_MERGE = atmerge.ATM(alpha=1.0, beta=0.0, theta_min=1.0)
@@ -134,8 +139,14 @@ def hf_vit(cls_name: str = "ViTForImageClassification", attn: str = "sdpa", laye
     if family != "Dinov2":
         extra["intermediate_size"] = 96
     config = getattr(transformers, config_cls[family])(
-        hidden_size=48, num_hidden_layers=layers, num_attention_heads=3, image_size=32, patch_size=4,
-        layer_norm_eps=1e-6, attn_implementation=attn, **extra,
+        hidden_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=3,
+        image_size=32,
+        patch_size=4,
+        layer_norm_eps=1e-6,
+        attn_implementation=attn,
+        **extra,
     )
     return getattr(transformers, cls_name)(config).eval()
 
@@ -278,7 +289,9 @@ def test_a_batch_adaptive_method_follows_a_padding_mask_until_it_merges():
         atmerge.patch(model, NO_MERGE)
         torch.testing.assert_close(model(x, attention_mask=mask).last_hidden_state, expected)
         atmerge.patch(model, atmerge.ToMe(r=4))
-        with pytest.raises(ValueError, match="can follow merges only with per-image merging.*ToMe.*batch_adaptive=False"):
+        with pytest.raises(
+            ValueError, match="can follow merges only with per-image merging.*ToMe.*batch_adaptive=False"
+        ):
             model(x, attention_mask=mask)
         model(x, attention_mask=torch.ones(2, TOKENS))  # a mask that hides nothing is no padding
 
@@ -317,9 +330,12 @@ def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 @pytest.mark.parametrize(
     "cls_name, method, padded",
-    [("ViTForImageClassification", atmerge.ToMe(r=6), False), ("Dinov2ForImageClassification", PER_IMAGE, True),
-     ("CLIPVisionModel", atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.5), False),
-     ("DeiTForImageClassification", atmerge.MCTF(r=6, blocks=(2, 3, 4)), False)],
+    [
+        ("ViTForImageClassification", atmerge.ToMe(r=6), False),
+        ("Dinov2ForImageClassification", PER_IMAGE, True),
+        ("CLIPVisionModel", atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.5), False),
+        ("DeiTForImageClassification", atmerge.MCTF(r=6, blocks=(2, 3, 4)), False),
+    ],
     ids=["vit-tome", "dinov2-per-image-padded", "clip-atm", "deit-mctf"],
 )
 def test_gradient_checkpointing_gives_the_gradients_of_the_plain_patched_model(cls_name, method, padded):

@@ -32,8 +32,11 @@ def test_merging_nothing_is_the_unpatched_model_and_merging_runs(kwargs):
         atmerge.patch(model, atmerge.ATM(alpha=1.0, beta=0.0, theta_min=1.0))
         assert torch.equal(model(x), expected)
         assert not atmerge.last_stats(model).prune_last_block  # every token reaches the pool
-        for method in (atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3), atmerge.ToMe(r=6),
-                       atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, batch_adaptive=False)):
+        for method in (
+            atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3),
+            atmerge.ToMe(r=6),
+            atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, batch_adaptive=False),
+        ):
             atmerge.patch(model, method)
             out = model(x)
             assert out.shape == expected.shape and torch.isfinite(out).all()
@@ -43,7 +46,11 @@ def test_merging_nothing_is_the_unpatched_model_and_merging_runs(kwargs):
 def test_gflops_count_the_attention_pool_per_token():
     model = map_vit()
     model.attn_pool.fused_attn = False  # so that fvcore sees the matmuls
-    assert atmerge.gflops(model, (3, 32, 32)) == pytest.approx(fvcore_gflops(model, torch.randn(1, 3, 32, 32)), rel=1e-6)
+    assert atmerge.gflops(model, (3, 32, 32)) == pytest.approx(
+        fvcore_gflops(model, torch.randn(1, 3, 32, 32)), rel=1e-6
+    )
     cost = atmerge.models.timm_vit.model_cost(model)
     fewer = cost.gflops(64, [65.0] * 6, [65.0] * 6, tokens_out=33.0)
-    assert cost.gflops(64, [65.0] * 6, [65.0] * 6) - fewer == pytest.approx(32 * (cost.pool_per_token + cost.final_norm) / 1e9)
+    assert cost.gflops(64, [65.0] * 6, [65.0] * 6) - fewer == pytest.approx(
+        32 * (cost.pool_per_token + cost.final_norm) / 1e9
+    )

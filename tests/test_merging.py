@@ -78,7 +78,9 @@ def test_merge_then_unmerge_is_identity_on_group_constant_tokens():
     assert torch.equal(m(m.unmerge(y), "amax"), y)
 
 
-unit = st.lists(st.floats(-1, 1, allow_nan=False), min_size=3, max_size=3).filter(lambda v: sum(t * t for t in v) > 1e-2)
+unit = st.lists(st.floats(-1, 1, allow_nan=False), min_size=3, max_size=3).filter(
+    lambda v: sum(t * t for t in v) > 1e-2
+)
 sizes = st.integers(1, 500)
 
 
@@ -123,16 +125,26 @@ def _merge_by_hand(x, size, metric, r, p):
         if not merged:  # merging nothing keeps the tokens where they are
             out_x.append(x[img]), out_s.append(size[img])
             continue
-        out_x.append(torch.stack([x[img, i] for i in range(p)] + [x[img, i] for i in kept]
-                                 + [sums[j] / totals[j] for j in b_pos]))
-        out_s.append(torch.stack([size[img, i] for i in range(p)] + [size[img, i] for i in kept]
-                                 + [totals[j] for j in b_pos]))
+        out_x.append(
+            torch.stack(
+                [x[img, i] for i in range(p)] + [x[img, i] for i in kept] + [sums[j] / totals[j] for j in b_pos]
+            )
+        )
+        out_s.append(
+            torch.stack([size[img, i] for i in range(p)] + [size[img, i] for i in kept] + [totals[j] for j in b_pos])
+        )
     return torch.stack(out_x), torch.stack(out_s)
 
 
 @settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 3), tokens=st.integers(2, 40), protected=st.integers(0, 2), channels=st.integers(1, 8),
-       r_share=st.floats(0, 1), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(2, 40),
+    protected=st.integers(0, 2),
+    channels=st.integers(1, 8),
+    r_share=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
 def test_merge_step_equals_its_definition_written_out(batch, tokens, protected, channels, r_share, seed):
     """split → best_match → bipartite_merge → merge_weighted_average against _merge_by_hand."""
     g = torch.Generator().manual_seed(seed)

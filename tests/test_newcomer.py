@@ -41,9 +41,23 @@ def test_calibrate_images_is_a_deprecated_spelling(tmp_path, capsys):
     folder = _images(tmp_path / "mine", 8)
     out = tmp_path / "cal"
     with pytest.warns(FutureWarning, match="--images is deprecated; use --data"):
-        main(["calibrate", "--images", str(folder), "--budget", "0.6", "--trials", "1", "--no-progress",
-              "--out", str(out)])
-    assert json.loads((out / "calibration.json").read_text())["calibration"]["images_description"].startswith("8 images")
+        main(
+            [
+                "calibrate",
+                "--images",
+                str(folder),
+                "--budget",
+                "0.6",
+                "--trials",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+    assert json.loads((out / "calibration.json").read_text())["calibration"]["images_description"].startswith(
+        "8 images"
+    )
     other = _images(tmp_path / "other", 2)
     assert main(["calibrate", "--images", str(folder), "--data", str(other), "--budget", "0.6"]) == 2
     err = capsys.readouterr().err
@@ -56,12 +70,37 @@ def test_calibrate_then_eval_on_one_unlabeled_folder(tmp_path, capsys):
     cal = tmp_path / "cal"
     named = f"skipped unreadable image {folder / 'deeper' / 'broken.jpg'}"
     with pytest.warns(data.UnreadableImageWarning, match=named):
-        main(["calibrate", "--data", str(folder), "--min-agreement", "0.2", "--trials", "2", "--no-progress",
-              "--out", str(cal)])
+        main(
+            [
+                "calibrate",
+                "--data",
+                str(folder),
+                "--min-agreement",
+                "0.2",
+                "--trials",
+                "2",
+                "--no-progress",
+                "--out",
+                str(cal),
+            ]
+        )
     assert "skipped 1 unreadable image files" in capsys.readouterr().out
     with pytest.warns(data.UnreadableImageWarning, match=named):  # eval: the same policy, the same words
-        assert main(["eval", "--config", str(cal / "calibration.json"), "--data", str(folder), "--no-progress",
-                     "--out", str(tmp_path / "ev")]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--config",
+                    str(cal / "calibration.json"),
+                    "--data",
+                    str(folder),
+                    "--no-progress",
+                    "--out",
+                    str(tmp_path / "ev"),
+                ]
+            )
+            == 0
+        )
     captured = capsys.readouterr()
     assert "no class folders used, so fidelity to the unpatched model only" in captured.out
     assert "agreement with the unpatched model:" in captured.out
@@ -102,16 +141,21 @@ def test_fresh_clone_runs_with_nothing_beside_it(tmp_path):
     subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{REPO}", str(clone)], check=True)
     assert not (tmp_path / "shared").exists()
     (tmp_path / "empty").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(clone), "ATMERGE_SHARED": str(tmp_path / "empty"),
-           "ATMERGE_CACHE": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(clone),
+        "ATMERGE_SHARED": str(tmp_path / "empty"),
+        "ATMERGE_CACHE": str(tmp_path / "cache"),
+    }
     env.pop("ATMERGE_DOWNLOAD", None)
     script = (
         "import sys, atmerge.cli as c; assert c.__file__.startswith(sys.argv[1]), c.__file__\n"
         "assert c.main(['eval', '--limit', '200', '--no-progress', '--out', 'ev']) == 0\n"
         "c.main(['calibrate', '--limit', '64', '--budget', '0.6', '--trials', '2', '--no-progress', '--out', 'cal'])\n"
     )
-    run = subprocess.run([sys.executable, "-c", script, str(clone)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(clone)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert result["images"] == 200 and result["setup"]["weights"].endswith("cifar10_vit_tiny_p4_fp16.safetensors")
@@ -130,8 +174,9 @@ def test_a_run_without_the_shared_folder_says_what_it_skipped(tmp_path):
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "1 tests skipped: they need the shared data" in run.stdout, run.stdout[-2000:]
     assert f"The shared folder {tmp_path / 'empty'}" in run.stdout
-    run = subprocess.run(command, cwd=REPO, env={**env, "ATMERGE_REQUIRE_SHARED": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        command, cwd=REPO, env={**env, "ATMERGE_REQUIRE_SHARED": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 1 and "missing (ATMERGE_REQUIRE_SHARED=1)" in run.stdout, run.stdout[-2000:]
 
 
@@ -140,10 +185,23 @@ def test_visualize_a_folder_with_a_config(tmp_path, capsys):
     folder = _images(tmp_path / "photos", 2, nested=False)
     config = tmp_path / "tome.json"
     config.write_text(json.dumps({"format": "atmerge-config/1", "method": {"name": "tome", "settings": {"r": 4}}}))
-    args = ["visualize", "--model", "cifar10-vit", "--images", str(folder), "--config", str(config), "--versus", "",
-            "--out", str(tmp_path / "v")]
+    args = [
+        "visualize",
+        "--model",
+        "cifar10-vit",
+        "--images",
+        str(folder),
+        "--config",
+        str(config),
+        "--versus",
+        "",
+        "--out",
+        str(tmp_path / "v"),
+    ]
     assert main(args) == 0
     result = json.loads((tmp_path / "v" / "visualize.json").read_text())
     assert result["model"] == "cifar10-vit" and "model: cifar10-vit" in capsys.readouterr().out
     assert len(result["images"]) == 2 and list(result["tokens_left"]) == ["ToMe (tome.json)"]
-    assert result["tokens_left"]["ToMe (tome.json)"] == [21, 21] and all(g > 0 for g in result["gflops"]["ToMe (tome.json)"])
+    assert result["tokens_left"]["ToMe (tome.json)"] == [21, 21] and all(
+        g > 0 for g in result["gflops"]["ToMe (tome.json)"]
+    )

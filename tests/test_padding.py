@@ -34,7 +34,9 @@ def test_padded_batch_equals_the_slow_reference_image_by_image(cifar_model, cifa
     """Raw keys, with and without proportional attention, against tests/reference.py (float64)."""
     model, images = copy.deepcopy(cifar_model).double(), cifar_images[0][:6].double()
     for prop_attn in (True, False):
-        out, stats, groups = run_padded(model, images, atmerge.ATM(**SETTING, batch_adaptive=False), prop_attn=prop_attn)
+        out, stats, groups = run_padded(
+            model, images, atmerge.ATM(**SETTING, batch_adaptive=False), prop_attn=prop_attn
+        )
         counts = set()
         for i in range(images.shape[0]):
             ref_out, ref_groups, ref_r = reference_forward(model, images[i : i + 1], prop_attn=prop_attn, **SETTING)
@@ -50,8 +52,9 @@ def test_padded_batch_equals_the_slow_reference_image_by_image(cifar_model, cifa
 def test_padded_batch_equals_batches_of_one_on_real_images(cifar_model, cifar_images, similarity, prop_attn):
     model, images = copy.deepcopy(cifar_model), cifar_images[0]
     method = atmerge.ATM(**SETTING, similarity=similarity)
-    out, stats, groups = run_padded(model, images, atmerge.ATM(**SETTING, similarity=similarity, batch_adaptive=False),
-                                    prop_attn=prop_attn)
+    out, stats, groups = run_padded(
+        model, images, atmerge.ATM(**SETTING, similarity=similarity, batch_adaptive=False), prop_attn=prop_attn
+    )
     gflops = []
     for i in range(images.shape[0]):  # batch-adaptive r of one image is its own count
         ref_out, ref_stats, ref_groups = run_padded(model, images[i : i + 1], method, prop_attn=prop_attn)
@@ -62,8 +65,9 @@ def test_padded_batch_equals_batches_of_one_on_real_images(cifar_model, cifar_im
 
 
 @pytest.mark.parametrize("kwargs", SMALL_MODEL_VARIANTS)
-@pytest.mark.parametrize("method", [atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, split_layer=2),
-                                    atmerge.ConstantThreshold(theta=0.5)])
+@pytest.mark.parametrize(
+    "method", [atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, split_layer=2), atmerge.ConstantThreshold(theta=0.5)]
+)
 def test_padded_batch_on_random_models(kwargs, method):
     """Registers, average pooling, LayerScale; size-distinctive matching from block 3."""
     torch.manual_seed(0)

@@ -246,8 +246,13 @@ def test_patched_model_pickles_and_merges_the_same_in_a_fresh_process(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "method",
-    [atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6), atmerge.ToMe(r=6), atmerge.EViT(0.6, (2, 4)),
-     atmerge.MCTF(r=6), atmerge.ZeroTP(r=4)],
+    [
+        atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6),
+        atmerge.ToMe(r=6),
+        atmerge.EViT(0.6, (2, 4)),
+        atmerge.MCTF(r=6),
+        atmerge.ZeroTP(r=4),
+    ],
 )
 def test_low_precision_forward_is_close_to_float32(method, dtype):
     # bf16 / fp16 on the CPU: logits close to float32 relative to their scale (max |logit| ≈ 0.36
@@ -283,7 +288,8 @@ def _assert_same(got, expected) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(), dict(reg_tokens=2, init_values=0.1), dict(class_token=False, global_pool="avg")],
+    "kwargs",
+    [dict(), dict(reg_tokens=2, init_values=0.1), dict(class_token=False, global_pool="avg")],
     ids=["cls", "registers", "no-prefix"],
 )
 def test_dense_intermediates_equal_the_unpatched_models_when_nothing_merges(kwargs):
@@ -292,8 +298,9 @@ def test_dense_intermediates_equal_the_unpatched_models_when_nothing_merges(kwar
     calls = [
         lambda m: m.forward_intermediates(x),
         lambda m: m.forward_intermediates(x, indices=[0, 3], output_fmt="NLC", norm=True, return_prefix_tokens=True),
-        lambda m: m.forward_intermediates(x, indices=2, intermediates_only=True, output_dict=True,
-                                          return_prefix_tokens=True),
+        lambda m: m.forward_intermediates(
+            x, indices=2, intermediates_only=True, output_dict=True, return_prefix_tokens=True
+        ),
         lambda m: m.forward_intermediates(x, indices=[1], stop_early=True, output_dict=True),
         lambda m: m.get_intermediate_layers(x, n=2, reshape=True, return_prefix_tokens=True, norm=True),
     ]

@@ -69,8 +69,13 @@ def test_quantile_levels_become_thresholds_of_the_chosen_similarity():
     profile = ScoreProfile(LEVELS, {"raw": raw, "centered": centered}, images=8)
     searched = {"alpha_level": 0.5, "theta_min_level": 0.25, "beta": 0.01, "similarity": "centered", "split_layer": 3}
     settings = atmerge.ATM.from_search(searched, profile)
-    assert settings == {"alpha": pytest.approx(0.5), "theta_min": pytest.approx(0.4), "beta": 0.01,
-                        "similarity": "centered", "split_layer": 3}
+    assert settings == {
+        "alpha": pytest.approx(0.5),
+        "theta_min": pytest.approx(0.4),
+        "beta": 0.01,
+        "similarity": "centered",
+        "split_layer": 3,
+    }
     method = atmerge.ATM().searched({**searched, "similarity": "raw"}, profile)
     assert (method.alpha, method.theta_min, method.similarity) == (pytest.approx(0.95), pytest.approx(0.925), "raw")
     assert atmerge.ATM.from_search({"alpha": 0.9}, None) == {"alpha": 0.9}  # the paper grid: as searched

@@ -44,8 +44,12 @@ def _fused_groups(model, images, method, **options):
 
 def test_evit_cifar_model_real_images(cifar_model, cifar_images):
     rs = _compare(
-        copy.deepcopy(cifar_model), cifar_images[0][:4], atmerge.EViT, reference_evit,
-        keep_rate=0.6, locations=(4, 7, 10),
+        copy.deepcopy(cifar_model),
+        cifar_images[0][:4],
+        atmerge.EViT,
+        reference_evit,
+        keep_rate=0.6,
+        locations=(4, 7, 10),
     )
     assert [l for l, r in enumerate(rs, start=1) if r > 0] == [4, 7, 10]
     assert sum(rs) > 30
@@ -138,6 +142,13 @@ def test_zerotp_uneven_shares_and_schedule():
     # 6/5 = 1.2 rounded down: 3, 4.2, 5.4, 6.6, 7.8, 9 → the reference is given these numbers
     by_hand = [3, 4, 5, 6, 7, 9]
     for share in (1.0, 0.0, 0.3):
-        rs = _compare(copy.deepcopy(model), images, atmerge.ZeroTP, reference_zerotp, r=(6, 0.5),
-                      importance_share=share, reference_options=dict(r=by_hand))
+        rs = _compare(
+            copy.deepcopy(model),
+            images,
+            atmerge.ZeroTP,
+            reference_zerotp,
+            r=(6, 0.5),
+            importance_share=share,
+            reference_options=dict(r=by_hand),
+        )
         assert rs == by_hand

@@ -54,8 +54,13 @@ def test_labels_name_fixed_settings_that_differ():
 def test_the_search_starts_from_the_methods_own_settings():
     from atmerge.methods.space import choice, floats, ints, starting_point
 
-    space = {"alpha": floats(0.5, 1.0, 0.001), "beta": floats(0.001, 0.5, log=True), "theta_min": floats(0.9, 1.0, 0.005),
-             "split_layer": ints(6, 12), "similarity": choice("raw", "centered")}
+    space = {
+        "alpha": floats(0.5, 1.0, 0.001),
+        "beta": floats(0.001, 0.5, log=True),
+        "theta_min": floats(0.9, 1.0, 0.005),
+        "split_layer": ints(6, 12),
+        "similarity": choice("raw", "centered"),
+    }
     # theta_min 0.88 is outside [0.9, 1]; split_layer None is not an int: both left to the sampler
     assert starting_point(atmerge.ATM(), space) == {"alpha": 0.99, "beta": 0.04, "similarity": "raw"}
     assert not floats(0.5, 1.0, 0.005).contains(0.9912) and floats(0.5, 1.0, 0.005).contains(0.99)

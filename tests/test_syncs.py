@@ -72,9 +72,15 @@ def test_frozen_atm_never_synchronises(monkeypatch):
     assert sum(count_syncs(model, x, monkeypatch).values()) == 0
 
 
-@pytest.mark.parametrize("method", [atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3), atmerge.ConstantThreshold(theta=0.5),
-                                    atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, split_layer=0, similarity="centered")],
-                         ids=["atm", "constant", "atm-centered"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3),
+        atmerge.ConstantThreshold(theta=0.5),
+        atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, split_layer=0, similarity="centered"),
+    ],
+    ids=["atm", "constant", "atm-centered"],
+)
 def test_adaptive_methods_read_one_count_per_block(method, monkeypatch):
     model = atmerge.patch(small_vit(), method)
     x = blocky_images(4, noise=0.1)

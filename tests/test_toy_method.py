@@ -75,8 +75,23 @@ def test_the_toy_method_calibrates_and_its_config_round_trips(tmp_path):
 
 
 def test_the_toy_method_runs_from_the_command_line(tmp_path, capsys):
-    assert main(["eval", "--limit", "8", "--method", "toyfirst", "--r", "2", "--no-progress",
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--limit",
+                "8",
+                "--method",
+                "toyfirst",
+                "--r",
+                "2",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["method"] == {"method": "toyfirst", "r": 2, "blocks": 2}
     assert result["merged"]["tokens_per_block"][:3] == [65, 63, 61]
@@ -85,7 +100,21 @@ def test_the_toy_method_runs_from_the_command_line(tmp_path, capsys):
     folder.mkdir()
     for i, f in enumerate(sorted(data.EMBEDDED_SAMPLE.rglob("*.jpg"))[::100][:10]):
         shutil.copy(f, folder / f"{i}.jpg")
-    assert main(["calibrate", "--data", str(folder), "--method", "toyfirst", "--budget", "0.95", "--trials", "2",
-                 "--no-progress", "--out", str(tmp_path / "cal")]) in (0, 1)
+    assert main(
+        [
+            "calibrate",
+            "--data",
+            str(folder),
+            "--method",
+            "toyfirst",
+            "--budget",
+            "0.95",
+            "--trials",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "cal"),
+        ]
+    ) in (0, 1)
     saved = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert saved["method"]["name"] == "toyfirst"

@@ -40,8 +40,13 @@ def test_train_mode_backward_reaches_every_weight_with_dropout_and_drop_path(met
 
 @pytest.mark.parametrize(
     "method",
-    [ATM_MERGING, atmerge.ToMe(r=6), atmerge.MCTF(r=6), atmerge.EViT(0.6, (2, 4)),
-     atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6, batch_adaptive=False)],
+    [
+        ATM_MERGING,
+        atmerge.ToMe(r=6),
+        atmerge.MCTF(r=6),
+        atmerge.EViT(0.6, (2, 4)),
+        atmerge.ATM(alpha=0.97, beta=0.05, theta_min=0.6, batch_adaptive=False),
+    ],
     ids=["ATM", "ToMe", "MCTF", "EViT", "ATM-per-image"],
 )
 def test_gradient_checkpointing_gives_the_same_outputs_gradients_and_stats(method):

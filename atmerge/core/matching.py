@@ -35,8 +35,10 @@ def alternate_split(
     """
     first_even = num_protected + num_protected % 2  # stepped ranges: no data-dependent shapes
     first_odd = num_protected + 1 - num_protected % 2
-    return (torch.arange(first_even, num_tokens, 2, device=device),
-            torch.arange(first_odd, num_tokens, 2, device=device))
+    return (
+        torch.arange(first_even, num_tokens, 2, device=device),
+        torch.arange(first_odd, num_tokens, 2, device=device),
+    )
 
 
 def size_distinctive_split(size: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +64,7 @@ def center_keys(metric: torch.Tensor, size: torch.Tensor, num_protected: int) ->
     return metric - mean
 
 
-def best_match(
-    metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def best_match(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity of every A token to its most similar B token.
 
     metric: [B, N, C] (e.g. attention keys averaged over heads).  Returns (scores [B, Na] clamped

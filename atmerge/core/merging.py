@@ -229,7 +229,9 @@ class Assignment:
             return x
         index = torch.where(self.assign < 0, self.num_out, self.assign)
         out = x.new_zeros(x.shape[0], self.num_out + 1, x.shape[-1])
-        out = out.scatter_reduce(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x, reduce=reduce, include_self=False)
+        out = out.scatter_reduce(
+            1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x, reduce=reduce, include_self=False
+        )
         return out[:, : self.num_out]
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:

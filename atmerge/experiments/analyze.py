@@ -78,10 +78,18 @@ def merge_profile(model: nn.Module, batches, method: ATM, steps: int = 10) -> di
     const_merged, const_gflops, const_thresholds = _mean_merged(model, found.method, images)
     return {
         "blocks": list(range(1, model_depth(model) + 1)),
-        "atm": {"settings": dataclasses.asdict(method), "merged": atm_merged, "gflops": atm_gflops,
-                "thresholds": atm_thresholds},
-        "constant": {"theta": found.method.theta, "merged": const_merged, "gflops": const_gflops,
-                     "thresholds": const_thresholds},
+        "atm": {
+            "settings": dataclasses.asdict(method),
+            "merged": atm_merged,
+            "gflops": atm_gflops,
+            "thresholds": atm_thresholds,
+        },
+        "constant": {
+            "theta": found.method.theta,
+            "merged": const_merged,
+            "gflops": const_gflops,
+            "thresholds": const_thresholds,
+        },
     }
 
 
@@ -96,7 +104,9 @@ def split_layer_sweep(model: nn.Module, batches, method: ATM) -> dict:
     return {"settings": dataclasses.asdict(method), "rows": rows}
 
 
-def batch_size_sweep(model: nn.Module, dataset, method: Method, sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)) -> dict:
+def batch_size_sweep(
+    model: nn.Module, dataset, method: Method, sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+) -> dict:
     """Table A1: top-1 and GFLOPs of ``method`` for each batch size, bounded by what fits: sizes
     above the number of images are skipped, and the sweep stops at the first size that runs out
     of memory (recorded in ``stopped``)."""
@@ -149,8 +159,16 @@ class _MergeRecorder(Method):
             err = merging_error(xi, xj, ni, nj)
             low, high = merging_error_bounds(xi, xj, ni, nj)
             for e, lo, hi, a, b in zip(err.flatten(), low.flatten(), high.flatten(), ni.flatten(), nj.flatten()):
-                self.rows.append({"block": ctx.layer, "n_i": float(a), "n_j": float(b), "error": float(e),
-                                  "lower": float(lo), "upper": float(hi)})
+                self.rows.append(
+                    {
+                        "block": ctx.layer,
+                        "n_i": float(a),
+                        "n_j": float(b),
+                        "error": float(e),
+                        "lower": float(lo),
+                        "upper": float(hi),
+                    }
+                )
         return decision
 
 
@@ -164,7 +182,11 @@ def merging_error_study(model: nn.Module, batches, method: Method) -> dict:
     unpatch(model)
     rows = recorder.rows
     tol = 1e-9
-    inside = sum(1 for r in rows if r["lower"] - tol * (r["n_i"] + r["n_j"]) <= r["error"] <= r["upper"] + tol * (r["n_i"] + r["n_j"]))
+    inside = sum(
+        1
+        for r in rows
+        if r["lower"] - tol * (r["n_i"] + r["n_j"]) <= r["error"] <= r["upper"] + tol * (r["n_i"] + r["n_j"])
+    )
     return {"pairs": len(rows), "within_bounds": inside, "rows": rows}
 
 

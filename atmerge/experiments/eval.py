@@ -43,14 +43,16 @@ def run_eval(
     base, ref = evaluate(model, batches, keep_outputs=True, progress=progress, desc="baseline", device=device)
     patch(model, method, prop_attn=prop_attn, prune_last_block=prune_last_block)
     try:
-        merged, out = evaluate(model, batches, reference=ref, keep_outputs=True, progress=progress, desc="merged",
-                               device=device)
+        merged, out = evaluate(
+            model, batches, reference=ref, keep_outputs=True, progress=progress, desc="merged", device=device
+        )
         used = last_stats(model)
     finally:
         unpatch(model)
     base, merged = reduce_eval(base), reduce_eval(merged)
-    fidelity = eval_fidelity(torch.cat([o.float().cpu() for o in out]), torch.cat([r.float().cpu() for r in ref]),
-                             is_classifier(model))
+    fidelity = eval_fidelity(
+        torch.cat([o.float().cpu() for o in out]), torch.cat([r.float().cpu() for r in ref]), is_classifier(model)
+    )
     if not is_classifier(model):  # features (num_classes=0, an HF *Model): no classes, judged by the cosine only
         for r in (base, merged):
             r.top1 = r.top5 = None
@@ -90,12 +92,20 @@ def eval_fidelity(outputs: torch.Tensor, reference: torch.Tensor, classifier: bo
     ref_class = reference.argmax(-1)
     same = (outputs.argmax(-1) == ref_class).sum().item()
     top5 = (outputs.topk(min(5, outputs.shape[-1]), dim=-1).indices == ref_class[:, None]).any(-1).sum().item()
-    kl = torch.nn.functional.kl_div(outputs.double().log_softmax(-1), reference.double().log_softmax(-1),
-                                    log_target=True, reduction="sum").item()
+    kl = torch.nn.functional.kl_div(
+        outputs.double().log_softmax(-1), reference.double().log_softmax(-1), log_target=True, reduction="sum"
+    ).item()
     total, same, top5, kl, cosine = distributed.sum_floats([n, same, top5, kl, cosine])
     low, high = wilson_interval(int(round(same)), int(total))
-    return {"images": int(total), "agreement": same / total, "agreement_low": low, "agreement_high": high,
-            "top5_agreement": top5 / total, "kl": kl / total, "cosine": cosine / total}
+    return {
+        "images": int(total),
+        "agreement": same / total,
+        "agreement_low": low,
+        "agreement_high": high,
+        "top5_agreement": top5 / total,
+        "kl": kl / total,
+        "cosine": cosine / total,
+    }
 
 
 def eval_rows(result: dict) -> list[dict]:

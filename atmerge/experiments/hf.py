@@ -49,15 +49,19 @@ def _local_directory(name: str) -> Path | None:
     path = Path(name).expanduser()
     if not path.exists():
         if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
-            raise FileNotFoundError(f"--hf-model directory {name} does not exist; pass a directory written by "
-                                    "save_pretrained or a Hugging Face hub name")
+            raise FileNotFoundError(
+                f"--hf-model directory {name} does not exist; pass a directory written by "
+                "save_pretrained or a Hugging Face hub name"
+            )
         return None  # a hub name, e.g. facebook/deit-small-patch16-224
     if not path.is_dir():
-        raise ValueError(f"--hf-model {name} is a file; pass a directory written by save_pretrained "
-                         "or a Hugging Face hub name")
+        raise ValueError(
+            f"--hf-model {name} is a file; pass a directory written by save_pretrained or a Hugging Face hub name"
+        )
     if not (path / "config.json").is_file():
-        raise ValueError(f"--hf-model {name} has no config.json; pass a directory written by "
-                         "model.save_pretrained(dir)")
+        raise ValueError(
+            f"--hf-model {name} has no config.json; pass a directory written by model.save_pretrained(dir)"
+        )
     return path
 
 
@@ -97,10 +101,13 @@ def load_hf_model(name: str) -> torch.nn.Module:
         model = model_class(config, transformers).from_pretrained(where, config=config, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         if local is not None:
-            raise ValueError(f"--hf-model {name}: the directory's model could not be loaded: "
-                             f"{_first_line(e)}") from None
-        raise ValueError(f"--hf-model {name} is not a local directory and could not be loaded from the Hugging Face "
-                         f"hub: {_first_line(e)}") from None
+            raise ValueError(
+                f"--hf-model {name}: the directory's model could not be loaded: {_first_line(e)}"
+            ) from None
+        raise ValueError(
+            f"--hf-model {name} is not a local directory and could not be loaded from the Hugging Face "
+            f"hub: {_first_line(e)}"
+        ) from None
     try:
         check_supported(model)
     except UnsupportedModelError as e:
@@ -116,8 +123,10 @@ def load_hf_processor(name: str) -> ProcessorTransform:
         processor = transformers.AutoImageProcessor.from_pretrained(str(local) if local is not None else name)
     except (OSError, ValueError, KeyError) as e:
         if local is not None and not (local / "preprocessor_config.json").is_file():
-            raise ValueError(f"--hf-model {name} has no image processor config (preprocessor_config.json); save "
-                             f"the model's processor there: processor.save_pretrained({str(local)!r})") from None
+            raise ValueError(
+                f"--hf-model {name} has no image processor config (preprocessor_config.json); save "
+                f"the model's processor there: processor.save_pretrained({str(local)!r})"
+            ) from None
         raise ValueError(f"--hf-model {name}: its image processor could not be loaded: {_first_line(e)}") from None
     return ProcessorTransform(processor)
 

@@ -28,7 +28,9 @@ def default_probe_path() -> Path:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, dataset, batch_size: int = 64, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    model: nn.Module, dataset, batch_size: int = 64, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (the CLS token after the final norm) and labels of every image."""
     feats, labels = [], []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -56,8 +58,12 @@ def cached_features(model: nn.Module, split: str, limit: int | None, seed: int, 
 
 
 def train_linear_probe(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES, weight_decay: float = WEIGHT_DECAY,
-    iterations: int = ITERATIONS, seed: int = 0,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int = NUM_CLASSES,
+    weight_decay: float = WEIGHT_DECAY,
+    iterations: int = ITERATIONS,
+    seed: int = 0,
 ) -> nn.Linear:
     """L2-regularised multinomial logistic regression, full batch, L-BFGS; features are
     standardised internally and the scaling is folded back into the returned layer."""
@@ -88,14 +94,19 @@ def accuracy(layer: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def run_probe(
-    train_images: int | None = 2000, test_images: int | None = 1000, seed: int = 0, out: str | Path | None = None,
+    train_images: int | None = 2000,
+    test_images: int | None = 1000,
+    seed: int = 0,
+    out: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
     """Train the probe on a seeded subset of the shared cifar10-train, measure it on cifar10-test,
     save it (safetensors, with its numbers in the metadata) and return the numbers."""
     backbone = zoo.dinov2_small()
-    cached = {split: features_path(split, limit, seed).exists() for split, limit in (("train", train_images),
-                                                                                    ("test", test_images))}
+    cached = {
+        split: features_path(split, limit, seed).exists()
+        for split, limit in (("train", train_images), ("test", test_images))
+    }
     train_x, train_y = cached_features(backbone, "train", train_images, seed, progress)
     test_x, test_y = cached_features(backbone, "test", test_images, seed, progress)
     layer = train_linear_probe(train_x, train_y, seed=seed)
@@ -137,33 +148,53 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def how_trained(backbone: nn.Module, train_images: int | None, test_images: int | None, seed: int,
-                cached: dict[str, bool]) -> dict:
+def how_trained(
+    backbone: nn.Module, train_images: int | None, test_images: int | None, seed: int, cached: dict[str, bool]
+) -> dict:
     """How :func:`run_probe` made the probe: the command line, the backbone's weights (file and
     SHA-256), the images (which split, how many, the seeded subset, the preprocessing), the
     features, the classifier's training settings, versions and the machine."""
     import timm
 
     weights = data.shared_dir() / "models/dinov2_small_imgfocus.safetensors"
-    images = {split: {"folder": str(data.cifar10_folder(split)), "images": limit or "all",
-                      "subset": f"data.subset(..., {limit}, seed={seed})" if limit else "every image",
-                      "features_read_from_cache": cached[split], "features_cache": str(features_path(split, limit, seed))}
-              for split, limit in (("train", train_images), ("test", test_images))}
+    images = {
+        split: {
+            "folder": str(data.cifar10_folder(split)),
+            "images": limit or "all",
+            "subset": f"data.subset(..., {limit}, seed={seed})" if limit else "every image",
+            "features_read_from_cache": cached[split],
+            "features_cache": str(features_path(split, limit, seed)),
+        }
+        for split, limit in (("train", train_images), ("test", test_images))
+    }
     return {
         "command": shlex.join(["python", *sys.argv]),
         "argv": list(sys.argv),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backbone": {"timm_model": "vit_small_patch14_dinov2", "img_size": 224, "weights": str(weights),
-                     "weights_sha256": _sha256(weights) if weights.exists() else None},
+        "backbone": {
+            "timm_model": "vit_small_patch14_dinov2",
+            "img_size": 224,
+            "weights": str(weights),
+            "weights_sha256": _sha256(weights) if weights.exists() else None,
+        },
         "images": images,
         "preprocessing": repr(data.model_transform(backbone)),
         "features": "the CLS token after the final norm (forward_head pre_logits), float32, batch 64",
-        "classifier": {"kind": "L2-regularised multinomial logistic regression (linear layer, 10 classes)",
-                       "optimizer": "L-BFGS, full batch, lr 1.0, strong-Wolfe line search", "iterations": ITERATIONS,
-                       "weight_decay": WEIGHT_DECAY, "init": "zeros", "features": "standardised; the scaling folded back",
-                       "seed": seed},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                     "atmerge": _atmerge_version()},
+        "classifier": {
+            "kind": "L2-regularised multinomial logistic regression (linear layer, 10 classes)",
+            "optimizer": "L-BFGS, full batch, lr 1.0, strong-Wolfe line search",
+            "iterations": ITERATIONS,
+            "weight_decay": WEIGHT_DECAY,
+            "init": "zeros",
+            "features": "standardised; the scaling folded back",
+            "seed": seed,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "atmerge": _atmerge_version(),
+        },
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
     }
 

@@ -95,8 +95,17 @@ def search(
             trial.set_constraint("gflops_over_budget", res.gflops - budget)
         elif goal == "stress":
             trial.set_constraint("top1_drop", baseline["top1"] - res.top1)
-        rows.append({"trial": trial.number, **params, "top1": res.top1, "gflops": res.gflops,
-                     "agreement": agreement, "quality": quality, "feasible": feasible})
+        rows.append(
+            {
+                "trial": trial.number,
+                **params,
+                "top1": res.top1,
+                "gflops": res.gflops,
+                "agreement": agreement,
+                "quality": quality,
+                "feasible": feasible,
+            }
+        )
         return quality, res.gflops
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -151,8 +160,12 @@ def search_methods(model: nn.Module, batches, methods: Sequence[Method | str], *
 def pareto_front(rows: list[dict], key: str = "top1") -> list[dict]:
     """Rows not dominated in (higher ``key``, lower GFLOPs), sorted by GFLOPs."""
     front = [
-        r for r in rows
-        if not any(o[key] >= r[key] and o["gflops"] <= r["gflops"] and (o[key] > r[key] or o["gflops"] < r["gflops"]) for o in rows)
+        r
+        for r in rows
+        if not any(
+            o[key] >= r[key] and o["gflops"] <= r["gflops"] and (o[key] > r[key] or o["gflops"] < r["gflops"])
+            for o in rows
+        )
     ]
     return sorted(front, key=lambda r: r["gflops"])
 
@@ -169,17 +182,42 @@ def plot_search(results: dict[str, dict], out, title: str | None = None) -> str:
     metric = first["metric"]
     for label, result in results.items():
         colour = next(colours)
-        ax.scatter([r["gflops"] for r in result["trials"]], [100 * r["quality"] for r in result["trials"]],
-                   s=6, alpha=0.25, color=colour)
+        ax.scatter(
+            [r["gflops"] for r in result["trials"]],
+            [100 * r["quality"] for r in result["trials"]],
+            s=6,
+            alpha=0.25,
+            color=colour,
+        )
         front = result["pareto_front"]
-        ax.plot([r["gflops"] for r in front], [100 * r["quality"] for r in front], "-o", ms=3, color=colour,
-                label=f"{label} ({len(result['trials'])} trials)")
+        ax.plot(
+            [r["gflops"] for r in front],
+            [100 * r["quality"] for r in front],
+            "-o",
+            ms=3,
+            color=colour,
+            label=f"{label} ({len(result['trials'])} trials)",
+        )
         if result.get("best"):
-            ax.scatter([result["best"]["gflops"]], [100 * result["best"]["quality"]], marker="D", s=40,
-                       color=colour, edgecolors="k", zorder=3)
+            ax.scatter(
+                [result["best"]["gflops"]],
+                [100 * result["best"]["quality"]],
+                marker="D",
+                s=40,
+                color=colour,
+                edgecolors="k",
+                zorder=3,
+            )
     b = first["baseline"]
-    ax.scatter([b["gflops"]], [100 * (b["top1"] if metric == "top1" else 1.0)], marker="*", s=80, color="k",
-               label="unpatched", zorder=3)
+    ax.scatter(
+        [b["gflops"]],
+        [100 * (b["top1"] if metric == "top1" else 1.0)],
+        marker="*",
+        s=80,
+        color="k",
+        label="unpatched",
+        zorder=3,
+    )
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("top-1 (%)" if metric == "top1" else "agreement with the unpatched model (%)")
     ax.legend(fontsize=7)

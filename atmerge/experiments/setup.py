@@ -32,12 +32,22 @@ def load_setup(
     :func:`atmerge.experiments.hf.load_hf_setup`); the timm options are then refused.
     """
     if hf_model is not None:
-        given = [flag for flag, value in (("--model", model_name), ("--checkpoint", checkpoint),
-                                          ("--model-kwargs", model_kwargs), ("--pretrained", pretrained),
-                                          ("--probe", probe)) if value]
+        given = [
+            flag
+            for flag, value in (
+                ("--model", model_name),
+                ("--checkpoint", checkpoint),
+                ("--model-kwargs", model_kwargs),
+                ("--pretrained", pretrained),
+                ("--probe", probe),
+            )
+            if value
+        ]
         if given:
-            raise ValueError(f"--hf-model {hf_model} cannot be combined with {', '.join(given)}; "
-                             "pass either --hf-model or the timm options (--model, --checkpoint, ...)")
+            raise ValueError(
+                f"--hf-model {hf_model} cannot be combined with {', '.join(given)}; "
+                "pass either --hf-model or the timm options (--model, --checkpoint, ...)"
+            )
         from atmerge.experiments.hf import load_hf_setup
 
         return load_hf_setup(hf_model)
@@ -51,14 +61,20 @@ def load_setup(
     cifar = data.ClassNames(list(data.CIFAR10_CLASSES), source="CIFAR-10")
     if name == "cifar10-vit":
         model = zoo.cifar10_reference_vit()
-        return Setup(model, data.cifar10_transform(), data.cifar10_test_or_sample(),
-                     {"model": name, "weights": str(zoo.cifar10_reference_weights())}, cifar)
+        return Setup(
+            model,
+            data.cifar10_transform(),
+            data.cifar10_test_or_sample(),
+            {"model": name, "weights": str(zoo.cifar10_reference_weights())},
+            cifar,
+        )
     if name == "dinov2-probe":
         from atmerge.experiments.probe import load_probe_classifier
 
         model, path = load_probe_classifier(probe)
-        return Setup(model, data.model_transform(model), data.cifar10_folder("test"), {"model": name, "probe": str(path)},
-                     cifar)
+        return Setup(
+            model, data.model_transform(model), data.cifar10_folder("test"), {"model": name, "probe": str(path)}, cifar
+        )
     if checkpoint:
         model = zoo.load_checkpoint(name, checkpoint, **model_kwargs)
     else:
@@ -79,8 +95,15 @@ def num_classes(model: nn.Module) -> int:
     return int(getattr(model, "num_classes", 0) or 0)
 
 
-def load_dataset(setup: Setup, folder: str | Path | None, limit: int | None = None, seed: int = 0, *,
-                 labels: bool | None = True, class_map: str | Path | None = None):
+def load_dataset(
+    setup: Setup,
+    folder: str | Path | None,
+    limit: int | None = None,
+    seed: int = 0,
+    *,
+    labels: bool | None = True,
+    class_map: str | Path | None = None,
+):
     """The images of ``folder`` (default: the setup's), preprocessed for the model, labelled
     with the model's own class indices (:func:`atmerge.data.folder_dataset`: class folders
     matched to the model's class names, or by ``class_map``).  labels None: unlabeled folders
@@ -90,8 +113,14 @@ def load_dataset(setup: Setup, folder: str | Path | None, limit: int | None = No
         raise ValueError("no data given: pass --data with a folder of images (class folders for top-1)")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
-    dataset = data.folder_dataset(root, setup.transform, num_classes=num_classes(setup.model), names=setup.classes(),
-                                  labels=labels, class_map=class_map)
+    dataset = data.folder_dataset(
+        root,
+        setup.transform,
+        num_classes=num_classes(setup.model),
+        names=setup.classes(),
+        labels=labels,
+        class_map=class_map,
+    )
     chosen = data.subset(dataset, limit, seed)
     chosen.description = {**dataset.description, "images": len(chosen)}
     return chosen

@@ -37,7 +37,9 @@ def _trace(model: nn.Module, method: Method, images: torch.Tensor) -> tuple[list
     return history, gflops
 
 
-def group_image(image: np.ndarray, source: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> tuple[np.ndarray, int]:
+def group_image(
+    image: np.ndarray, source: torch.Tensor, grid: tuple[int, int], num_prefix: int
+) -> tuple[np.ndarray, int]:
     """Paint every merged group of patches with the group's mean colour and outline the groups.
 
     image [H, W, 3] in [0, 1]; source [N', N0] for one image.  Returns (picture, tokens left).

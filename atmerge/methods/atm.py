@@ -68,12 +68,19 @@ class ATM(Method):
         keys, 0.04 for DeiT; the paper's range inside); the similarities the profile measured;
         split_layer from depth/2 to depth."""
         if profile is None:
-            return {"alpha": floats(0.945, 1.0, 0.005), "beta": floats(0.015, 0.05, 0.005),
-                    "theta_min": floats(0.80, 1.0, 0.005)}
+            return {
+                "alpha": floats(0.945, 1.0, 0.005),
+                "beta": floats(0.015, 0.05, 0.005),
+                "theta_min": floats(0.80, 1.0, 0.005),
+            }
         beta_low = min(math.log1p(0.005) / max(depth - 1, 1), 0.015)
-        return {"similarity": choice(*profile.similarities), "alpha_level": floats(0.5, 1.0, 0.01),
-                "theta_min_level": floats(0.0, 1.0, 0.01), "beta": floats(beta_low, 0.5, log=True),
-                "split_layer": ints(depth // 2, depth)}
+        return {
+            "similarity": choice(*profile.similarities),
+            "alpha_level": floats(0.5, 1.0, 0.01),
+            "theta_min_level": floats(0.0, 1.0, 0.01),
+            "beta": floats(beta_low, 0.5, log=True),
+            "split_layer": ints(depth // 2, depth),
+        }
 
     @classmethod
     def from_search(cls, params: dict, profile: "ScoreProfile | None" = None) -> dict:
@@ -83,7 +90,9 @@ class ATM(Method):
             return params
         settings = dict(params)
         similarity = settings.get("similarity", "raw")
-        settings["alpha"] = round(min(max(profile.quantile(settings.pop("alpha_level"), similarity, block=0), 0.0), 1.0), 4)
+        settings["alpha"] = round(
+            min(max(profile.quantile(settings.pop("alpha_level"), similarity, block=0), 0.0), 1.0), 4
+        )
         level = settings.pop("theta_min_level")
         settings["theta_min"] = round(min(max(profile.quantile(level, similarity, over_blocks="median"), 0.0), 1.0), 4)
         return settings

@@ -39,8 +39,17 @@ class Matching:
     ) -> Decision:
         """Merge r pairs in every image, or r[b] in image b (r a tensor [B]: a padded batch)."""
         if isinstance(r, torch.Tensor):
-            merge = padded_bipartite_merge(self.scores, self.match, self.a_idx, self.b_idx, self.a_real, self.b_real,
-                                           r, num_protected, self.num_tokens)
+            merge = padded_bipartite_merge(
+                self.scores,
+                self.match,
+                self.a_idx,
+                self.b_idx,
+                self.a_real,
+                self.b_real,
+                r,
+                num_protected,
+                self.num_tokens,
+            )
         else:
             merge = bipartite_merge(self.scores, self.match, self.a_idx, self.b_idx, r, num_protected)
         return Decision(merge, threshold, self.macs, requested)

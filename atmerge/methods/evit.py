@@ -71,7 +71,11 @@ class EViT(Method):
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """keep_rate, and three locations (first, first + every, first + 2·every) — the release's
         are 4, 7, 10 — within the depth."""
-        return {"keep_rate": floats(0.3, 1.0, 0.05), "first": ints(2, max(2, depth // 2)), "every": ints(1, max(1, depth // 4))}
+        return {
+            "keep_rate": floats(0.3, 1.0, 0.05),
+            "first": ints(2, max(2, depth // 2)),
+            "every": ints(1, max(1, depth // 4)),
+        }
 
     def with_params(self, params: dict) -> "EViT":
         params = dict(params)

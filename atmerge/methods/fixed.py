@@ -77,7 +77,10 @@ class TopR(Method):
 
     @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
-        return {"schedule": choice("constant", "increasing", "decreasing"), "r": ints(0, fixed_count_limit(depth, num_patches))}
+        return {
+            "schedule": choice("constant", "increasing", "decreasing"),
+            "r": ints(0, fixed_count_limit(depth, num_patches)),
+        }
 
     def __post_init__(self) -> None:
         linear_r_schedule(1, self.r, self.schedule)  # validates

@@ -79,7 +79,9 @@ class Frozen(Method):
 
     def check_depth(self, depth: int) -> None:
         if len(self.counts) > depth:
-            raise ValueError(f"counts has {len(self.counts)} entries for a model of {depth} blocks; allowed at most {depth}")
+            raise ValueError(
+                f"counts has {len(self.counts)} entries for a model of {depth} blocks; allowed at most {depth}"
+            )
         if self.split_layer is not None and self.split_layer > depth:
             raise ValueError(f"split_layer={self.split_layer} is beyond the model's depth; allowed 0..{depth}")
 
@@ -90,7 +92,9 @@ class Frozen(Method):
     def decide(self, ctx: BlockContext) -> Decision:
         r = self.count(ctx.block)
         if r == 0:  # nothing to match for
-            return Decision(Assignment.identity(ctx.metric.shape[0], ctx.metric.shape[1], ctx.metric.device), requested=0)
+            return Decision(
+                Assignment.identity(ctx.metric.shape[0], ctx.metric.shape[1], ctx.metric.device), requested=0
+            )
         size_distinctive = self.split_layer is not None and ctx.layer > self.split_layer
         m = match_tokens(ctx, size_distinctive=size_distinctive, similarity=self.similarity)
         return m.decision(r, ctx.num_protected, requested=r)

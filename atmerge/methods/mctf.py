@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from atmerge.core.importance import attention_received
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment
-from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number, knob_r, register_method
+from atmerge.methods.base import (
+    BlockContext,
+    Decision,
+    Method,
+    check_block_numbers,
+    check_number,
+    knob_r,
+    register_method,
+)
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
@@ -48,7 +56,9 @@ def multi_criteria_weights(
     return w
 
 
-def bidirectional_assignment(weights: torch.Tensor, a_idx, b_idx, r: int, num_protected: int, num_tokens: int) -> Assignment:
+def bidirectional_assignment(
+    weights: torch.Tensor, a_idx, b_idx, r: int, num_protected: int, num_tokens: int
+) -> Assignment:
     """MCTF's bidirectional bipartite matching: ⌊r/2⌋ A tokens fuse into their best B tokens,
     then the remaining ⌈r/2⌉ B tokens (with what they received) fuse into their best unmerged A
     tokens.  weights [B, Na, Nb].
@@ -75,7 +85,9 @@ def bidirectional_assignment(weights: torch.Tensor, a_idx, b_idx, r: int, num_pr
     src2, keep_b = order2[:, :r2], order2[:, r2:]  # positions within B; keep_b by descending score
     # Slots: protected, unmerged A (token order), unmerged B (descending score, as released).
     slot_a = torch.full((batch, num_a), -1, dtype=torch.long, device=device)
-    slot_a.scatter_(1, keep_a, torch.arange(num_protected, num_protected + keep_a.shape[1], device=device).expand(batch, -1))
+    slot_a.scatter_(
+        1, keep_a, torch.arange(num_protected, num_protected + keep_a.shape[1], device=device).expand(batch, -1)
+    )
     start_b = num_protected + keep_a.shape[1]
     slot_b = torch.full((batch, num_b), -1, dtype=torch.long, device=device)
     slot_b.scatter_(1, keep_b, torch.arange(start_b, start_b + keep_b.shape[1], device=device).expand(batch, -1))
@@ -136,8 +148,12 @@ class MCTF(Method):
     @classmethod
     def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
         """r and the three temperatures, log-uniform around the release's 1, 20, 40."""
-        return {"r": ints(0, fixed_count_limit(depth, num_patches)), "tau_sim": floats(0.25, 4.0, log=True),
-                "tau_info": floats(1.0, 100.0, log=True), "tau_size": floats(1.0, 100.0, log=True)}
+        return {
+            "r": ints(0, fixed_count_limit(depth, num_patches)),
+            "tau_sim": floats(0.25, 4.0, log=True),
+            "tau_info": floats(1.0, 100.0, log=True),
+            "tau_size": floats(1.0, 100.0, log=True),
+        }
 
     def __post_init__(self) -> None:
         r = self.r

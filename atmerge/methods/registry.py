@@ -38,7 +38,10 @@ def build_method(name: str, **settings) -> Method:
 def method_settings(method: Method) -> dict:
     """The method's name and settings, JSON-ready."""
     name = next(k for k, v in METHODS.items() if type(method) is v)
-    return {"method": name, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(method).items()}}
+    return {
+        "method": name,
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(method).items()},
+    }
 
 
 def knob_factory(name: str, depth: int, num_patches: int, **fixed):

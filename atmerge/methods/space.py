@@ -54,8 +54,11 @@ class Knob:
 def starting_point(method, space: dict[str, Knob]) -> dict[str, Any]:
     """The searched settings of ``method`` itself that lie in ``space`` (knobs named after its
     fields), so that a search can try the method's own defaults first."""
-    return {name: getattr(method, name) for name, knob in space.items()
-            if hasattr(method, name) and knob.contains(getattr(method, name))}
+    return {
+        name: getattr(method, name)
+        for name, knob in space.items()
+        if hasattr(method, name) and knob.contains(getattr(method, name))
+    }
 
 
 def floats(low: float, high: float, step: float | None = None, log: bool = False) -> Knob:

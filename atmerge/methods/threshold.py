@@ -42,7 +42,9 @@ class ConstantThreshold(Method):
         raw-score quantile of any block — to 1."""
         low = 0.5
         if profile is not None:
-            low = min(math.floor(200 * profile.quantile(0.05, "raw" if "raw" in profile.similarities else None)) / 200, 0.5)
+            low = min(
+                math.floor(200 * profile.quantile(0.05, "raw" if "raw" in profile.similarities else None)) / 200, 0.5
+            )
         return {"theta": floats(low, 1.0, 0.005)}
 
     def __post_init__(self) -> None:

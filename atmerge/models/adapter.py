@@ -80,7 +80,6 @@ class ModelAdapter(ABC):
         """Whether the first token is a CLS token (methods that rank tokens by its attention need one)."""
         return getattr(model, "cls_token", None) is not None
 
-
     def default_prop_attn(self, model: nn.Module) -> bool | None:
         """Proportional attention for this model when ``patch`` is not told (None: the method's
         own default); the paper turns it off for MAE."""

@@ -14,10 +14,19 @@ def build(cls: type, variant: str, pretrained: bool, crop_pct: float, first_conv
     ``crop_pct``) so that ``timm.data.resolve_data_config`` gives the official preprocessing.
     There are no hub weights: ``pretrained=True`` is refused with a pointer to ``--checkpoint``."""
     if pretrained:
-        raise ValueError(f"{variant} has no hub weights in atmerge; load the official checkpoint "
-                         f"(atmerge eval --model {variant} --checkpoint FILE, or atmerge.zoo.load_weights)")
+        raise ValueError(
+            f"{variant} has no hub weights in atmerge; load the official checkpoint "
+            f"(atmerge eval --model {variant} --checkpoint FILE, or atmerge.zoo.load_weights)"
+        )
     model = cls(**{k: v for k, v in kwargs.items() if k not in TIMM_ONLY})
-    model.pretrained_cfg = dict(architecture=variant, input_size=(3, *model.patch_embed.img_size), crop_pct=crop_pct,
-                                interpolation="bicubic", num_classes=model.num_classes, first_conv=first_conv,
-                                classifier="head", **IMAGENET)
+    model.pretrained_cfg = dict(
+        architecture=variant,
+        input_size=(3, *model.patch_embed.img_size),
+        crop_pct=crop_pct,
+        interpolation="bicubic",
+        num_classes=model.num_classes,
+        first_conv=first_conv,
+        classifier="head",
+        **IMAGENET,
+    )
     return model

@@ -74,16 +74,37 @@ LAYOUTS: dict[type, Layout] = {
     vit.ViTModel: Layout("layers", _PATCHES, 1, False, **_VIT_LAYER, final_norm="layernorm"),
     deit.DeiTModel: Layout("layers", _PATCHES, 2, False, **_VIT_LAYER, final_norm="layernorm"),
     dinov2.Dinov2Model: Layout(
-        "encoder.layer", _PATCHES, 1, True, norm1="norm1", attention="attention",
-        norm2="norm2", drop="drop_path", scale1="layer_scale1", scale2="layer_scale2", final_norm="layernorm",
+        "encoder.layer",
+        _PATCHES,
+        1,
+        True,
+        norm1="norm1",
+        attention="attention",
+        norm2="norm2",
+        drop="drop_path",
+        scale1="layer_scale1",
+        scale2="layer_scale2",
+        final_norm="layernorm",
     ),
     clip.CLIPVisionModel: Layout(
-        "encoder.layers", "embeddings.patch_embedding", 1, False, norm1="layer_norm1", attention="self_attn",
-        norm2="layer_norm2", drop=None, norm_pre="pre_layrnorm", pooled_norm="post_layernorm",
+        "encoder.layers",
+        "embeddings.patch_embedding",
+        1,
+        False,
+        norm1="layer_norm1",
+        attention="self_attn",
+        norm2="layer_norm2",
+        drop=None,
+        norm_pre="pre_layrnorm",
+        pooled_norm="post_layernorm",
     ),
 }
-LAYERS = {vit.ViTLayer: vit.ViTModel, deit.DeiTLayer: deit.DeiTModel, dinov2.Dinov2Layer: dinov2.Dinov2Model,
-          clip.CLIPEncoderLayer: clip.CLIPVisionModel}
+LAYERS = {
+    vit.ViTLayer: vit.ViTModel,
+    deit.DeiTLayer: deit.DeiTModel,
+    dinov2.Dinov2Layer: dinov2.Dinov2Model,
+    clip.CLIPEncoderLayer: clip.CLIPVisionModel,
+}
 _VIT_ATTENTION = dict(out_proj="o_proj", scale="scaling", dropout="attention_dropout")
 ATTENTIONS = {
     vit.ViTAttention: AttentionNames(**_VIT_ATTENTION, eager=vit.eager_attention_forward),
@@ -309,8 +330,10 @@ def key_padding(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor | N
     broadcastable — bool (True = attend; sdpa) or additive (0 = attend, very negative or −inf =
     hidden; eager).  A mask that differs between queries or heads, or adds other values, is not
     key padding: ValueError."""
-    wanted = (f"atmerge follows key-padding masks only: [{batch}, {tokens}] of 1/0 or bool, or [{batch}, 1, "
-              f"{tokens}, {tokens}] that hides the same tokens from every query and head")
+    wanted = (
+        f"atmerge follows key-padding masks only: [{batch}, {tokens}] of 1/0 or bool, or [{batch}, 1, "
+        f"{tokens}, {tokens}] that hides the same tokens from every query and head"
+    )
     if mask.dim() == 2 and mask.shape[-1] == tokens and mask.shape[0] in (1, batch):
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError(f"an attention mask [B, N] must hold 1 (keep) and 0 (padding); {wanted}")
@@ -324,8 +347,10 @@ def key_padding(mask: torch.Tensor, batch: int, tokens: int) -> torch.Tensor | N
         else:
             hidden = row <= -1e4
             if not bool(((row == 0) | hidden).all()):
-                raise ValueError(f"an additive attention mask must hold 0 (attend) and -inf or a very negative "
-                                 f"value (padding), got values such as {row[(row != 0) & ~hidden][0].item():g}; {wanted}")
+                raise ValueError(
+                    f"an additive attention mask must hold 0 (attend) and -inf or a very negative "
+                    f"value (padding), got values such as {row[(row != 0) & ~hidden][0].item():g}; {wanted}"
+                )
             valid = ~hidden
     else:
         raise ValueError(f"an attention mask of shape {list(mask.shape)} does not fit {tokens} tokens; {wanted}")
@@ -348,7 +373,10 @@ def _merging_layer_forward(
         if getattr(self, INDEX) == 0:
             padding = key_padding(attention_mask, *hidden_states.shape[:2])
             # a method that merges one count per batch can't follow padding: the mask holds until it merges
-            state.caller_mask, padding = padding is not None and not state.per_image, padding if state.per_image else None
+            state.caller_mask, padding = (
+                padding is not None and not state.per_image,
+                padding if state.per_image else None,
+            )
         elif state.caller_mask and state.merged_any:
             raise ValueError(PADDING_NEEDS_PER_IMAGE.format(method=type(state.method).__name__))
         mask = attention_mask if state.caller_mask else None

@@ -91,8 +91,9 @@ class LVViT(VisionTransformer):
 
     def __init__(self, *, skip_lam: float = 1.0, aux_head: bool = True, stem_width: int = 64, **kwargs) -> None:
         kwargs = dict(qkv_bias=False, mlp_ratio=3.0, norm_layer=nn.LayerNorm, global_pool="token", **kwargs)
-        super().__init__(embed_layer=partial(ConvStem, width=stem_width),
-                         block_fn=partial(SkipLamBlock, skip_lam=skip_lam), **kwargs)
+        super().__init__(
+            embed_layer=partial(ConvStem, width=stem_width), block_fn=partial(SkipLamBlock, skip_lam=skip_lam), **kwargs
+        )
         self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
         self.use_aux_head = bool(aux_head)
 
@@ -121,8 +122,9 @@ def _aux_head_cost(model: LVViT, cost: ModelCost) -> ModelCost:
     """The auxiliary head's cost: a linear map of every patch token (never the prefix tokens)."""
     if not model.head_reads_patch_tokens:
         return cost
-    return replace(cost, pool_per_token=cost.pool_per_token + linear_macs(model.aux_head),
-                   pool_skips=model.num_prefix_tokens)
+    return replace(
+        cost, pool_per_token=cost.pool_per_token + linear_macs(model.aux_head), pool_skips=model.num_prefix_tokens
+    )
 
 
 # the timm adapter patches SkipLamBlock like timm's Block (ls1/ls2 are the scales)

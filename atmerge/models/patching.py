@@ -45,7 +45,12 @@ def patched_class(cls: type, methods: dict, module_name: str) -> type:
     module ``module_name`` (as ``Merging<Name>``), so that pickled patched models load."""
     if cls not in _CLASS_CACHE:
         name = PREFIX + cls.__name__
-        namespace = {"__prepare_scriptable__": _refuse_script, **methods, "__module__": module_name, "__qualname__": name}
+        namespace = {
+            "__prepare_scriptable__": _refuse_script,
+            **methods,
+            "__module__": module_name,
+            "__qualname__": name,
+        }
         _CLASS_CACHE[cls] = new = type(name, (cls,), namespace)
         for attr, value in methods.items():  # undo wrapping by __init_subclass__ (transformers' layers):
             if callable(value) and vars(new).get(attr) is not value:  # the patched method handles it itself

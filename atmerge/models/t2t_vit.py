@@ -89,8 +89,11 @@ class TokensToToken(Stem):
         size2 = conv_out(size1, self.soft_split1)
         size3 = conv_out(size2, self.soft_split2)
         tokens = lambda hw: hw[0] * hw[1]  # noqa: E731
-        return (self.attention1.macs(tokens(size1)) + self.attention2.macs(tokens(size2))
-                + tokens(size3) * self.project.weight.numel())
+        return (
+            self.attention1.macs(tokens(size1))
+            + self.attention2.macs(tokens(size2))
+            + tokens(size3) * self.project.weight.numel()
+        )
 
 
 def sinusoid_table(positions: int, dim: int) -> torch.Tensor:

@@ -41,8 +41,14 @@ from atmerge.runtime import MergeState
 
 SUPPORTED_POOLS = ("token", "avg", "")
 SUPPORTED_BLOCKS: set[type] = {Block}  # and the Block subclasses of the registered backbones
-__all__ = ["TimmViT", "UnsupportedModelError", "attention_with_keys", "check_image_batch", "merge_state",
-           "register_backbone"]
+__all__ = [
+    "TimmViT",
+    "UnsupportedModelError",
+    "attention_with_keys",
+    "check_image_batch",
+    "merge_state",
+    "register_backbone",
+]
 
 CostHook = Callable[[VisionTransformer, ModelCost], ModelCost]
 
@@ -184,7 +190,9 @@ def model_cost(model: VisionTransformer) -> ModelCost:
     pool, pool_per_token = getattr(model, "attn_pool", None), 0
     if pool is not None:  # timm's AttentionPoolLatent: latent queries attend over the tokens
         width = pool.num_heads * pool.head_dim
-        pool_per_token = pool.kv.weight.numel() + 2 * pool.latent_len * width + pool.num_heads * layer_norm_macs(pool.k_norm)
+        pool_per_token = (
+            pool.kv.weight.numel() + 2 * pool.latent_len * width + pool.num_heads * layer_norm_macs(pool.k_norm)
+        )
         per_latent = linear_macs(pool.q) + linear_macs(pool.proj) + pool.num_heads * layer_norm_macs(pool.q_norm)
         per_latent += (linear_macs(pool.mlp) + layer_norm_macs(pool.norm)) if pool.mlp is not None else 0
         head += pool.latent_len * per_latent
@@ -410,8 +418,16 @@ def _merging_forward_intermediates(
     state.trace_source, state.prune_last, state.features_only = True, False, True
     try:
         out = getattr(self, _ORIGINAL).forward_intermediates(
-            self, x, indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early, output_fmt="NLC",
-            intermediates_only=False, output_dict=True, **kwargs,
+            self,
+            x,
+            indices,
+            return_prefix_tokens=True,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt="NLC",
+            intermediates_only=False,
+            output_dict=True,
+            **kwargs,
         )
     finally:
         state.trace_source, state.prune_last = options
@@ -441,8 +457,12 @@ def _merging_forward_intermediates(
 
 def _patched_methods(cls: type) -> dict:
     if issubclass(cls, VisionTransformer):
-        return {"forward": _merging_forward, "forward_features": _merging_forward_features, "pool": _merging_pool,
-                "forward_intermediates": _merging_forward_intermediates}
+        return {
+            "forward": _merging_forward,
+            "forward_features": _merging_forward_features,
+            "pool": _merging_pool,
+            "forward_intermediates": _merging_forward_intermediates,
+        }
     return {"forward": _merging_block_forward}
 
 
