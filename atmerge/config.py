@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from atmerge.calibrate import Calibration
+from atmerge.data import read_json_file
 from atmerge.methods.base import Method
 from atmerge.methods.registry import METHODS, build_method
 
@@ -155,12 +156,7 @@ def save_config(path: str | Path, model: nn.Module, calibration, images_descript
 def read_config(path: str | Path) -> dict:
     """The config document at ``path``, checked: a one-line ValueError names what is wrong."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config {path} is not JSON: {e.msg} (line {e.lineno})") from None
+    document = read_json_file(path, "config")
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f"config {path}: field 'format' must be {FORMAT!r}")
     if "method" not in document:

@@ -307,15 +307,22 @@ def model_class_names(model: nn.Module) -> ClassNames | None:
     return ClassNames(descriptions, aliases, f"timm's {subset} class info")
 
 
+def read_json_file(path: str | Path, what: str):
+    """The JSON document at ``path``; ``what`` names it in the one-line errors (missing file:
+    FileNotFoundError; not JSON: ValueError with the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not JSON: {e.msg} (line {e.lineno})") from None
+
+
 def read_class_map(path: str | Path, num_classes: int) -> dict[str, int]:
     """A --class-map file: a JSON object {class folder name: the model's class index}."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class map {path} not found")
-    try:
-        mapping = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"class map {path} is not JSON: {e.msg} (line {e.lineno})") from None
+    mapping = read_json_file(path, "class map")
     if not isinstance(mapping, dict):
         raise ValueError(f"class map {path} must be a JSON object {{folder name: class index}}")
     for folder, index in mapping.items():
