@@ -15,7 +15,6 @@ trial runs on growing shares of the images and stops once it cannot win.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable
@@ -23,25 +22,25 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from atmerge.api import patch, unpatch
 from atmerge.data import IMAGE_SUFFIXES, folder_batches, image_files  # noqa: F401  (kept importable from here)
-from atmerge.fidelity import FIDELITY_MEASURES, fidelity_interval, paired_fidelity, per_image_fidelity, wilson_interval
+from atmerge.evaluate import run_batches
+from atmerge.fidelity import FIDELITY_MEASURES, fidelity_interval, paired_fidelity, per_image_fidelity
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method
-from atmerge.methods.space import starting_point
-from atmerge.models.adapter import is_classifier, model_output
-from atmerge.models.adapter import model_depth, model_patches
-
-ONE_SIDED_95 = 1.644854  # z of a one-sided 95% bound
-RUNGS = (0.125, 0.25, 0.5, 1.0)  # shares of the calibration images a trial must survive in turn
-COST_SLACK = 1.05  # a partial GFLOPs estimate this far above a bar stops the trial
-
-
-@dataclass(frozen=True)
-class Goal:
-    """kind 'budget' (target: GFLOPs per image) or 'floor' (target: fidelity's lower bound)."""
-
-    kind: str
-    target: float
+from atmerge.models.adapter import is_classifier, model_depth, model_patches
+from atmerge.tuning import (  # noqa: F401  (the engine's names stay importable from here)
+    CONFIRM_TRIES,
+    COST_SLACK,
+    ONE_SIDED_95,
+    RUNGS,
+    Goal,
+    agreement_lower_bound,
+    confirm,
+    hopeless,
+    split_holdout,
+    staged_trials,
+)
 
 
 @dataclass
@@ -84,127 +83,6 @@ class Calibration:
         """Top-1 agreement with the unpatched model on the calibration images (None for a
         feature model)."""
         return self.details.get("agreement")
-
-
-def agreement_lower_bound(agreement: float, images: int) -> float:
-    """One-sided 95% Wilson lower bound of an agreement measured on ``images`` images."""
-    successes = round(agreement * images)
-    return wilson_interval(successes, images, z=ONE_SIDED_95)[0]
-
-
-def hopeless(goal: Goal, upper: float, gflops: float, finished: list[dict]) -> bool:
-    """Whether a trial measured on part of the calibration images so far cannot win, so its
-    remaining images are skipped (successive halving).  upper: the two-sided 95% upper bound of
-    its fidelity so far; gflops: its mean cost so far.
-
-    budget goal: its cost is above the budget (× COST_SLACK), or ``upper`` is below the best
-    finished trial within the budget.  floor goal: ``upper`` is below the floor, or its cost is
-    above the cheapest finished trial that clears the floor (× COST_SLACK)."""
-    if goal.kind == "budget":
-        best = max((t["fidelity"] for t in finished if t["gflops"] <= goal.target), default=None)
-        return gflops > goal.target * COST_SLACK or (best is not None and upper < best)
-    if goal.kind == "floor":
-        cheapest = min((t["gflops"] for t in finished if t["fidelity_low"] >= goal.target), default=None)
-        return upper < goal.target or (cheapest is not None and gflops > cheapest * COST_SLACK)
-    return False
-
-
-def staged_trials(
-    model: nn.Module,
-    batches: list[torch.Tensor],
-    base: Method,
-    reference: torch.Tensor,
-    *,
-    measure: str,
-    goal: Goal | None,
-    trials: int,
-    seed: int = 0,
-    rungs: tuple[float, ...] = RUNGS,
-    profile=None,
-    progress: bool = False,
-) -> list[dict]:
-    """Optuna (multivariate TPE, seeded) over ``base``'s search space (fitted to ``profile``;
-    the first trial is ``base``'s own settings where they lie in it), each trial run on growing shares of the calibration ``batches`` (``rungs``) and stopped as
-    soon as it is :func:`hopeless` for ``goal``.  goal None: one study for several goals —
-    the front of (fidelity, GFLOPs), every trial on every image.  reference: the unpatched
-    model's outputs on all images [images, K].  Returns every trial's row: its settings, GFLOPs
-    and fidelity (with its one-sided 95% lower bound) on the images it ran on, ``images`` and
-    ``pruned``."""
-    import optuna
-
-    from atmerge.api import last_stats, patch, unpatch
-
-    space = type(base).search_space(model_depth(model), model_patches(model), profile)
-    total = sum(x.shape[0] for x in batches)
-    counts = torch.tensor([x.shape[0] for x in batches]).cumsum(0)
-    rungs = rungs if goal is not None else (1.0,)
-    bounds = sorted({int(torch.searchsorted(counts, math.ceil(share * total)).item()) + 1 for share in rungs})
-    rows: list[dict] = []
-
-    def objective(trial):
-        params = {name: knob.suggest(trial, name) for name, knob in space.items()}
-        method = base.searched(params, profile)
-        patch(model, method)
-        values: list[torch.Tensor] = []
-        images, gflops_sum, done = 0, 0.0, 0
-        for step, bound in enumerate(bounds):
-            with torch.no_grad():
-                for x in batches[done:bound]:
-                    n = x.shape[0]
-                    values.append(
-                        per_image_fidelity(
-                            model_output(model, x).float().cpu(), reference[images : images + n], measure
-                        )
-                    )
-                    gflops_sum += last_stats(model).gflops * n
-                    images += n
-            done = bound
-            per_image = torch.cat(values)
-            fidelity, gflops = float(per_image.mean()), gflops_sum / images
-            low = fidelity_interval(per_image, measure, ONE_SIDED_95)[0]
-            row = {
-                "trial": trial.number,
-                **params,
-                **type(base).from_search(params, profile),
-                "gflops": gflops,
-                "fidelity": fidelity,
-                "fidelity_low": low,
-                "images": images,
-                "pruned": False,
-            }
-            if goal is None:
-                continue
-            value = fidelity if goal.kind == "budget" else gflops
-            broken = gflops - goal.target if goal.kind == "budget" else goal.target - low  # > 0: goal not met
-            if images < total:
-                trial.report(value, step)
-                upper = fidelity_interval(per_image, measure)[1]
-                if hopeless(goal, upper, gflops, [r for r in rows if not r["pruned"]]):
-                    rows.append({**row, "pruned": True})
-                    trial.set_constraint("goal", max(broken, 1e-9))
-                    raise optuna.TrialPruned()
-        rows.append(row)
-        if goal is None:
-            return fidelity, gflops
-        trial.set_constraint("goal", broken)
-        return value
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    if goal is None:
-        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    else:
-        study = optuna.create_study(direction="maximize" if goal.kind == "budget" else "minimize", sampler=sampler)
-    first = starting_point(base, space)
-    if first:  # the method's own settings (for ATM: the paper's DeiT-S setting) are the first trial
-        study.enqueue_trial(first)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.optimize(objective, n_trials=trials, show_progress_bar=progress)
-    unpatch(model)
-    return rows
 
 
 def _image_batches(images, model: nn.Module, batch_size: int, transform) -> tuple[list[torch.Tensor], int]:
@@ -405,86 +283,22 @@ def calibrate_goals(
     return results
 
 
-def split_holdout(
-    batches: list[torch.Tensor], reference: torch.Tensor, share: float, batch_size: int
-) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """Every k-th image (k = round(1 / share)) is held out to confirm the chosen setting; the
-    others are searched on.  Returns (search batches, their reference outputs, held-out batches,
-    theirs); with ``share`` 0 (or too few images) both are all the images."""
-    images = torch.cat(batches)
-    if not share or round(1 / share) > images.shape[0]:
-        return batches, reference, batches, reference
-    held = torch.arange(images.shape[0]) % round(1 / share) == round(1 / share) - 1
-    return (
-        list(images[~held].split(batch_size)),
-        reference[~held],
-        list(images[held].split(batch_size)),
-        reference[held],
-    )
-
-
-CONFIRM_TRIES = 5  # candidates tried on the held-out images, best first, before giving up
-
-
-def confirm(rows: list[dict], goal: Goal, on_holdout) -> tuple[dict, bool]:
-    """The trial to ship for ``goal``: the search's candidates, best first (budget: the most
-    faithful within budget; floor: the cheapest whose lower bound clears it), each measured on
-    the held-out images (``on_holdout(row)`` → its gflops, fidelity, fidelity_low) until one
-    still meets the goal there — so that picking the best of many trials does not overstate
-    the result.  If none of the first CONFIRM_TRIES does: the closest of them, not met."""
-    finished = [t for t in rows if not t.get("pruned")]
-    if not finished:
-        cheapest = min((t["gflops"] for t in rows), default=None)
-        if goal.kind == "budget" and cheapest is not None and cheapest > goal.target:
-            raise ValueError(
-                f"the budget of {goal.target:.4g} GFLOPs per image is out of this method's reach: its "
-                f"cheapest setting tried cost {cheapest:.4g} (on the first calibration images); "
-                f"ask for a budget above that, or another method"
-            )
-        raise ValueError(
-            "every trial was stopped early as hopeless for this goal; a looser goal, or another method, can be reached"
-        )
-
-    if goal.kind == "budget":
-        meets = [t for t in finished if t["gflops"] <= goal.target]
-        ranked = sorted(meets, key=lambda t: (-t["fidelity"], t["gflops"])) or sorted(
-            finished, key=lambda t: t["gflops"]
-        )
-        holds = lambda h: h["gflops"] <= goal.target  # noqa: E731
-        closest = lambda h: -h["gflops"]  # noqa: E731
-    else:
-        meets = [t for t in finished if t["fidelity_low"] >= goal.target]
-        ranked = sorted(meets, key=lambda t: (t["gflops"], -t["fidelity"]))
-        ranked += sorted([t for t in finished if t not in meets], key=lambda t: (-t["fidelity"], t["gflops"]))
-        holds = lambda h: h["fidelity_low"] >= goal.target  # noqa: E731
-        closest = lambda h: h["fidelity_low"]  # noqa: E731
-    tried = ranked[:CONFIRM_TRIES]
-    for row in tried:
-        if row in meets and holds(on_holdout(row)):
-            return row, True
-    return max(tried, key=lambda t: closest(on_holdout(t))), False
-
-
-@torch.no_grad()
 def _measure(
     model: nn.Module, batches: list[torch.Tensor], method: Method, reference: torch.Tensor, measure: str, paired: bool
 ) -> dict:
     """``method`` on ``batches``: mean GFLOPs, fidelity with its one-sided 95% lower bound, and
     (``paired``) the paired details — agreement and its interval, top-5 agreement, KL, cosine;
     only the cosine for a feature model."""
-    from atmerge.api import last_stats, patch, unpatch
-
     patch(model, method)
-    outputs, gflops = [], 0.0
-    for x in batches:
-        outputs.append(model_output(model, x).float().cpu())
-        gflops += last_stats(model).gflops * x.shape[0]
-    unpatch(model)
-    outputs = torch.cat(outputs)
+    try:
+        run = run_batches(model, batches)
+    finally:
+        unpatch(model)
+    outputs = run.outputs
     values = per_image_fidelity(outputs, reference, measure)
     numbers = {
-        "images": outputs.shape[0],
-        "gflops": gflops / outputs.shape[0],
+        "images": run.images,
+        "gflops": run.gflops,
         "fidelity": float(values.mean()),
         "fidelity_low": fidelity_interval(values, measure, ONE_SIDED_95)[0],
         "details": {},
@@ -493,7 +307,7 @@ def _measure(
         cosine = per_image_fidelity(outputs, reference, "cosine")
         low, high = fidelity_interval(cosine, "cosine")
         numbers["details"] = {
-            "images": outputs.shape[0],
+            "images": run.images,
             "cosine": float(cosine.mean()),
             "cosine_low": low,
             "cosine_high": high,

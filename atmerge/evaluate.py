@@ -125,3 +125,41 @@ def evaluate(
         ),
         outputs,
     )
+
+
+@dataclass
+class PatchedRun:
+    """What :func:`run_batches` measured.  outputs: [images, K] float32 on the CPU (logits, or the
+    pooled feature); gflops: mean per image; merged_per_block: mean tokens merged (or pruned) in
+    each block per image (zeros for an unpatched model); images: how many."""
+
+    outputs: torch.Tensor
+    gflops: float
+    merged_per_block: list[float]
+    images: int
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, batches: Iterable[torch.Tensor]) -> PatchedRun:
+    """Run ``model`` (patched or not) over image ``batches`` [B, C, H, W]: its outputs, mean
+    GFLOPs and merge counts per image, each batch weighted by its images.  The one loop that
+    tuning, freezing and budget matching share."""
+    adapter = adapter_for(model)
+    outputs: list[torch.Tensor] = []
+    gflops_sum, merged_sum, images = 0.0, None, 0
+    for x in batches:
+        n = x.shape[0]
+        if n == 0:
+            continue
+        outputs.append(adapter.main_output(model, model(x)).float().cpu())
+        if is_patched(model):
+            stats = last_stats(model)
+            g, merged = stats.gflops, stats.merged_per_block
+        else:
+            g, merged = dense_gflops(model, tuple(x.shape[1:])), [0.0] * len(adapter.blocks(model))
+        gflops_sum += g * n
+        merged_sum = [m * n for m in merged] if merged_sum is None else [a + m * n for a, m in zip(merged_sum, merged)]
+        images += n
+    if images == 0:
+        raise ValueError("no images to run the model on; pass at least one non-empty batch")
+    return PatchedRun(torch.cat(outputs), gflops_sum / images, [m / images for m in merged_sum], images)

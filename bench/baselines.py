@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     for method in methods:
         t0 = time.time()
         found = search_methods(
-            model, calib, [method], goal="pareto", metric="agreement", trials=args.trials, seed=0, reference=reference
+            model, calib, [method], goal="pareto", measure="agreement", trials=args.trials, seed=0, reference=reference
         )
         searches.update(found)
         bases[next(iter(found))] = method

@@ -1,37 +1,57 @@
-"""`atmerge search`: any method's settings found with Optuna (TPE, seeded) on a calibration set.
+"""`atmerge search`: a study of any method's settings on a calibration set, with the one tuning
+engine that calibration uses (:mod:`atmerge.tuning`: Optuna, multivariate TPE, seeded; staged
+trials that stop once they cannot win).
 
 Each method declares its search space (``Method.search_space``; ATM: the paper's sweep of α,
 β, θ_min on a 0.005 grid), so every method is tuned by the same machinery with the same number
-of trials.  Goals: 'budget' (best quality with mean GFLOPs ≤ budget), 'stress' (lowest GFLOPs
-with top-1 no lower than the unpatched model's, Table 1), 'pareto' (the quality–GFLOPs front).
-Quality is top-1 or, without labels, agreement with the unpatched model's predictions.
+of trials.  Goals: 'budget' (best measure with mean GFLOPs ≤ budget), 'stress' (lowest GFLOPs
+with top-1 no lower than the unpatched model's, Table 1), 'pareto' (the measure–GFLOPs front).
+The measure is top-1 (labels) or, without labels, agreement with the unpatched model's
+predictions (or the cosine of the outputs).
 
-The unpatched model's predictions are computed once per study and, given ``cache_dir``, kept on
+The unpatched model's outputs are computed once per study and, given ``cache_dir``, kept on
 disk under a key made of the model's weights and the calibration images, so a second search on
-the same model and images skips that pass.  Every trial reports its top-1 agreement with them.
+the same model and images skips that pass.  Every trial also records its top-1 (with labels)
+and its agreement (classifiers).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from atmerge.api import patch, unpatch
-from atmerge.evaluate import evaluate
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method, method_settings
-from atmerge.models.adapter import model_depth, model_patches
+from atmerge.models.adapter import is_classifier, model_depth, model_patches
 from atmerge.trials import trial_method, unpatched_outputs  # noqa: F401  (re-exported: callers import them from here)
+from atmerge.tuning import MEASURES, RUNGS, Goal, staged_trials
 
 GOALS = ("budget", "stress", "pareto")
-METRICS = ("top1", "agreement")
+METRICS = ("top1", "agreement")  # the old name of the measures a search offered (``metric=``)
 
 
 def _materialise(batches: Iterable) -> list:
     return [(x, y) for x, y in batches]
+
+
+def _measure_name(measure: str | None, metric: str | None) -> str:
+    if metric is not None:
+        warnings.warn(
+            "search(metric=...) is deprecated and will be removed in the next release; use measure=...",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if measure is not None and measure != metric:
+            raise ValueError(f"measure={measure!r} and metric={metric!r} disagree; give measure only")
+        measure = metric
+    measure = "top1" if measure is None else measure
+    if measure not in MEASURES:
+        raise ValueError(f"measure={measure!r}; choose one of {MEASURES}")
+    return measure
 
 
 def search(
@@ -43,98 +63,93 @@ def search(
     budget: float | None = None,
     trials: int = 40,
     seed: int = 0,
-    metric: str = "top1",
+    measure: str | None = None,
+    metric: str | None = None,
     progress: bool = False,
     cache_dir: str | Path | None = None,
     reference: tuple[dict, torch.Tensor, bool] | None = None,
     profile=None,
+    early_stop: bool = True,
 ) -> dict:
-    """Run an Optuna study (TPE, seeded) over ``method``'s own search space
-    (``type(method).search_space``); returns the trials, the chosen trial(s) and the baseline.
+    """A study over ``method``'s own search space (``type(method).search_space``) on ``batches``
+    of (images, labels or None), run by the tuning engine; returns the trials, the chosen trial
+    and the baseline.
 
-    method: a registry name or a method whose other settings stay fixed.  metric: what a trial's quality is — 'top1' (needs labels)
-        or 'agreement' (share of images whose predicted class is the unpatched model's; no
-        labels needed).  goal 'budget': best quality with mean GFLOPs ≤ budget; 'stress':
-        lowest GFLOPs with top-1 no lower than the unpatched model's; 'pareto': the front of
-        (quality, GFLOPs).  Each trial is one evaluation of the calibration batches.
-    cache_dir: where the unpatched model's predictions are kept between runs (None: not kept);
+    method: a registry name or a method whose other settings stay fixed.  measure: what a
+    trial is judged by — 'top1' (the default; needs labels), 'agreement' (share of images whose
+    predicted class is the unpatched model's; no labels needed) or 'cosine' (of the outputs).
+    ``metric`` is its deprecated old name.  goal 'budget': the best measure with mean GFLOPs ≤
+    ``budget`` (GFLOPs per image); 'stress': the lowest GFLOPs with top-1 no lower than the
+    unpatched model's (its measure is top-1); 'pareto': the front of (measure, GFLOPs), every
+    trial on every image.  early_stop: for the budget and stress goals, trials run on growing
+    shares of the images and stop once they cannot win (stopped trials are not feasible).
+    cache_dir: where the unpatched model's outputs are kept between runs (None: not kept);
     reference: what :func:`unpatched_outputs` returned for these batches, to skip that pass.
     profile: the model's :class:`~atmerge.profile.ScoreProfile`, to fit the search space to it.
     """
-    import optuna
-
+    measure = _measure_name(measure, metric)
     if goal not in GOALS:
         raise ValueError(f"goal={goal!r}; choose one of {GOALS}")
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}; choose one of {METRICS}")
     if goal == "budget" and (budget is None or budget <= 0):
-        raise ValueError("goal 'budget' needs a positive budget in GFLOPs (--budget)")
-    if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+        raise ValueError("goal 'budget' needs a positive budget in GFLOPs per image")
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials}")
     base = build_method(method) if isinstance(method, str) else method
     batches = _materialise(batches)
     baseline, reference_outputs, cached = reference if reference else unpatched_outputs(model, batches, cache_dir)
-    predictions = reference_outputs.argmax(-1)
-    if (goal == "stress" or metric == "top1") and baseline["top1"] is None:
-        raise ValueError("these images have no labels: use metric='agreement' (and goal 'pareto' or 'budget')")
-    space = type(base).search_space(model_depth(model), model_patches(model), profile)
-    rows: list[dict] = []
-
-    def run(trial) -> tuple[float, float]:
-        params = {name: knob.suggest(trial, name) for name, knob in space.items()}
-        patch(model, base.searched(params, profile))
-        res, outputs = evaluate(model, batches, keep_outputs=True)
-        agreement = (torch.cat([o.argmax(-1).cpu() for o in outputs]) == predictions).float().mean().item()
-        quality = res.top1 if metric == "top1" else agreement
-        feasible = {
-            "budget": res.gflops <= (budget or 0),
-            "stress": res.top1 is not None and res.top1 >= baseline["top1"],
-            "pareto": True,
-        }[goal]
-        if goal == "budget":
-            trial.set_constraint("gflops_over_budget", res.gflops - budget)
-        elif goal == "stress":
-            trial.set_constraint("top1_drop", baseline["top1"] - res.top1)
-        rows.append(
-            {
-                "trial": trial.number,
-                **params,
-                "top1": res.top1,
-                "gflops": res.gflops,
-                "agreement": agreement,
-                "quality": quality,
-                "feasible": feasible,
-            }
-        )
-        return quality, res.gflops
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed)
-    if goal == "pareto":
-        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-        study.optimize(run, n_trials=trials, show_progress_bar=progress)
-    else:
-        study = optuna.create_study(direction="maximize" if goal == "budget" else "minimize", sampler=sampler)
-        objective = (lambda t: run(t)[0]) if goal == "budget" else (lambda t: run(t)[1])
-        study.optimize(objective, n_trials=trials, show_progress_bar=progress)
-    unpatch(model)
-
+    labelled = baseline["top1"] is not None
+    if (goal == "stress" or measure == "top1") and not labelled:
+        raise ValueError("these images have no labels: use measure='agreement' (and goal 'pareto' or 'budget')")
+    if goal == "stress":
+        measure = "top1"
+    labels = torch.cat([y.cpu() for _, y in batches]) if labelled else None
+    also = tuple(m for m in ("top1", "agreement") if m != measure and (m != "top1" or labelled))
+    if not is_classifier(model):
+        also = tuple(m for m in also if m != "agreement")
+    target = {
+        "budget": lambda: Goal("budget", float(budget)),
+        "stress": lambda: Goal("floor", baseline["top1"], "mean"),
+    }
+    engine_goal = target[goal]() if goal in target else None
+    rows = staged_trials(
+        model,
+        [x for x, _ in batches],
+        base,
+        reference_outputs,
+        measure=measure,
+        goal=engine_goal,
+        trials=trials,
+        seed=seed,
+        rungs=RUNGS if early_stop else (1.0,),
+        profile=profile,
+        progress=progress,
+        labels=labels,
+        also=also,
+    )
+    for row in rows:
+        row["quality"] = row["fidelity"]
+        row.setdefault(measure, row["fidelity"])
+        row["feasible"] = not row["pruned"] and (engine_goal is None or engine_goal.met_by(row))
     feasible = [r for r in rows if r["feasible"]]
     if goal == "budget":
         best = max(feasible, key=lambda r: (r["quality"], -r["gflops"]), default=None)
     elif goal == "stress":
-        best = min(feasible, key=lambda r: (r["gflops"], -r["top1"]), default=None)
+        best = min(feasible, key=lambda r: (r["gflops"], -r["quality"]), default=None)
     else:
         best = None
+    space = type(base).search_space(model_depth(model), model_patches(model), profile)
+    finished = [r for r in rows if not r["pruned"]]
     return {
         "method": method_settings(base),
         "label": base.label(tuple(space)),
         "goal": goal,
-        "metric": metric,
+        "measure": measure,
+        "metric": measure,
         "budget": budget,
         "trials": rows,
         "best": best,
-        "pareto_front": pareto_front(rows, "quality"),
+        "cheapest": min(rows, key=lambda r: r["gflops"], default=None),
+        "pareto_front": pareto_front(finished, "quality"),
         "baseline": {"top1": baseline["top1"], "top5": baseline["top5"], "gflops": baseline["gflops"]},
         "baseline_from_cache": cached,
         "images": baseline["images"],
@@ -179,12 +194,12 @@ def plot_search(results: dict[str, dict], out, title: str | None = None) -> str:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     colours = iter(plt.get_cmap("tab10").colors)
     first = next(iter(results.values()))
-    metric = first["metric"]
+    metric = first["measure"]
     for label, result in results.items():
         colour = next(colours)
         ax.scatter(
-            [r["gflops"] for r in result["trials"]],
-            [100 * r["quality"] for r in result["trials"]],
+            [r["gflops"] for r in result["trials"] if not r.get("pruned")],
+            [100 * r["quality"] for r in result["trials"] if not r.get("pruned")],
             s=6,
             alpha=0.25,
             color=colour,
@@ -219,7 +234,11 @@ def plot_search(results: dict[str, dict], out, title: str | None = None) -> str:
         zorder=3,
     )
     ax.set_xlabel("GFLOPs per image")
-    ax.set_ylabel("top-1 (%)" if metric == "top1" else "agreement with the unpatched model (%)")
+    ax.set_ylabel(
+        {"top1": "top-1 (%)", "cosine": "output cosine to the unpatched model (%)"}.get(
+            metric, "agreement with the unpatched model (%)"
+        )
+    )
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)

@@ -1,0 +1,260 @@
+"""The one tuning engine: Optuna trials over a method's settings, staged on growing shares of the
+images, and the held-out confirmation of the setting a goal picks.
+
+It serves :func:`atmerge.calibrate` (label-free goals on a share of the GFLOPs or a fidelity
+floor), ``atmerge search`` (a study of one method or several, with labels or without) and the
+method comparison of ``method="auto"``.  A trial is judged by one *measure*:
+
+* ``agreement`` — 1/0 per image, whether the predicted class is the unpatched model's;
+* ``cosine`` — per image, the cosine of the output to the unpatched output (feature models);
+* ``top1`` — 1/0 per image, whether the predicted class is the label (needs labels).
+
+A goal is a budget (the most faithful setting whose mean GFLOPs per image is at most the target)
+or a floor (the cheapest setting whose measure's one-sided 95% lower bound — or mean, for
+``bound="mean"`` — is at least the target).  No goal: the (measure, GFLOPs) front.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from atmerge.api import patch, unpatch
+from atmerge.evaluate import run_batches
+from atmerge.fidelity import fidelity_interval, per_image_fidelity, wilson_interval
+from atmerge.methods.base import Method
+from atmerge.methods.space import starting_point
+from atmerge.models.adapter import model_depth, model_patches
+
+ONE_SIDED_95 = 1.644854  # z of a one-sided 95% bound
+RUNGS = (0.125, 0.25, 0.5, 1.0)  # shares of the images a trial must survive in turn
+COST_SLACK = 1.05  # a partial GFLOPs estimate this far above a bar stops the trial
+CONFIRM_TRIES = 5  # candidates tried on the held-out images, best first, before giving up
+MEASURES = ("agreement", "cosine", "top1")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """kind 'budget' (target: GFLOPs per image) or 'floor' (target: the measure's bar).
+    bound: what a floor is checked on — 'low' (the one-sided 95% lower bound) or 'mean'."""
+
+    kind: str
+    target: float
+    bound: str = "low"
+
+    def met_by(self, row: dict) -> bool:
+        """Whether a trial's (or a confirmation's) numbers meet the goal."""
+        if self.kind == "budget":
+            return row["gflops"] <= self.target
+        return row["fidelity_low" if self.bound == "low" else "fidelity"] >= self.target
+
+
+def agreement_lower_bound(agreement: float, images: int) -> float:
+    """One-sided 95% Wilson lower bound of an agreement measured on ``images`` images."""
+    successes = round(agreement * images)
+    return wilson_interval(successes, images, z=ONE_SIDED_95)[0]
+
+
+def per_image_values(outputs: torch.Tensor, reference: torch.Tensor, measure: str) -> torch.Tensor:
+    """[images] float64 values of ``measure``: against the unpatched ``reference`` outputs
+    [images, K] ('agreement', 'cosine'), or against labels [images] ('top1')."""
+    if measure == "top1":
+        return (outputs.argmax(-1) == reference.to(outputs.device)).double()
+    return per_image_fidelity(outputs, reference, measure)
+
+
+def interval(values: torch.Tensor, measure: str, z: float = 1.959964) -> tuple[float, float]:
+    """Interval of the mean of per-image ``values``: Wilson for the proportions (agreement,
+    top-1), mean ± z·SE for cosine."""
+    return fidelity_interval(values, "agreement" if measure == "top1" else measure, z)
+
+
+def hopeless(goal: Goal, upper: float, gflops: float, finished: list[dict]) -> bool:
+    """Whether a trial measured on part of the images so far cannot win, so its remaining images
+    are skipped (successive halving).  upper: the two-sided 95% upper bound of its measure so
+    far; gflops: its mean cost so far.
+
+    budget goal: its cost is above the budget (× COST_SLACK), or ``upper`` is below the best
+    finished trial within the budget.  floor goal: ``upper`` is below the floor, or its cost is
+    above the cheapest finished trial that clears the floor (× COST_SLACK)."""
+    if goal.kind == "budget":
+        best = max((t["fidelity"] for t in finished if t["gflops"] <= goal.target), default=None)
+        return gflops > goal.target * COST_SLACK or (best is not None and upper < best)
+    if goal.kind == "floor":
+        cheapest = min((t["gflops"] for t in finished if goal.met_by(t)), default=None)
+        return upper < goal.target or (cheapest is not None and gflops > cheapest * COST_SLACK)
+    return False
+
+
+def staged_trials(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    base: Method,
+    reference: torch.Tensor,
+    *,
+    measure: str,
+    goal: Goal | None,
+    trials: int,
+    seed: int = 0,
+    rungs: tuple[float, ...] = RUNGS,
+    profile=None,
+    progress: bool = False,
+    labels: torch.Tensor | None = None,
+    also: tuple[str, ...] = (),
+) -> list[dict]:
+    """Optuna (multivariate TPE, seeded) over ``base``'s search space (fitted to ``profile``;
+    the first trial is ``base``'s own settings where they lie in it), each trial run on growing
+    shares of the image ``batches`` (``rungs``) and stopped as soon as it is :func:`hopeless`
+    for ``goal``.  goal None: one study for several goals — the front of (measure, GFLOPs),
+    every trial on every image.
+
+    reference: the unpatched model's outputs on all images [images, K]; labels: [images], needed
+    for the measure 'top1'.  also: further measures recorded in each row under their own name
+    (e.g. a search by top-1 also records agreement).  Returns every trial's row: its settings,
+    GFLOPs and ``fidelity`` — the mean of ``measure`` — with its one-sided 95% lower bound, on
+    the images it ran on, ``images`` and ``pruned``."""
+    import optuna
+
+    if measure not in MEASURES or any(m not in MEASURES for m in also):
+        raise ValueError(f"measure {measure!r} (also {also}) is not supported; choose from {MEASURES}")
+    if "top1" in (measure, *also) and labels is None:
+        raise ValueError("the measure 'top1' needs labels; these images have none: use 'agreement'")
+    targets = {m: labels if m == "top1" else reference for m in (measure, *also)}
+    space = type(base).search_space(model_depth(model), model_patches(model), profile)
+    total = sum(x.shape[0] for x in batches)
+    counts = torch.tensor([x.shape[0] for x in batches]).cumsum(0)
+    rungs = rungs if goal is not None else (1.0,)
+    bounds = sorted({int(torch.searchsorted(counts, math.ceil(share * total)).item()) + 1 for share in rungs})
+    rows: list[dict] = []
+
+    def objective(trial):
+        params = {name: knob.suggest(trial, name) for name, knob in space.items()}
+        patch(model, base.searched(params, profile))
+        values: dict[str, list[torch.Tensor]] = {m: [] for m in targets}
+        images, gflops_sum, done = 0, 0.0, 0
+        for step, bound in enumerate(bounds):
+            run = run_batches(model, batches[done:bound])
+            for m, target in targets.items():
+                values[m].append(per_image_values(run.outputs, target[images : images + run.images], m))
+            gflops_sum += run.gflops * run.images
+            images += run.images
+            done = bound
+            per_image = torch.cat(values[measure])
+            fidelity, gflops = float(per_image.mean()), gflops_sum / images
+            row = {
+                "trial": trial.number,
+                **params,
+                **type(base).from_search(params, profile),
+                "gflops": gflops,
+                "fidelity": fidelity,
+                "fidelity_low": interval(per_image, measure, ONE_SIDED_95)[0],
+                **{m: float(torch.cat(values[m]).mean()) for m in also},
+                "images": images,
+                "pruned": False,
+            }
+            if goal is None:
+                continue
+            value = fidelity if goal.kind == "budget" else gflops
+            if goal.kind == "budget":
+                broken = gflops - goal.target  # > 0: goal not met
+            else:
+                broken = goal.target - row["fidelity_low" if goal.bound == "low" else "fidelity"]
+            if images < total:
+                trial.report(value, step)
+                upper = interval(per_image, measure)[1]
+                if hopeless(goal, upper, gflops, [r for r in rows if not r["pruned"]]):
+                    rows.append({**row, "pruned": True})
+                    trial.set_constraint("goal", max(broken, 1e-9))
+                    raise optuna.TrialPruned()
+        rows.append(row)
+        if goal is None:
+            return fidelity, gflops
+        trial.set_constraint("goal", broken)
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if goal is None:
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    else:
+        study = optuna.create_study(direction="maximize" if goal.kind == "budget" else "minimize", sampler=sampler)
+    first = starting_point(base, space)
+    if first:  # the method's own settings (for ATM: the paper's DeiT-S setting) are the first trial
+        study.enqueue_trial(first)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=trials, show_progress_bar=progress)
+    finally:
+        unpatch(model)
+    return rows
+
+
+def split_holdout(
+    batches: list[torch.Tensor], reference: torch.Tensor, share: float, batch_size: int
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Every k-th image (k = round(1 / share)) is held out to confirm the chosen setting; the
+    others are searched on.  Returns (search batches, their reference outputs, held-out batches,
+    theirs); with ``share`` 0 (or too few images) both are all the images."""
+    images = torch.cat(batches)
+    if not share or round(1 / share) > images.shape[0]:
+        return batches, reference, batches, reference
+    held = torch.arange(images.shape[0]) % round(1 / share) == round(1 / share) - 1
+    return (
+        list(images[~held].split(batch_size)),
+        reference[~held],
+        list(images[held].split(batch_size)),
+        reference[held],
+    )
+
+
+def ranked_candidates(rows: list[dict], goal: Goal) -> tuple[list[dict], list[dict]]:
+    """The finished trials best first for ``goal`` (budget: the most faithful within budget,
+    then the cheapest; floor: the cheapest that clears it, then the most faithful), and those
+    of them that meet it on the images they were searched on."""
+    finished = [t for t in rows if not t.get("pruned")]
+    meets = [t for t in finished if goal.met_by(t)]
+    if goal.kind == "budget":
+        ranked = sorted(meets, key=lambda t: (-t["fidelity"], t["gflops"])) or sorted(
+            finished, key=lambda t: t["gflops"]
+        )
+    else:
+        ranked = sorted(meets, key=lambda t: (t["gflops"], -t["fidelity"]))
+        ranked += sorted([t for t in finished if t not in meets], key=lambda t: (-t["fidelity"], t["gflops"]))
+    return ranked, meets
+
+
+def confirm(rows: list[dict], goal: Goal, on_holdout: Callable[[dict], dict]) -> tuple[dict, bool]:
+    """The trial to ship for ``goal``: the search's candidates, best first (:func:`ranked_candidates`),
+    each measured on the held-out images (``on_holdout(row)`` → its gflops, fidelity,
+    fidelity_low) until one still meets the goal there — so that picking the best of many
+    trials does not overstate the result.  If none of the first CONFIRM_TRIES does: the closest
+    of them, not met."""
+    if not any(not t.get("pruned") for t in rows):
+        cheapest = min((t["gflops"] for t in rows), default=None)
+        if goal.kind == "budget" and cheapest is not None and cheapest > goal.target:
+            raise ValueError(
+                f"the budget of {goal.target:.4g} GFLOPs per image is out of this method's reach: its "
+                f"cheapest setting tried cost {cheapest:.4g} (on the first calibration images); "
+                f"ask for a budget above that, or another method"
+            )
+        raise ValueError(
+            "every trial was stopped early as hopeless for this goal; a looser goal, or another method, can be reached"
+        )
+    ranked, meets = ranked_candidates(rows, goal)
+    if goal.kind == "budget":
+        closest = lambda h: -h["gflops"]  # noqa: E731
+    else:
+        closest = lambda h: h["fidelity_low" if goal.bound == "low" else "fidelity"]  # noqa: E731
+    tried = ranked[:CONFIRM_TRIES]
+    for row in tried:
+        if row in meets and goal.met_by(on_holdout(row)):
+            return row, True
+    return max(tried, key=lambda t: closest(on_holdout(t))), False

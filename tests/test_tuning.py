@@ -1,0 +1,79 @@
+"""The one tuning engine (atmerge.tuning) serves calibration and `atmerge search` alike: the same
+trials for the same seed, measures worked by hand, goals met or not by hand-made numbers, and
+stopped trials never chosen."""
+
+import pytest
+import torch
+
+import atmerge
+from atmerge.experiments.search import search
+from atmerge.trials import unpatched_outputs
+from atmerge.tuning import Goal, per_image_values, staged_trials
+from conftest import blocky_images, small_vit
+
+
+def test_measures_by_hand():
+    outputs = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 5.0, 0.0]])
+    reference = torch.tensor([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 9.0, 0.0]])  # classes 0, 1, 1
+    labels = torch.tensor([0, 2, 0])
+    assert per_image_values(outputs, labels, "top1").tolist() == [1.0, 1.0, 0.0]
+    assert per_image_values(outputs, reference, "agreement").tolist() == [1.0, 0.0, 1.0]
+    cosine = per_image_values(outputs, reference, "cosine")
+    assert cosine[0].item() == pytest.approx(2 / 5**0.5)  # (2·9) / (√5 · 9)
+
+
+def test_goals_by_hand():
+    row = {"gflops": 0.5, "fidelity": 0.97, "fidelity_low": 0.95}
+    assert Goal("budget", 0.5).met_by(row) and not Goal("budget", 0.49).met_by(row)
+    assert Goal("floor", 0.95).met_by(row) and not Goal("floor", 0.96).met_by(row)  # the lower bound
+    assert Goal("floor", 0.96, "mean").met_by(row) and not Goal("floor", 0.98, "mean").met_by(row)
+
+
+@pytest.fixture(scope="module")
+def model_and_images():
+    torch.manual_seed(0)
+    model = small_vit().eval()
+    images = blocky_images(24, seed=1)
+    return model, images
+
+
+def test_search_and_calibration_draw_the_same_trials(model_and_images):
+    """`search` is the calibration engine: for one seed, measure and goal it tries the same
+    settings and measures the same numbers as the engine called directly."""
+    model, images = model_and_images
+    batches = list(images.split(8))
+    _, reference, _ = unpatched_outputs(model, [(x, None) for x in batches])
+    direct = staged_trials(model, batches, atmerge.ATM(), reference, measure="agreement", goal=None, trials=4, seed=3)
+    searched = search(model, [(x, None) for x in batches], measure="agreement", trials=4, seed=3)
+    keys = ("alpha", "beta", "theta_min", "gflops", "fidelity")
+    assert [{k: r[k] for k in keys} for r in searched["trials"]] == [{k: r[k] for k in keys} for r in direct]
+    assert all(r["quality"] == r["agreement"] == r["fidelity"] for r in searched["trials"])
+
+
+def test_search_with_a_budget_stops_hopeless_trials_and_never_picks_them(model_and_images):
+    model, images = model_and_images
+    dense = atmerge.gflops(model, tuple(images.shape[1:]))
+    batches = [(x, None) for x in images.split(3)]
+    result = search(model, batches, measure="agreement", goal="budget", budget=0.6 * dense, trials=8, seed=0)
+    pruned = [r for r in result["trials"] if r["pruned"]]
+    assert pruned, "a budget of 60% should stop some trials early on this model"
+    assert all(r["images"] < images.shape[0] and not r["feasible"] for r in pruned)
+    assert all(r["gflops"] <= 0.6 * dense for r in result["trials"] if r["feasible"])
+    best = result["best"]
+    assert best is not None and best == max(
+        (r for r in result["trials"] if r["feasible"]), key=lambda r: (r["quality"], -r["gflops"])
+    )
+    assert all(not r["pruned"] for r in result["pareto_front"])
+
+
+def test_search_metric_is_a_deprecated_name_of_measure(model_and_images):
+    model, images = model_and_images
+    batches = [(x, None) for x in images.split(12)]
+    with pytest.warns(DeprecationWarning, match="measure"):
+        old = search(model, batches, metric="agreement", trials=2)
+    new = search(model, batches, measure="agreement", trials=2)
+    assert old["trials"] == new["trials"] and new["measure"] == "agreement"
+    with pytest.raises(ValueError, match="measure='accuracy'"):
+        search(model, batches, measure="accuracy", trials=1)
+    with pytest.raises(ValueError, match="no labels"):
+        search(model, batches, measure="top1", trials=1)
