@@ -447,7 +447,7 @@ def cmd_search(args) -> int:
         budget=budget,
         trials=args.trials,
         seed=args.seed,
-        metric=args.metric,
+        measure=args.metric,
         progress=args.progress,
         cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"),
     )
@@ -466,8 +466,14 @@ def cmd_search(args) -> int:
     if result["best"]:
         best = {k: result["best"][k] for k in [*result["space"], "top1", "agreement", "gflops"]}
         print(f"best ({args.goal}):", {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()})
+    elif args.goal == "budget" and result["cheapest"] is not None:
+        cheapest = result["cheapest"]["gflops"]
+        print(
+            f"no trial met the budget of {budget:.4g} GFLOPs per image; the cheapest trial cost {cheapest:.4g} "
+            f"({100 * cheapest / b['gflops']:.1f}% of the unpatched model's): ask for a budget above that"
+        )
     elif args.goal != "pareto":
-        print(f"no trial met the {args.goal} constraint; try more --trials")
+        print(f"no trial met the {args.goal} goal in {len(result['trials'])} trials")
     _write(result, out, "search", result["trials"])
     print(f"plot: {result['plot']}")
     return 0

@@ -129,6 +129,8 @@ def search(
     for row in rows:
         row["quality"] = row["fidelity"]
         row.setdefault(measure, row["fidelity"])
+        row.setdefault("top1", None)  # no labels
+        row.setdefault("agreement", None)  # a feature model
         row["feasible"] = not row["pruned"] and (engine_goal is None or engine_goal.met_by(row))
     feasible = [r for r in rows if r["feasible"]]
     if goal == "budget":
