@@ -4,6 +4,7 @@ what happened."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,11 +15,17 @@ from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.stats import BlockRecord, MergeStats
 
 
-PADDING_NEEDS_PER_IMAGE = (
-    "padding tokens (an attention mask that hides tokens) can follow merges only with per-image merging, and "
-    "{method} merges one count per batch; use atmerge.ATM(..., batch_adaptive=False) or "
-    "atmerge.ConstantThreshold(..., batch_adaptive=False), or a method that merges nothing, or pass no mask"
-)
+# what a block's reduction reports: (tokens removed, θ, matching multiply-adds, requested count)
+Outcome = tuple[int, float, float, int | None]
+
+
+def _per_image_variant(method: Method) -> Method:
+    """``method`` merging every image's own count: itself if it already does, the same settings with
+    ``batch_adaptive=False`` if it has that option (ATM, ConstantThreshold), else itself."""
+    fields = {f.name for f in dataclasses.fields(method)} if dataclasses.is_dataclass(method) else set()
+    if method.batch_adaptive and "batch_adaptive" in fields:
+        return dataclasses.replace(method, batch_adaptive=False)
+    return method
 
 
 class MergeState:
@@ -27,6 +34,13 @@ class MergeState:
     prune_last: in the last block keep only the protected tokens before the MLP.
     features_only: set by the model's forward when no head follows (e.g. timm's
     ``forward_features`` on its own), so that the statistics leave the head's cost out.
+
+    A key-padding mask given to :meth:`begin` makes the hidden tokens padding (size 0) for every
+    method: a method that merges per image on a padded batch (``batch_adaptive=False``) decides on
+    it directly; a batch-adaptive one with that option (ATM, ConstantThreshold) merges every
+    image's own count in a padded batch; any other method (ToMe, top-r, MCTF, EViT, Zero-TP,
+    frozen) decides on the real tokens of the images of one length at a time, as it would on
+    those images alone (:meth:`_reduce_by_length`), and the results are padded again.
     """
 
     def __init__(
@@ -54,14 +68,19 @@ class MergeState:
         self.pruned_last = False
         self.padded = False
         self.features_only = False
-        self.caller_mask = False  # set by an adapter: the caller's mask is honoured until the first merge
-        self._before: tuple[int, Decision] | None = None
+        self._before: tuple[int, Outcome, torch.Tensor | None] | None = None  # (tokens in, outcome, real tokens in)
+        self._padded_method = _per_image_variant(method)
 
     @property
     def per_image(self) -> bool:
         """Whether every image merges its own count (the batch is then padded; see
-        :mod:`atmerge.core.padding`)."""
-        return not self.method.batch_adaptive
+        :mod:`atmerge.core.padding`): a per-image method, or any method on a padded input."""
+        return not self.method.batch_adaptive or self.padded
+
+    @property
+    def deciding(self) -> Method:
+        """The method that decides this forward's merges (its per-image variant on a padded input)."""
+        return self._padded_method if self.padded else self.method
 
     def begin(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Start a forward pass with tokens x [B, N, C]: every token has size 1, or — given a
@@ -73,8 +92,9 @@ class MergeState:
         self.padded = False
         if valid is not None:
             self._check_padding(valid, batch, num_tokens)
-            self.size = valid.to(device=x.device, dtype=torch.float32).expand(batch, num_tokens).contiguous()
-            self.padded = True
+            if not bool(valid.all()):  # a mask that hides nothing is no padding
+                self.size = valid.to(device=x.device, dtype=torch.float32).expand(batch, num_tokens).contiguous()
+                self.padded = True
         self.source = None
         if self.trace_source:
             eye = torch.eye(num_tokens, device=x.device, dtype=x.dtype)
@@ -97,8 +117,6 @@ class MergeState:
                 f"a key-padding mask must be a bool tensor [{batch}, {num_tokens}], got "
                 f"{valid.dtype} {list(valid.shape)}"
             )
-        if not self.per_image:
-            raise ValueError(PADDING_NEEDS_PER_IMAGE.format(method=type(self.method).__name__))
         if not bool(valid[:, : self.num_protected].all()):
             raise ValueError(
                 f"the attention mask hides a protected token (the first {self.num_protected}: CLS, "
@@ -152,6 +170,88 @@ class MergeState:
             self.merged_any = self.merged_any or merge.r > 0 or padded
         return x
 
+    @staticmethod
+    def _outcome(decision: Decision) -> Outcome:
+        return decision.merge.r, decision.threshold, decision.matching_macs, decision.requested
+
+    @property
+    def _by_length(self) -> bool:
+        """A padded batch and a method that cannot decide on padding: it decides per length."""
+        return self.padded and self.deciding.batch_adaptive
+
+    def _reduce_by_length(
+        self,
+        block: int,
+        x: torch.Tensor,
+        metric: torch.Tensor | None,
+        attention: torch.Tensor | None,
+        carry_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Outcome]:
+        """A padded batch reduced by a method that decides one count per batch (ToMe, top-r, MCTF,
+        EViT, Zero-TP, frozen): the images whose real tokens (the first n, padding after them)
+        number the same are given to the method alone, without their padding, as that batch would
+        be; each group's decision is applied to its own tokens, sizes and sources, and the results
+        are padded again to the longest image (size 0).  So padding never matches, merges, is
+        attended to or pooled, and every image merges as it would unpadded.
+
+        x [B, N, C], metric [B, N, C_h] (or None), attention [B, H, N, N] (or None).  Returns (x
+        [B, N', C], the attention map carried over the merge [B, H, N', N'] when
+        ``carry_attention`` and something merged (else None), the block's outcome)."""
+        batch, num_tokens, channels = x.shape
+        p, lengths = self.num_protected, (self.size > 0).sum(1)
+        groups = []
+        for n in sorted(set(lengths.tolist())):
+            rows = (lengths == n).nonzero()[:, 0]
+            size = self.size[rows, :n]
+            ctx = BlockContext(
+                block,
+                self.depth,
+                None if metric is None else metric[rows, :n],
+                size,
+                p,
+                x[rows, :n],
+                None if attention is None else attention[rows][..., :n, :n],
+            )
+            decision = self.deciding.decide(ctx)
+            merge, weight = decision.merge, getattr(decision.merge, "value_weight", None)
+            changed = merge.r > 0 or weight is not None
+            tokens, new_size = merge_weighted_average(merge, x[rows, :n], size) if changed else (x[rows, :n], size)
+            source = self.source[rows, :n] if self.source is not None else None
+            if changed and source is not None:
+                source = merge_source(merge, source)
+            carried = None
+            if carry_attention:
+                carried = attention[rows][..., :n, :n]
+                if changed:
+                    carried = merge_attention(merge, carried, size if weight is None else weight)
+            groups.append((rows, decision, changed, tokens, new_size, source, carried))
+        decisions = [g[1] for g in groups]
+        images = [g[0].numel() for g in groups]
+        requested = [d.requested for d in decisions if d.requested is not None]
+        macs = sum(d.matching_macs * k for d, k in zip(decisions, images)) / max(batch, 1)
+        width = max((g[3].shape[1] for g in groups), default=num_tokens)
+        outcome = (
+            num_tokens - width,
+            decisions[0].threshold if decisions else math.nan,
+            macs,
+            max(requested, default=None),
+        )
+        if not any(g[2] for g in groups):
+            return x, None, outcome
+        out = x.new_zeros(batch, width, channels)
+        size = self.size.new_zeros(batch, width)
+        source = None if self.source is None else self.source.new_zeros(batch, width, self.source.shape[-1])
+        carried = None if not carry_attention else attention.new_zeros(batch, attention.shape[1], width, width)
+        for rows, _, _, tokens, new_size, new_source, new_carried in groups:
+            m = tokens.shape[1]
+            out[rows, :m], size[rows, :m] = tokens, new_size
+            if source is not None:
+                source[rows, :m] = new_source
+            if carried is not None:
+                carried[rows, :, :m, :m] = new_carried
+        self.size, self.source, self.merged_any = size, source, True
+        return out, carried, outcome
+
     def reduce_before(
         self, block: int, x: torch.Tensor, metric: torch.Tensor, attention: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -160,12 +260,18 @@ class MergeState:
 
         Returns (the reduced tokens, the attention map carried over the merge [B, H, N', N'] —
         or None when nothing merged, so the block keeps its map as it is)."""
+        valid_in = (self.size > 0).sum(1) if self.per_image else None
+        if self._by_length:
+            n_in = x.shape[1]
+            x, carried, outcome = self._reduce_by_length(block, x, metric, attention, carry_attention=True)
+            self._before = (n_in, outcome, valid_in)
+            return x, carried
         ctx = BlockContext(block, self.depth, metric, self.size, self.num_protected, x, attention)
-        decision = self.method.decide(ctx)
-        self._before = (x.shape[1], decision)
-        if decision.merge.r == 0:
-            return x, None
+        decision = self.deciding.decide(ctx)
+        self._before = (x.shape[1], self._outcome(decision), valid_in)
         merge = decision.merge
+        if merge.r == 0 and not getattr(merge, "padded", False):
+            return x, None
         weight = getattr(merge, "value_weight", None)
         merged_attention = merge_attention(merge, attention, self.size if weight is None else weight)
         return self._apply(decision, x), merged_attention
@@ -182,29 +288,21 @@ class MergeState:
         tokens in the last block (``prune_last``); record the block."""
         n_attended, p = x.shape[1], self.num_protected
         valid_in = (self.size > 0).sum(1) if self.per_image else None
-        n_in, before = self._before if self._before is not None else (n_attended, None)
+        n_in, before, valid_before = self._before if self._before is not None else (n_attended, None, None)
         self._before = None
-        merged, threshold, macs, requested = 0, math.nan, 0.0, None
-        if before is not None:
-            merged, threshold, macs, requested = (
-                before.merge.r,
-                before.threshold,
-                before.matching_macs,
-                before.requested,
-            )
+        valid_in = valid_before if valid_before is not None else valid_in  # real tokens entering the block
+        merged, threshold, macs, requested = before if before is not None else (0, math.nan, 0.0, None)
         if block == self.depth - 1 and self.prune_last:
             self.size = self.size[:, :p]
             x = x[:, :p]
             self.pruned_last = True
         elif self.method.stage == "after_attention":
-            decision = self.method.decide(BlockContext(block, self.depth, metric, self.size, p, x, attention))
-            x = self._apply(decision, x)
-            merged, threshold, macs, requested = (
-                decision.merge.r,
-                decision.threshold,
-                decision.matching_macs,
-                decision.requested,
-            )
+            if self._by_length:
+                x, _, (merged, threshold, macs, requested) = self._reduce_by_length(block, x, metric, attention)
+            else:
+                decision = self.deciding.decide(BlockContext(block, self.depth, metric, self.size, p, x, attention))
+                x = self._apply(decision, x)
+                merged, threshold, macs, requested = self._outcome(decision)
         if valid_in is not None:  # a padded batch: every image's own counts
             valid_out = (self.size > 0).sum(1)
             merged_here = (

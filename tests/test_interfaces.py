@@ -281,19 +281,93 @@ def test_a_classifier_with_padding_merges_and_prunes_its_last_block():
     assert stats.prune_last_block and stats.tokens_mlp_per_block[-1] == 1
 
 
-def test_a_batch_adaptive_method_follows_a_padding_mask_until_it_merges():
-    model, x = hf_vit("ViTModel"), blocky_images(2)
+def no_merge_method(name: str, model: torch.nn.Module):
+    """The registry's method ``name`` at its one-knob family's lightest setting, made to reduce
+    nothing (a constant schedule for top-r, zero counts for a frozen schedule)."""
+    depth = len(adapter_for(model).blocks(model))
+    fields = {f.name for f in dataclasses.fields(METHODS[name])}
+    if "counts" in fields:
+        return METHODS[name](counts=(0,) * depth)
+    method = knob_factory(name, depth, adapter_for(model).num_patches(model))(1.0)
+    return dataclasses.replace(method, schedule="constant") if "schedule" in fields else method
+
+
+def run_layers_alone(model: torch.nn.Module, x: torch.Tensor, kept: int) -> torch.Tensor:
+    """The first ``kept`` tokens of the embedded images x through the model's (patched) layers and
+    final norm, without padding: what a padded image should merge like."""
+    base = model.base_model
+    h = base.embeddings(x)[:, :kept]
+    for layer in adapter_for(model).blocks(model):
+        h = layer(h)
+    return base.layernorm(h)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_every_method_merges_a_padded_image_as_the_same_image_unpadded(method_name, attn):
+    """Padding is not a token: with every registered method an image merges its real tokens as
+    it would without the padding — a fixed count r merges r real tokens (clipped as for the shorter
+    image), a batch-adaptive method merges the image's own count — and the image beside it as it
+    would alone.  float64, so that near-ties cannot flip between the two runs."""
+    model, x = hf_vit("ViTModel", attn).double(), blocky_images(2).double()
+    method = registry_method(method_name, model)
+    atmerge.patch(model, method)
+    kept = 49  # CLS + the first 6 rows of patches
+    with torch.no_grad():
+        padded = model(x, attention_mask=padding_mask((TOKENS, kept))).last_hidden_state
+        state = merge_state(model)
+        size, merged = state.size.clone(), [c[2].tolist() for c in state.per_image_counts]
+        first, first_size = model(x[:1]).last_hidden_state, merge_state(model).size.clone()
+        alone, alone_size = run_layers_alone(model, x[1:], kept), merge_state(model).size.clone()
+    assert size.shape[0] == 2 and sum(map(sum, merged)) > 0  # something merged
+    for b, (tokens, sizes) in enumerate([(first, first_size), (alone, alone_size)]):
+        real = int((size[b] > 0).sum())
+        assert real == tokens.shape[1] and torch.equal(size[b, :real], sizes[0])
+        torch.testing.assert_close(padded[b, :real], tokens[0], rtol=1e-7, atol=1e-7)
+        assert bool((size[b, real:] == 0).all())
+    if method_name == "tome":  # r real tokens per image in every block, padding or not
+        assert merged == [[method.r, method.r]] * 4
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_every_method_merging_nothing_equals_the_unpatched_model_on_the_kept_tokens(method_name):
+    model, x = hf_vit("ViTModel", "eager"), blocky_images(2)
     mask = padding_mask((TOKENS, 50))
     with torch.no_grad():
         expected = model(x, attention_mask=mask).last_hidden_state
-        atmerge.patch(model, NO_MERGE)
-        torch.testing.assert_close(model(x, attention_mask=mask).last_hidden_state, expected)
-        atmerge.patch(model, atmerge.ToMe(r=4))
-        with pytest.raises(
-            ValueError, match="can follow merges only with per-image merging.*ToMe.*batch_adaptive=False"
-        ):
-            model(x, attention_mask=mask)
-        model(x, attention_mask=torch.ones(2, TOKENS))  # a mask that hides nothing is no padding
+        atmerge.patch(model, no_merge_method(method_name, model))
+        got = model(x, attention_mask=mask).last_hidden_state
+    stats = atmerge.last_stats(model)
+    assert sum(stats.merged_per_block) == 0 and stats.tokens_per_block[0] == (TOKENS + 50) / 2
+    for b, n in enumerate((TOKENS, 50)):
+        torch.testing.assert_close(got[b, :n], expected[b, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_every_method_refuses_a_mask_that_is_not_key_padding_in_one_line(method_name):
+    model, x = hf_vit("ViTModel", "eager"), blocky_images(2)
+    atmerge.patch(model, registry_method(method_name, model))
+    per_query = torch.zeros(2, 1, TOKENS, TOKENS)
+    per_query[0, 0, 3, 5] = float("-inf")
+    with pytest.raises(ValueError, match="differs between queries or heads, so it is not key padding") as refused:
+        model(x, attention_mask=per_query)
+    assert "\n" not in str(refused.value)
+    with torch.no_grad():  # the model still runs, with a key-padding mask too
+        assert model(x, attention_mask=padding_mask((TOKENS, 40))).last_hidden_state.shape[0] == 2
+
+
+def test_a_batch_adaptive_method_keeps_one_count_per_batch_without_padding():
+    """Without padding (no mask, or one that hides nothing) batch-mean ATM merges one count per
+    batch as before; with padding every image merges its own count."""
+    model, x = hf_vit("ViTModel"), blocky_images(4, seed=3)
+    atmerge.patch(model, atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.5))
+    with torch.no_grad():
+        plain = model(x).last_hidden_state
+        assert not merge_state(model).per_image
+        torch.testing.assert_close(model(x, attention_mask=torch.ones(4, TOKENS)).last_hidden_state, plain)
+        model(x, attention_mask=padding_mask((TOKENS, TOKENS, TOKENS, 60)))
+        per_image = [c[2].tolist() for c in merge_state(model).per_image_counts]
+    assert merge_state(model).per_image and any(len(set(counts)) > 1 for counts in per_image)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -335,8 +409,10 @@ def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         ("Dinov2ForImageClassification", PER_IMAGE, True),
         ("CLIPVisionModel", atmerge.ATM(alpha=0.99, beta=0.04, theta_min=0.5), False),
         ("DeiTForImageClassification", atmerge.MCTF(r=6, blocks=(2, 3, 4)), False),
+        ("ViTForImageClassification", atmerge.ToMe(r=6), True),
+        ("CLIPVisionModel", atmerge.MCTF(r=6, blocks=(2, 3, 4)), True),
     ],
-    ids=["vit-tome", "dinov2-per-image-padded", "clip-atm", "deit-mctf"],
+    ids=["vit-tome", "dinov2-per-image-padded", "clip-atm", "deit-mctf", "vit-tome-padded", "clip-mctf-padded"],
 )
 def test_gradient_checkpointing_gives_the_gradients_of_the_plain_patched_model(cls_name, method, padded):
     model, x = hf_vit(cls_name), blocky_images(2)

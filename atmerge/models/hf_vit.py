@@ -33,7 +33,6 @@ from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, check_im
 from atmerge.models.block import AttentionOutput, BlockParts, checkpointed_step, merging_step
 from atmerge.models.costs import layer_norm_macs, linear_macs
 from atmerge.models.patching import INDEX, ORIGINAL, PREFIX, STATE, patched_class, refuse_fx
-from atmerge.runtime import PADDING_NEEDS_PER_IMAGE
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -361,28 +360,20 @@ def _merging_layer_forward(
     self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
 ) -> torch.Tensor:
     """The layer on hidden_states [B, N, C] → [B, N', C].  An ``attention_mask`` must be key
-    padding (:func:`key_padding`): the first layer hands it to the merge state, which keeps padding
-    out of matching, merging, attention and pooling in every layer (so later layers ignore the
-    mask, which no longer fits the merged tokens).  Under gradient checkpointing
+    padding (:func:`key_padding`; anything else is refused in one line): the first layer hands it
+    to the merge state, which makes the hidden tokens padding — size 0, so that they never match,
+    merge, are attended to or pooled, with every method — in every layer (so later layers ignore
+    the mask, which no longer fits the merged tokens).  Under gradient checkpointing
     (``model.gradient_checkpointing_enable()``, training) the layer runs through the model's
     checkpoint function and its recomputation merges exactly as the forward pass did."""
     refuse_fx(hidden_states)
-    parts, state = self._atmerge_parts, getattr(self, STATE)
-    padding, mask = None, None
-    if attention_mask is not None:
-        if getattr(self, INDEX) == 0:
-            padding = key_padding(attention_mask, *hidden_states.shape[:2])
-            # a method that merges one count per batch can't follow padding: the mask holds until it merges
-            state.caller_mask, padding = (
-                padding is not None and not state.per_image,
-                padding if state.per_image else None,
-            )
-        elif state.caller_mask and state.merged_any:
-            raise ValueError(PADDING_NEEDS_PER_IMAGE.format(method=type(state.method).__name__))
-        mask = attention_mask if state.caller_mask else None
+    padding = None
+    if attention_mask is not None and getattr(self, INDEX) == 0:
+        padding = key_padding(attention_mask, *hidden_states.shape[:2])
+    parts = self._atmerge_parts
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        return merging_step(parts, self, tokens, mask, key_padding=padding, **kwargs)
+        return merging_step(parts, self, tokens, None, key_padding=padding, **kwargs)
 
     if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
         return checkpointed_step(getattr(self, STATE), step, hidden_states, self._gradient_checkpointing_func)
