@@ -14,6 +14,7 @@ trial runs on growing shares of the images and stops once it cannot win.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,9 @@ class Calibration:
     details: the paired fidelity (agreement and its interval, top-5 agreement, mean KL, cosine;
     only the cosine for a feature model).  search: the same trial's numbers on the search
     images.  trials: every trial of the search; space: the searched ranges; profile: the
-    model's score profile they were fitted to.
+    model's score profile they were fitted to.  landing: where the chosen trial's setting was
+    moved along its cost dial and whether that was kept (None: not landed).  compared: with
+    ``method="auto"``, every method's confirmed numbers and which was chosen.
     """
 
     method: Method
@@ -77,6 +80,8 @@ class Calibration:
     profile: dict | None = None
     search_images: int = 0
     search: dict = field(default_factory=dict)
+    landing: dict | None = None
+    compared: list[dict] = field(default_factory=list)
 
     @property
     def agreement(self) -> float | None:
@@ -165,12 +170,44 @@ def calibrate(
     return calibrate_goals(model, images, [goal], **options)[0]
 
 
+AUTO = "auto"
+
+
+def auto_methods(names=None) -> list[Method]:
+    """The methods ``method="auto"`` compares: ``names`` (registry names or methods), or every
+    registered method with settings to tune that merges tokens (pruning methods such as EViT and
+    Zero-TP only when named)."""
+    from atmerge.methods.registry import METHODS
+
+    if names is None:
+        return [
+            cls()
+            for cls in METHODS.values()
+            if cls.compared_by_auto and not cls.prunes and cls.search_space(12, 196) and _constructible(cls)
+        ]
+    if isinstance(names, (str, Method)) or not names:
+        raise ValueError(
+            f"methods={names!r}: give a non-empty list of method names for method='auto' "
+            f"(allowed: {', '.join(METHODS)})"
+        )
+    return [build_method(m) if isinstance(m, str) else m for m in names]
+
+
+def _constructible(cls) -> bool:
+    try:
+        cls()
+    except TypeError:  # a method whose settings have no defaults is compared only when named
+        return False
+    return True
+
+
 def calibrate_goals(
     model: nn.Module,
     images,
     goals: list[dict],
     *,
     method: Method | str = "atm",
+    methods: list | None = None,
     fidelity: str | None = None,
     trials: int = 40,
     seed: int = 0,
@@ -182,13 +219,19 @@ def calibrate_goals(
     fit_space: bool = True,
     paired: bool = True,
     holdout: float = 0.25,
+    land: bool = True,
 ) -> list[Calibration]:
     """:func:`calibrate` for several goals, e.g. ``[{"budget": 0.6}, {"min_agreement": 0.99}]``.
 
-    method: a registry name or a method whose other settings stay fixed.  fidelity: 'agreement'
-    or 'cosine' for budget goals (None: agreement for a classifier, cosine for a feature model).
+    method: a registry name or a method whose other settings stay fixed; ``"auto"``: calibrate
+    each of ``methods`` (default :func:`auto_methods`: every merging method) with the same
+    trials and image stages, and choose per goal on the held-out images the most faithful
+    setting within the budget, or the cheapest that meets the floor (``Calibration.compared``
+    holds every method's confirmed numbers).  fidelity: 'agreement' or 'cosine' for budget goals
+    (None: agreement for a classifier, cosine for a feature model).
     early_stop: run each trial on growing shares of the images (1/8, 1/4, 1/2, all) and stop it
-    once it cannot win; False: every trial sees every image.  Only trials that saw every image
+    once it cannot win (with ``"auto"``: once it cannot beat the best trial of any method so
+    far); False: every trial sees every image.  Only trials that saw every image
     are chosen.  fit_space: fit the search ranges to the model's own similarity scores on (up
     to 256 of) these images (:mod:`atmerge.profile`); False: the methods' default ranges (the
     ATM paper's grid).  cache_dir: where the unpatched outputs are kept between runs.
@@ -197,9 +240,12 @@ def calibrate_goals(
     every image (the same trials for every goal).  paired: also measure each chosen setting's
     paired details (top-5 agreement, KL, ...; False: ``details`` stays empty).  holdout: the
     share of the images kept out of the search (every k-th image) on which the chosen setting
-    must meet its goal again (:func:`confirm`); 0: confirm on the searched images themselves."""
-    from atmerge.trials import trial_method, unpatched_outputs
+    must meet its goal again (:func:`confirm`); 0: confirm on the searched images themselves.
+    land: move the chosen setting along its method's cost dial (:mod:`atmerge.landing`) so that
+    a budget is used up to within a point, or a floor met more cheaply; kept only where it is at
+    least as faithful on the searched images and still meets the goal on the held-out ones."""
     from atmerge.profile import score_profile
+    from atmerge.trials import unpatched_outputs
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ValueError(f"trials={trials!r} must be an integer >= 1")
@@ -208,7 +254,12 @@ def calibrate_goals(
     from atmerge.models.adapter import check_supported
 
     check_supported(model)  # before any image is read
-    base = build_method(method) if isinstance(method, str) else method
+    if isinstance(method, str) and method == AUTO:
+        bases = auto_methods(methods)
+    elif methods is not None:
+        raise ValueError(f"methods= is for method='auto'; got method={method!r}")
+    else:
+        bases = [build_method(method) if isinstance(method, str) else method]
     floors = {k for g in goals for k in ("min_agreement", "min_cosine") if g.get(k) is not None}
     if fidelity is None and floors == {"min_agreement"}:
         fidelity = "agreement"
@@ -221,66 +272,189 @@ def calibrate_goals(
     for g in goals:  # bad goals fail before any image is read
         resolve_goal(1.0, **g)
     batches, _ = _image_batches(images, model, batch_size, transform)
-    pairs = [(x, None) for x in batches]
-    summary, reference, _ = unpatched_outputs(model, pairs, cache_dir)
+    summary, reference, _ = unpatched_outputs(model, [(x, None) for x in batches], cache_dir)
     dense = summary["gflops"]
     resolved = [resolve_goal(dense, **g) for g in goals]
-    search_set, search_ref, confirm_set, confirm_ref = split_holdout(batches, reference, holdout, batch_size)
-    depth, patches = model_depth(model), model_patches(model)
-    profile = score_profile(model, search_set, limit=256) if fit_space else None
-    space = type(base).search_space(depth, patches, profile)
+    split = split_holdout(batches, reference, holdout, batch_size)
+    profile = score_profile(model, split[0], limit=256) if fit_space else None
+    run = _Run(model, *split, measure, dense, profile, paired)
     one = resolved[0] if len(resolved) == 1 and early_stop else None
-    rows = staged_trials(
-        model,
-        search_set,
-        base,
-        search_ref,
-        measure=measure,
-        goal=one,
-        trials=trials,
-        seed=seed,
-        rungs=RUNGS if early_stop else (1.0,),
-        profile=profile,
-        progress=progress,
-    )
-    measured: dict[int, dict] = {}
-
-    def on_holdout(row: dict) -> dict:
-        if row["trial"] not in measured:
-            method = trial_method(base, row, depth, patches, profile)
-            measured[row["trial"]] = _measure(model, confirm_set, method, confirm_ref, measure, paired)
-        return measured[row["trial"]]
-
-    results = []
-    for goal in resolved:
-        chosen, met = confirm(rows, goal, on_holdout)
-        numbers = on_holdout(chosen)
-        results.append(
-            Calibration(
-                method=trial_method(base, chosen, depth, patches, profile),
-                goal=goal.kind,
-                target=goal.target,
-                met=met,
-                measure=measure,
-                gflops=numbers["gflops"],
-                gflops_share=numbers["gflops"] / dense,
-                fidelity=numbers["fidelity"],
-                fidelity_low=numbers["fidelity_low"],
-                images=numbers["images"],
-                unpatched_gflops=dense,
-                details=numbers["details"],
-                trials=rows,
-                search_images=sum(x.shape[0] for x in search_set),
-                search={
-                    "gflops": chosen["gflops"],
-                    "fidelity": chosen["fidelity"],
-                    "fidelity_low": chosen["fidelity_low"],
-                },
-                space={k: knob.describe() for k, knob in space.items()},
-                profile=profile.as_dict() if profile is not None else None,
-            )
+    per_method: list[list[Calibration | str]] = []
+    finished: list[dict] = []
+    for base in bases:
+        rows = staged_trials(
+            model,
+            run.search_set,
+            base,
+            run.search_ref,
+            measure=measure,
+            goal=one,
+            trials=trials,
+            seed=seed,
+            rungs=RUNGS if early_stop else (1.0,),
+            profile=profile,
+            progress=progress,
+            rivals=finished if one is not None else (),
         )
+        per_method.append([run.choose(base, rows, goal, land, trials, len(bases) > 1) for goal in resolved])
+        finished += [r for r in rows if not r["pruned"]]
+    results = []
+    for g, goal in enumerate(resolved):
+        found = [m[g] for m in per_method]
+        if len(bases) == 1:
+            if isinstance(found[0], str):
+                raise ValueError(found[0])
+            results.append(found[0])
+            continue
+        results.append(_winner(goal, found, bases))
     return results
+
+
+def _winner(goal: Goal, found: list, bases: list[Method]) -> Calibration:
+    """The setting auto ships for ``goal``: of every method's confirmed (held-out) result, the
+    most faithful within the budget, or the cheapest that meets the floor; if none meets the
+    goal, the closest (the cheapest for a budget, the highest bound for a floor), not met."""
+    table = [_compared_row(b, c) for b, c in zip(bases, found)]
+    calibrated = [c for c in found if isinstance(c, Calibration)]
+    if not calibrated:
+        reasons = "; ".join(f"{row['method']}: {row['note']}" for row in table)
+        raise ValueError(f"no method has a setting for this goal ({reasons})")
+    met = [c for c in calibrated if c.met]
+    if goal.kind == "budget":
+        best = max(met, key=lambda c: (c.fidelity, -c.gflops)) if met else min(calibrated, key=lambda c: c.gflops)
+    else:
+        best = min(met, key=lambda c: (c.gflops, -c.fidelity)) if met else max(calibrated, key=lambda c: c.fidelity_low)
+    for row, c in zip(table, found):
+        row["chosen"] = c is best
+    return dataclasses.replace(best, compared=table)
+
+
+def _compared_row(base: Method, c) -> dict:
+    name = base.display_name or type(base).__name__
+    if isinstance(c, str):
+        return {"method": name, "setting": None, "met": False, "note": c}
+    return {
+        "method": name,
+        "setting": repr(c.method),
+        "met": c.met,
+        "gflops": c.gflops,
+        "gflops_share": c.gflops_share,
+        "fidelity": c.fidelity,
+        "fidelity_low": c.fidelity_low,
+        "landed": bool(c.landing and c.landing.get("kept")),
+        "search_fidelity": c.search.get("fidelity"),
+        "note": "",
+    }
+
+
+@dataclass
+class _Run:
+    """What every method's calibration in one call shares: the split images and the unpatched
+    outputs on them, the measure, the unpatched cost and the score profile."""
+
+    model: nn.Module
+    search_set: list[torch.Tensor]
+    search_ref: torch.Tensor
+    confirm_set: list[torch.Tensor]
+    confirm_ref: torch.Tensor
+    measure: str
+    dense: float
+    profile: object
+    paired: bool
+
+    def on_holdout(self, method: Method) -> dict:
+        return _measure(self.model, self.confirm_set, method, self.confirm_ref, self.measure, self.paired)
+
+    def choose(self, base: Method, rows: list[dict], goal: Goal, land: bool, trials: int, compared: bool):
+        """The calibration of ``base`` for ``goal`` from its trials ``rows``: confirmed on the
+        held-out images, then landed; a one-line reason (str) when no trial can be chosen and
+        several methods are compared."""
+        from atmerge.trials import trial_method
+
+        depth, patches = model_depth(self.model), model_patches(self.model)
+        measured: dict[int, dict] = {}
+
+        def on_holdout(row: dict) -> dict:
+            if row["trial"] not in measured:
+                measured[row["trial"]] = self.on_holdout(trial_method(base, row, depth, patches, self.profile))
+            return measured[row["trial"]]
+
+        try:
+            chosen, met = confirm(rows, goal, on_holdout)
+        except ValueError as error:
+            if not compared:
+                raise
+            if "out of this method's reach" in str(error):
+                return str(error)
+            return "every trial was stopped early: none could beat the best setting of the methods before it"
+        method = trial_method(base, chosen, depth, patches, self.profile)
+        numbers = on_holdout(chosen)
+        search = {k: chosen[k] for k in ("gflops", "fidelity", "fidelity_low")}
+        landing = self.land(method, goal, search, numbers) if land else None
+        if landing and landing["kept"]:
+            method, numbers, met, search = landing.pop("method"), landing.pop("numbers"), True, landing["search"]
+        elif landing:
+            landing.pop("method"), landing.pop("numbers")
+        space = type(base).search_space(depth, patches, self.profile)
+        return Calibration(
+            method=method,
+            goal=goal.kind,
+            target=goal.target,
+            met=met,
+            measure=self.measure,
+            gflops=numbers["gflops"],
+            gflops_share=numbers["gflops"] / self.dense,
+            fidelity=numbers["fidelity"],
+            fidelity_low=numbers["fidelity_low"],
+            images=numbers["images"],
+            unpatched_gflops=self.dense,
+            details=numbers["details"],
+            trials=rows,
+            search_images=sum(x.shape[0] for x in self.search_set),
+            search=search,
+            space={k: knob.describe() for k, knob in space.items()},
+            profile=self.profile.as_dict() if self.profile is not None else None,
+            landing=landing,
+        )
+
+    def land(self, method: Method, goal: Goal, search: dict, numbers: dict) -> dict | None:
+        """Move ``method`` along its dial toward ``goal`` (:mod:`atmerge.landing`); the result
+        records where it landed and whether it is kept: at least as faithful (budget) or cheaper
+        (floor) on the searched images, and meeting the goal on the held-out ones."""
+        from atmerge.landing import land_on_budget, land_on_floor
+
+        dial = method.dial(model_depth(self.model), model_patches(self.model))
+        if dial is None:
+            return None
+        if goal.kind == "budget":
+            aim = goal.target - LANDING_MARGIN * self.dense
+            landing = land_on_budget(self.model, dial, aim, self.search_set)
+            if landing is None or landing.gflops <= search["gflops"] or repr(landing.method) == repr(method):
+                return None
+            on_search = _measure(self.model, self.search_set, landing.method, self.search_ref, self.measure, False)
+            better = on_search["fidelity"] >= search["fidelity"] or search["gflops"] > goal.target
+        else:
+            landing = land_on_floor(self.model, dial, goal.target, self.search_set, self.search_ref, self.measure)
+            if landing is None or repr(landing.method) == repr(method):
+                return None
+            on_search = {"gflops": landing.gflops, "fidelity": landing.fidelity, "fidelity_low": landing.fidelity_low}
+            better = landing.gflops < search["gflops"] or search["fidelity_low"] < goal.target
+        confirmed = self.on_holdout(landing.method) if better else None
+        return {
+            "t": landing.t,
+            "setting": repr(landing.method),
+            "steps": landing.steps,
+            "search": {k: on_search[k] for k in ("gflops", "fidelity", "fidelity_low")},
+            "held_out": None
+            if confirmed is None
+            else {k: confirmed[k] for k in ("gflops", "fidelity", "fidelity_low")},
+            "kept": bool(confirmed is not None and goal.met_by(confirmed)),
+            "method": landing.method,
+            "numbers": confirmed,
+        }
+
+
+LANDING_MARGIN = 0.003  # a budget is landed this share of the unpatched GFLOPs below it, on the searched images
 
 
 def _measure(

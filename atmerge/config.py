@@ -136,6 +136,8 @@ def save_config(path: str | Path, model: nn.Module, calibration, images_descript
             "trials": len(c.trials),
             "space": c.space,
             "on_search_images": c.search,
+            "landing": c.landing,
+            "compared": c.compared,
         },
         "measured": {
             "on": "the held-out calibration images",

@@ -106,6 +106,7 @@ def staged_trials(
     progress: bool = False,
     labels: torch.Tensor | None = None,
     also: tuple[str, ...] = (),
+    rivals: list[dict] | tuple = (),
 ) -> list[dict]:
     """Optuna (multivariate TPE, seeded) over ``base``'s search space (fitted to ``profile``;
     the first trial is ``base``'s own settings where they lie in it), each trial run on growing
@@ -115,7 +116,9 @@ def staged_trials(
 
     reference: the unpatched model's outputs on all images [images, K]; labels: [images], needed
     for the measure 'top1'.  also: further measures recorded in each row under their own name
-    (e.g. a search by top-1 also records agreement).  Returns every trial's row: its settings,
+    (e.g. a search by top-1 also records agreement).  rivals: finished trials of other methods on
+    the same images and measure, which a trial must be able to beat to go on (a comparison of
+    methods stops a method's hopeless trials against the leader so far).  Returns every trial's row: its settings,
     GFLOPs and ``fidelity`` — the mean of ``measure`` — with its one-sided 95% lower bound, on
     the images it ran on, ``images`` and ``pruned``."""
     import optuna
@@ -167,7 +170,7 @@ def staged_trials(
             if images < total:
                 trial.report(value, step)
                 upper = interval(per_image, measure)[1]
-                if hopeless(goal, upper, gflops, [r for r in rows if not r["pruned"]]):
+                if hopeless(goal, upper, gflops, [*rivals, *(r for r in rows if not r["pruned"])]):
                     rows.append({**row, "pruned": True})
                     trial.set_constraint("goal", max(broken, 1e-9))
                     raise optuna.TrialPruned()

@@ -112,6 +112,10 @@ class Method(ABC):
     adaptive: the token counts depend on the images (a threshold); False for fixed-count methods,
         whose every shape is known before the forward (one static graph: compile, export).
         :func:`atmerge.freeze` turns an adaptive setting into a fixed-count one.
+    prunes: the method drops tokens instead of merging them (EViT, Zero-TP); ``method="auto"``
+        calibration compares pruning methods only when asked.
+    compared_by_auto: False for a method that is made from another one's calibration (Frozen)
+        and so is never a candidate of ``method="auto"``.
     """
 
     proportional_attention: bool = True
@@ -121,6 +125,8 @@ class Method(ABC):
     display_name: str = ""
     batch_adaptive: bool = True
     adaptive: bool = False
+    prunes: bool = False
+    compared_by_auto: bool = True
 
     def check_depth(self, depth: int) -> None:
         """Validate settings that depend on the model's depth; raise ValueError if they don't fit."""
@@ -152,6 +158,20 @@ class Method(ABC):
         little or no reduction), for budget matching and accuracy–GFLOPs curves; ``fixed``
         settings are kept."""
         raise NotImplementedError(f"{cls.__name__} has no one-knob family")
+
+    def dial(self, depth: int, num_patches: int):
+        """This setting's cost dial: a function t ∈ [0, 1] → the method with its
+        :meth:`one_knob` setting at t and every other setting of ``self`` kept (cost grows with
+        t), to land a tuned setting on a budget; None where the method has no one-knob family."""
+        cls = type(self)
+        try:
+            low, high = cls.one_knob(0.25, depth, num_patches), cls.one_knob(0.75, depth, num_patches)
+        except NotImplementedError:
+            return None
+        fields = [f.name for f in dataclasses.fields(self) if f.init]
+        moved = {name for name in fields if getattr(low, name) != getattr(high, name)}
+        kept = {name: getattr(self, name) for name in fields if name not in moved}
+        return lambda t: cls.one_knob(t, depth, num_patches, **kept)
 
     @classmethod
     def from_search(cls, params: dict, profile: "ScoreProfile | None" = None) -> dict:

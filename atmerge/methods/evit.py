@@ -60,6 +60,7 @@ class EViT(Method):
     proportional_attention = False
     needs_cls_token = True
     display_name = "EViT"
+    prunes = True
 
     @classmethod
     def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "EViT":

@@ -41,6 +41,7 @@ class Frozen(Method):
     similarity: str = "raw"
     frozen_from: str = ""
     display_name = "frozen"
+    compared_by_auto = False  # made from another calibration by atmerge.freeze, not calibrated itself
 
     def __post_init__(self) -> None:
         try:

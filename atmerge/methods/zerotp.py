@@ -73,6 +73,7 @@ class ZeroTP(Method):
     iterations: int = 30
     attention = "current"
     display_name = "Zero-TP (simplified)"
+    prunes = True
 
     @classmethod
     def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "ZeroTP":

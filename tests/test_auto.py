@@ -1,0 +1,162 @@
+"""method="auto" and landing on the goal: the choice between methods by hand-made confirmed numbers
+(held-out beats searched), bisection that approaches a budget and never passes it, the end-to-end
+choice on a small model, configs that keep the comparison, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+import atmerge
+from atmerge.calibrate import Calibration, _winner, auto_methods
+from atmerge.landing import land_on_budget, land_on_floor
+from atmerge.tuning import Goal
+from conftest import blocky_images, small_vit
+
+
+def calibration(method, gflops, fidelity, fidelity_low, met, search_fidelity) -> Calibration:
+    return Calibration(
+        method=method,
+        goal="budget",
+        target=0.6,
+        met=met,
+        measure="agreement",
+        gflops=gflops,
+        gflops_share=gflops,
+        fidelity=fidelity,
+        fidelity_low=fidelity_low,
+        images=100,
+        unpatched_gflops=1.0,
+        search={"gflops": gflops, "fidelity": search_fidelity, "fidelity_low": fidelity_low},
+    )
+
+
+def test_the_held_out_numbers_not_the_searched_ones_choose_the_winner():
+    a = calibration(atmerge.ATM(), 0.59, 0.95, 0.93, True, search_fidelity=0.99)  # best searched
+    b = calibration(atmerge.ToMe(r=4), 0.58, 0.97, 0.95, True, search_fidelity=0.96)  # best held out
+    chosen = _winner(Goal("budget", 0.6), [a, b], [atmerge.ATM(), atmerge.ToMe()])
+    assert chosen.method == atmerge.ToMe(r=4)
+    assert [row["chosen"] for row in chosen.compared] == [False, True]
+    assert [row["method"] for row in chosen.compared] == ["ATM", "ToMe"]
+
+
+def test_a_goal_met_beats_a_more_faithful_setting_that_missed_it():
+    over = calibration(atmerge.ATM(), 0.62, 0.99, 0.98, False, 0.99)  # over budget on the held-out images
+    within = calibration(atmerge.ToMe(r=4), 0.58, 0.90, 0.88, True, 0.90)
+    assert _winner(Goal("budget", 0.6), [over, within], [atmerge.ATM(), atmerge.ToMe()]).method == atmerge.ToMe(r=4)
+    # a floor: the cheapest setting that meets it; none met: the highest lower bound, not met
+    cheap = calibration(atmerge.ATM(), 0.50, 0.99, 0.981, True, 0.99)
+    dear = calibration(atmerge.ToMe(r=2), 0.70, 0.995, 0.99, True, 0.995)
+    assert _winner(Goal("floor", 0.98), [dear, cheap], [atmerge.ToMe(), atmerge.ATM()]).method == atmerge.ATM()
+    missed = [
+        calibration(atmerge.ATM(), 0.5, 0.9, 0.85, False, 0.9),
+        calibration(atmerge.ToMe(), 0.6, 0.95, 0.9, False, 0.95),
+    ]
+    chosen = _winner(Goal("floor", 0.98), missed, [atmerge.ATM(), atmerge.ToMe()])
+    assert chosen.method == atmerge.ToMe() and not chosen.met
+
+
+def test_no_method_with_a_setting_is_one_line_naming_each_reason():
+    with pytest.raises(ValueError, match="no method has a setting for this goal") as error:
+        _winner(Goal("budget", 0.01), ["out of this method's reach: 0.2", "stopped"], [atmerge.ATM(), atmerge.ToMe()])
+    assert "\n" not in str(error.value) and "ATM: out of" in str(error.value) and "ToMe: stopped" in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def model_and_images():
+    torch.manual_seed(0)
+    return small_vit().eval(), blocky_images(48, seed=2)
+
+
+def mean_cost(model, method, images) -> float:
+    atmerge.patch(model, method)
+    with torch.no_grad():
+        model(images)
+    cost = atmerge.last_stats(model).gflops
+    atmerge.unpatch(model)
+    return cost
+
+
+def test_landing_on_a_budget_gets_close_and_never_passes_it(model_and_images):
+    model, images = model_and_images
+    dense = atmerge.gflops(model, tuple(images.shape[1:]))
+    dial = atmerge.ConstantThreshold(theta=0.9).dial(6, 64)
+    for share in (0.5, 0.7):
+        target = share * dense
+        landing = land_on_budget(model, dial, target, [images])
+        assert landing.gflops == pytest.approx(mean_cost(model, landing.method, images))
+        assert landing.gflops <= target  # never past the budget
+        # the largest t within it, to the bisection's resolution: one step further costs more than the budget
+        assert landing.t == 1 or mean_cost(model, dial(landing.t + 2**-8), images) > target
+    assert land_on_budget(model, dial, 1e-6, [images]) is None  # below the cheapest setting
+
+
+def test_landing_on_a_floor_is_the_cheapest_setting_that_clears_it(model_and_images):
+    model, images = model_and_images
+    atmerge.unpatch(model)
+    with torch.no_grad():
+        reference = model(images)
+    dial = atmerge.ToMe(r=2).dial(6, 64)
+    landing = land_on_floor(model, dial, 0.5, [images], reference, "agreement", bound="mean")
+    assert landing.fidelity >= 0.5
+    cheaper = [dial(t) for t in (0.0, landing.t / 2)]
+    for method in cheaper:  # every cheaper setting on the dial fails the floor, or costs the same
+        atmerge.patch(model, method)
+        with torch.no_grad():
+            agreement = (model(images).argmax(-1) == reference.argmax(-1)).float().mean().item()
+        cost = atmerge.last_stats(model).gflops
+        atmerge.unpatch(model)
+        assert agreement < 0.5 or cost >= landing.gflops
+
+
+def test_auto_chooses_the_best_confirmed_method_and_the_config_keeps_the_table(model_and_images, tmp_path):
+    model, images = model_and_images
+    found = atmerge.calibrate(model, images, budget=0.6, method="auto", methods=["atm", "tome"], trials=3)
+    assert [row["method"] for row in found.compared] == ["ATM", "ToMe"]
+    assert sum(row["chosen"] for row in found.compared) == 1
+    candidates = [row for row in found.compared if row["setting"] is not None and row["met"]]
+    best = max(candidates, key=lambda row: (row["fidelity"], -row["gflops"]))
+    assert repr(found.method) == best["setting"] and found.met
+    assert found.gflops <= found.target
+    path = atmerge.save_config(tmp_path / "auto.json", model, found)
+    kept = json.loads(path.read_text())["calibration"]["compared"]
+    assert [row["method"] for row in kept] == ["ATM", "ToMe"] and sum(row["chosen"] for row in kept) == 1
+
+
+def test_landing_spends_the_budget_the_search_left(model_and_images):
+    model, images = model_and_images
+    plain = atmerge.calibrate(model, images, budget=0.6, method="constant", trials=2, land=False, holdout=0)
+    landed = atmerge.calibrate(model, images, budget=0.6, method="constant", trials=2, holdout=0)
+    assert plain.landing is None
+    if landed.landing and landed.landing["kept"]:
+        assert plain.gflops < landed.gflops <= landed.target
+        assert landed.search["fidelity"] >= plain.search["fidelity"]
+    else:  # not kept: the search's own setting is shipped unchanged
+        assert landed.method == plain.method
+
+
+def test_auto_bad_input_is_one_line(model_and_images):
+    model, images = model_and_images
+    with pytest.raises(ValueError, match="non-empty list of method names"):
+        atmerge.calibrate(model, images, budget=0.6, method="auto", methods=[])
+    with pytest.raises(ValueError, match="atn"):
+        atmerge.calibrate(model, images, budget=0.6, method="auto", methods=["atn"])
+    with pytest.raises(ValueError, match="methods= is for method='auto'"):
+        atmerge.calibrate(model, images, budget=0.6, method="atm", methods=["tome"])
+    # a budget below every method's cheapest setting: trials run on all images at once finish,
+    # and the closest setting is returned marked not met ...
+    closest = atmerge.calibrate(model, images, budget_gflops=1e-6, method="auto", methods=["atm", "tome"], trials=2)
+    assert not closest.met and not any(row["met"] for row in closest.compared)
+    assert closest.gflops == min(row["gflops"] for row in closest.compared)
+    # ... staged trials stop at the first share of the images, and the error names each method's reach
+    with pytest.raises(ValueError, match="no method has a setting for this goal.*out of this method's reach"):
+        atmerge.calibrate(
+            model, images, budget_gflops=1e-6, method="auto", methods=["atm", "tome"], trials=2, batch_size=4
+        )
+
+
+def test_auto_compares_merging_methods_and_pruning_ones_only_when_asked():
+    names = [type(m).__name__ for m in auto_methods()]
+    assert {"ATM", "ToMe", "TopR", "MCTF", "ConstantThreshold"} <= set(names)
+    assert not {"EViT", "ZeroTP", "Frozen"} & set(names)
+    assert [type(m).__name__ for m in auto_methods(["atm", "evit"])] == ["ATM", "EViT"]
