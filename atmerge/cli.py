@@ -7,22 +7,29 @@ atmerge eval --model deit_small_patch16_224 --pretrained --data /imagenet/val --
 atmerge eval --hf-model path/to/saved-vit --data my_folder/   # a Hugging Face model + its image processor
 atmerge search --budget 0.5       # Optuna over alpha, beta, theta_min within half the GFLOPs
 atmerge analyze info-loss | merge-profile | split-layer | batch-size | merging-error
-atmerge visualize --images a.jpg b.jpg
+atmerge visualize --data a.jpg b.jpg photos/
 atmerge probe                     # linear head for the shared DINOv2-S on CIFAR-10
 atmerge finetune --epochs 30      # fine-tune with merging in the loop (torchrun for many GPUs)
+
+atmerge SUB-COMMAND --help lists its options with their defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import re
 import sys
 from pathlib import Path
 
-import torch
+# Nothing here imports torch, timm or the method modules when the module loads: the parser is
+# built from a light listing of the methods' dataclasses (their source read with ast), so that
+# `atmerge --help` is quick; each command imports what it runs.
 
-from atmerge.methods.registry import METHODS, build_method, method_names
-from atmerge.models.adapter import model_depth, model_patches
+PACKAGE = Path(__file__).resolve().parent
 
 
 def _number(text: str) -> int | float:
@@ -52,17 +59,279 @@ def _boolean(text: str) -> bool:
     return text.lower() == "true"
 
 
+# ----------------------------------------------------------------------------- light listings
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One dataclass field as a command-line flag: its name, annotation (text), default
+    (``dataclasses.MISSING`` when none) and help (field metadata 'help', else the class docstring's
+    ``name: ...`` entry, else '')."""
+
+    name: str
+    type: str
+    default: object
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodListing:
+    """A registered method as the command line shows it: registry name, class name, the first
+    sentence of its docstring, and its settings."""
+
+    name: str
+    title: str
+    summary: str
+    settings: tuple[Setting, ...]
+
+
+class _NotLiteral(Exception):
+    """A dataclass whose source the light listing cannot read; the real class is imported instead."""
+
+
+def _literal(node: ast.AST, names: dict[str, ast.AST]) -> object:
+    """The value of a field default or help written as a literal (or built from module-level
+    literals: f-strings, ``', '.join(NAMES)``, ``field(default=..., metadata=_help(...))``)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.Tuple, ast.List)):
+        values = [_literal(e, names) for e in node.elts]
+        return tuple(values) if isinstance(node, ast.Tuple) else values
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_literal(k, names): _literal(v, names) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_literal(node.operand, names)
+    if isinstance(node, ast.Name) and node.id in names:
+        return _literal(names[node.id], names)
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for v in node.values:
+            if isinstance(v, ast.FormattedValue):
+                if v.conversion != -1 or v.format_spec is not None:
+                    raise _NotLiteral
+                parts.append(str(_literal(v.value, names)))
+            else:
+                parts.append(_literal(v, names))
+        return "".join(parts)
+    if isinstance(node, ast.Call) and not node.keywords and len(node.args) == 1:
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr == "join" and isinstance(f.value, ast.Constant):
+            return f.value.value.join(_literal(node.args[0], names))
+        if isinstance(f, ast.Name) and f.id == "_help":
+            return {"help": _literal(node.args[0], names)}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "field" and not node.args:
+        given = {k.arg: _literal(k.value, names) for k in node.keywords}
+        if set(given) - {"default", "metadata"}:
+            raise _NotLiteral
+        return _Field(given.get("default", dataclasses.MISSING), given.get("metadata", {}))
+    raise _NotLiteral
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    default: object
+    metadata: dict
+
+
+def _clean(text: str) -> str:
+    """Docstring text as plain help: reST roles and literals unwrapped, '%' escaped for argparse."""
+    text = re.sub(r":\w+:`~?([^`]*)`", r"\1", text)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    return " ".join(text.split()).replace("%", "%%")
+
+
+def _field_docs(doc: str, names: list[str]) -> dict[str, str]:
+    """Each field's entry in a dataclass docstring: ``name: text`` or ``name in [0, 1]`` (at a
+    line start, with the more indented lines below it, or within a paragraph), up to the next
+    entry or the end of its sentence group (two spaces)."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    entry = {n: re.compile(rf"(?<![\w.`'=(]){re.escape(n)}(:|\s+in\s+[\[(])") for n in names}
+    docs = {}
+    for name in names:
+        for i, line in enumerate(lines):
+            found = entry[name].search(line)
+            if not found:
+                continue
+            indent = len(line) - len(line.lstrip())
+            at_start = found.start() == indent
+            text = [line[found.start() :]]
+            for below in lines[i + 1 :]:
+                if not below.strip():
+                    break
+                if at_start and len(below) - len(below.lstrip()) <= indent:
+                    break
+                text.append(below.strip())
+            text = " ".join(t.rstrip() for t in text)
+            text = text[len(name) :].lstrip(":").strip() if found.group(1) == ":" else text[len(name) :].strip()
+            ends = [text.find("  ")] + [
+                m.start() for other in names if other != name for m in [entry[other].search(text)] if m
+            ]
+            ends = [e for e in ends if e > 0]
+            if ends:
+                text = text[: min(ends)]
+            docs[name] = _clean(text).rstrip(";,. ")
+            break
+    return docs
+
+
+def _summary(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph."""
+    first = " ".join(inspect.cleandoc(doc or "").split("\n\n")[0].split())
+    found = re.search(r"(?<!\bal)(?<!\bEq)(?<!\be\.g)(?<!\bi\.e)\.\s", first + " ")
+    return _clean(first[: found.start() + 1] if found else first)
+
+
+def _annotation(text: object) -> str:
+    """An annotation as the light listing writes it (``int | None``), whatever the source spacing."""
+    if not isinstance(text, str):
+        return getattr(text, "__name__", str(text))
+    try:
+        return ast.unparse(ast.parse(text, mode="eval"))
+    except SyntaxError:
+        return text
+
+
+def _settings(names_types_defaults: list[tuple[str, str, object, str]], doc: str) -> tuple[Setting, ...]:
+    docs = _field_docs(doc, [n for n, *_ in names_types_defaults])
+    return tuple(Setting(n, t, d, h or docs.get(n, "")) for n, t, d, h in names_types_defaults)
+
+
+def _source_dataclasses(path: Path) -> tuple[dict[str, ast.ClassDef], dict[str, ast.AST]]:
+    """The classes of a module's source and its module-level literal assignments."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    names = {
+        n.targets[0].id: n.value
+        for n in tree.body
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+    }
+    return classes, names
+
+
+def _source_fields(cls: ast.ClassDef, names: dict[str, ast.AST]) -> tuple[Setting, ...]:
+    fields = []
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.simple):
+            continue
+        kind = ast.unparse(node.annotation)
+        if "ClassVar" in kind or "InitVar" in kind:
+            raise _NotLiteral
+        value = dataclasses.MISSING if node.value is None else _literal(node.value, names)
+        help_text = ""
+        if isinstance(value, _Field):
+            help_text = _clean(str(value.metadata.get("help", "")))
+            value = value.default
+        fields.append((node.target.id, _annotation(kind), value, help_text))
+    return _settings(fields, ast.get_docstring(cls) or "")
+
+
+def _registered_name(cls: ast.ClassDef) -> str | None:
+    for d in cls.decorator_list:
+        f = d.func if isinstance(d, ast.Call) else None
+        if f is not None and (getattr(f, "id", None) or getattr(f, "attr", None)) == "register_method":
+            return d.args[0].value
+    return None
+
+
+@functools.cache
+def _methods_from_source() -> tuple[MethodListing, ...]:
+    """The built-in methods, read from their source (registry.py's imports, in its order)."""
+    registry = ast.parse((PACKAGE / "methods" / "registry.py").read_text(encoding="utf-8"))
+    modules = [
+        a.name for n in registry.body if isinstance(n, ast.Import) for a in n.names if a.name.startswith("atmerge.")
+    ]
+    listed = []
+    for module in modules:
+        classes, names = _source_dataclasses(PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py"))
+        for cls in classes.values():
+            name = _registered_name(cls)
+            if name is None:
+                continue
+            if not any("dataclass" in ast.unparse(d) for d in cls.decorator_list) or any(
+                ast.unparse(b) != "Method" for b in cls.bases
+            ):
+                raise _NotLiteral  # inherited fields: let the real class say
+            doc = ast.get_docstring(cls) or ""
+            listed.append(MethodListing(name, cls.name, _summary(doc), _source_fields(cls, names)))
+    if not listed:
+        raise _NotLiteral
+    return tuple(listed)
+
+
+def _live_settings(cls: type) -> tuple[Setting, ...]:
+    fields = []
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        fields.append((f.name, _annotation(f.type), default, _clean(str(f.metadata.get("help", "")))))
+    return _settings(fields, cls.__doc__ or "")
+
+
+def _methods_from_registry() -> tuple[MethodListing, ...]:
+    from atmerge.methods.registry import METHODS
+
+    return tuple(
+        MethodListing(name, cls.__name__, _summary(cls.__doc__ or ""), _live_settings(cls))
+        for name, cls in METHODS.items()
+    )
+
+
+def method_listing() -> tuple[MethodListing, ...]:
+    """Every registered method and its settings, in registry order.  Without importing torch when
+    the methods are not loaded yet: then read from the built-in methods' source (the same
+    classes; ``tests/test_cli_dialect.py`` checks that both agree); once they are loaded, from
+    the registry itself (methods registered by other code included)."""
+    if "atmerge.methods.registry" in sys.modules:
+        return _methods_from_registry()
+    try:
+        return _methods_from_source()
+    except (_NotLiteral, OSError, SyntaxError, AttributeError, IndexError):
+        return _methods_from_registry()
+
+
+def dataclass_listing(module: str, name: str) -> tuple[Setting, ...]:
+    """The fields of dataclass ``name`` of ``module`` as settings, read from its source while the
+    module is not imported (no torch for --help), else from the class."""
+    if module not in sys.modules:
+        try:
+            classes, names = _source_dataclasses(PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py"))
+            return _source_fields(classes[name], names)
+        except (_NotLiteral, OSError, SyntaxError, KeyError):
+            pass
+    import importlib
+
+    return _live_settings(getattr(importlib.import_module(module), name))
+
+
+def method_names() -> list[str]:
+    return sorted(m.name for m in method_listing())
+
+
 def method_flags() -> dict[str, tuple[object, str | None]]:
     """Every setting of every registered method, as {field name: (argparse type, nargs)}:
     derived from the methods' dataclass fields, so a new method's settings are flags at once."""
     annotations: dict[str, list[str]] = {}
-    for cls in METHODS.values():
-        for f in dataclasses.fields(cls):
-            annotations.setdefault(f.name, []).append(str(f.type))
+    for m in method_listing():
+        for s in m.settings:
+            annotations.setdefault(s.name, []).append(s.type)
     return {name: _flag_kind(kinds) for name, kinds in annotations.items()}
 
 
-METHOD_FLAGS = method_flags()
+def method_owners() -> dict[str, list[str]]:
+    """{setting: the methods that have it}."""
+    owners: dict[str, list[str]] = {}
+    for m in method_listing():
+        for s in m.settings:
+            owners.setdefault(s.name, []).append(m.name)
+    return owners
+
+
+def boolean_method_flags() -> list[str]:
+    """The flags of the boolean method settings, both spellings (``--batch-adaptive``,
+    ``--no-batch-adaptive``)."""
+    names = [n for n, (kind, _) in method_flags().items() if kind is _boolean]
+    return [f"--{prefix}{n.replace('_', '-')}" for n in names for prefix in ("", "no-")]
 
 
 def add_model_options(
@@ -136,11 +405,11 @@ def add_data_options(p: argparse.ArgumentParser, labels: bool = False, data_help
             help="JSON object {class folder name: the model's class index}, for folders whose names are "
             "not the model's class names",
         )
-    g.add_argument("--limit", type=int, default=None, help="use N images (seeded random subset)")
+    g.add_argument("--limit", type=int, default=None, help="use N images, a seeded random subset (default: all)")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seed of the --limit subset and of the search")
-    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes (0: in the main process)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
@@ -151,46 +420,122 @@ def deprecated(message: str) -> None:
     warnings.warn(message, FutureWarning, stacklevel=3)
 
 
-class FlagOrWord(argparse.Action):
-    """A boolean method setting as a flag: ``--x`` (on), ``--no-x`` (off); the old spelling
-    ``--x true|false`` still works, with a deprecation message."""
+class DeprecatedSpelling(argparse.Action):
+    """An old spelling of a flag (hidden from --help): it sets the new flag's value and says, in
+    one line, which spelling to use instead; ``args._spelled`` keeps what was typed."""
 
-    def __init__(self, option_strings, dest, **kwargs):
-        flag = option_strings[0]
-        kwargs.pop("type", None)
-        super().__init__([flag, "--no-" + flag[2:]], dest, nargs="?", **kwargs)
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        kwargs["help"] = argparse.SUPPRESS
+        super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        value = not option_string.startswith("--no-")
-        if values is not None:
-            word = _boolean(values)
-            deprecated(
-                f"'{option_string} {values}' is deprecated; write "
-                f"{option_string if word else '--no-' + option_string[2:]}"
-            )
-            value = word if value else not word
-        setattr(namespace, self.dest, value)
+        deprecated(f"{option_string} is deprecated; use {self.new}")
+        setattr(namespace, "_spelled", {**getattr(namespace, "_spelled", {}), self.dest: option_string})
+        setattr(namespace, self.dest, values)
 
 
-def method_owners() -> dict[str, list[str]]:
-    """{setting: the methods that have it}."""
-    owners: dict[str, list[str]] = {}
-    for method, cls in METHODS.items():
-        for f in dataclasses.fields(cls):
-            owners.setdefault(f.name, []).append(method)
-    return owners
+def spelled(args, dest: str, flag: str) -> str:
+    """The spelling the user typed for ``dest`` (an old one, or ``flag``)."""
+    return getattr(args, "_spelled", {}).get(dest, flag)
+
+
+def boolean_words(argv: list[str], flags: list[str]) -> list[str]:
+    """The old spelling of boolean method settings, ``--batch-adaptive true|false`` (or
+    ``=true``), rewritten to the flags ``--batch-adaptive`` / ``--no-batch-adaptive``, each with a
+    one-line deprecation message."""
+    out, i = [], 0
+    while i < len(argv):
+        item = argv[i]
+        if item == "--":
+            return out + argv[i:]
+        name, eq, word = item.partition("=")
+        if not eq:
+            word = argv[i + 1] if i + 1 < len(argv) else ""
+        if name in flags and word.lower() in ("true", "false"):
+            on = (word.lower() == "true") != name.startswith("--no-")
+            base = name.removeprefix("--no-").removeprefix("--")
+            new = f"--{base}" if on else f"--no-{base}"
+            deprecated(f"'{item if eq else item + ' ' + word}' is deprecated; write {new}")
+            out.append(new)
+            i += 1 if eq else 2
+            continue
+        out.append(item)
+        i += 1
+    return out
+
+
+def _shown(value: object) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value)) if value else "()"
+    if value == "":
+        return "''"
+    return str(value).replace("%", "%%")
+
+
+def _setting_help(owners: list[tuple[MethodListing, Setting]]) -> str:
+    """Help of one method flag: what it is (per method where they differ), for which methods, and
+    its default for each."""
+    docs = {m.name: s.help or f"{m.title}'s {s.name}" for m, s in owners}
+    names = ", ".join(docs)
+    texts = {d for d in docs.values() if d}
+    if len(texts) <= 1:
+        text = next(iter(texts), "")
+    else:
+        text = "; ".join(f"{m}: {d}" for m, d in docs.items() if d)
+    if len(owners) > 1:
+        text = f"[{names}] {text}".rstrip()
+    defaults: dict[str, list[str]] = {}
+    for m, s in owners:
+        if s.default is not dataclasses.MISSING:
+            defaults.setdefault(_shown(s.default), []).append(m.name)
+    if len(defaults) == 1:
+        text += f" (default: {next(iter(defaults))})"
+    elif defaults:
+        text += " (default: " + "; ".join(f"{v} for {', '.join(ms)}" for v, ms in defaults.items()) + ")"
+    return text.strip()
 
 
 def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None:
-    g = p.add_argument_group("method (settings left out keep the method's defaults; each says which methods have it)")
+    """``--method`` and every registered method's settings as flags: one group per method (help
+    from its dataclass docstring), the settings several methods share in one group of their own,
+    each naming its methods.  Settings left out keep the method's defaults."""
+    methods = method_listing()
+    g = p.add_argument_group(
+        "method", "settings left out keep the method's defaults; each method's settings are listed in its group below"
+    )
     g.add_argument("--method", default=default, choices=method_names(), help="the token-reduction method")
-    owners = method_owners()
-    for name, (kind, nargs) in METHOD_FLAGS.items():
-        text = f"setting {name} of: {', '.join(owners.get(name, []))}"
+    owners: dict[str, list[tuple[MethodListing, Setting]]] = {}
+    for m in methods:
+        for s in m.settings:
+            owners.setdefault(s.name, []).append((m, s))
+    shared = [n for n, o in owners.items() if len(o) > 1]
+    flag = {n: "--" + n.replace("_", "-") for n in owners}
+    kinds = method_flags()
+
+    def add(group, name):
+        kind, nargs = kinds[name]
+        text = _setting_help(owners[name])
         if kind is _boolean:
-            g.add_argument("--" + name.replace("_", "-"), action=FlagOrWord, default=None, help=text + " (on/off)")
+            group.add_argument(flag[name], action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            g.add_argument("--" + name.replace("_", "-"), type=kind, nargs=nargs, default=None, help=text)
+            metavar = {int: "N", float: "X", _number: "N_OR_X"}.get(kind, "VALUE")
+            group.add_argument(flag[name], type=kind, nargs=nargs, default=None, metavar=metavar, help=text)
+
+    for m in methods:
+        also = [flag[s.name] for s in m.settings if s.name in shared]
+        description = m.summary + (f" Also {', '.join(also)} (settings of several methods, below)." if also else "")
+        group = p.add_argument_group(f"method {m.name} ({m.title})", description.replace("%", "%%"))
+        for s in m.settings:
+            if s.name not in shared:
+                add(group, s.name)
+    if shared:
+        group = p.add_argument_group("settings of several methods", "[the methods that have it] what it is")
+        for name in shared:
+            add(group, name)
 
 
 def _or_none(kind):
@@ -203,21 +548,34 @@ def _or_none(kind):
     return parse
 
 
-def add_dataclass_options(p: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One flag per field of the dataclass ``cls`` (``--min-lr``; a bool is ``--x / --no-x``; a
-    field that may be None takes the word 'none'), its help and default from the field.  Flags
-    left out are absent from the parsed arguments, so the dataclass keeps its default."""
+def add_dataclass_options(
+    p: argparse.ArgumentParser,
+    settings: tuple[Setting, ...],
+    title: str,
+    renamed: dict[str, str] | None = None,
+) -> None:
+    """One flag per field of a dataclass (``--min-lr``; a bool is ``--x / --no-x``; a field that
+    may be None takes the word 'none'), its help and default from the field.  ``renamed``: {field:
+    flag} where the flag is not the field's name (the field's name stays as a deprecated
+    spelling).  Flags left out are absent from the parsed arguments, so the dataclass keeps its
+    default."""
     g = p.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if str(f.type) == "bool":
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+    renamed = renamed or {}
+    for s in settings:
+        own = "--" + s.name.replace("_", "-")
+        flag = renamed.get(s.name, own)
+        text = f"{s.help} (default: {'none' if s.default is None else _shown(s.default)})"
+        if s.type == "bool":
+            g.add_argument(
+                flag, action=argparse.BooleanOptionalAction, dest=s.name, default=argparse.SUPPRESS, help=text
+            )
             continue
-        kind, _ = _flag_kind([str(f.type)])
-        g.add_argument(
-            flag, type=_or_none(kind) if "None" in str(f.type) else kind, default=argparse.SUPPRESS, help=text
-        )
+        kind, _ = _flag_kind([s.type])
+        kind = _or_none(kind) if "None" in s.type else kind
+        metavar = flag[2:].upper().replace("-", "_")
+        g.add_argument(flag, type=kind, dest=s.name, default=argparse.SUPPRESS, metavar=metavar, help=text)
+        if flag != own:
+            g.add_argument(own, type=kind, dest=s.name, default=argparse.SUPPRESS, action=DeprecatedSpelling, new=flag)
 
 
 def dataclass_from_args(cls: type, args) -> object:
@@ -226,8 +584,11 @@ def dataclass_from_args(cls: type, args) -> object:
 
 
 def method_from_args(args) -> object:
-    settings = {name: getattr(args, name) for name in METHOD_FLAGS}
-    for name, (_, nargs) in METHOD_FLAGS.items():
+    from atmerge.methods.registry import build_method
+
+    flags = method_flags()
+    settings = {name: getattr(args, name) for name in flags}
+    for name, (_, nargs) in flags.items():
         if nargs and settings[name] is not None:
             settings[name] = tuple(settings[name])
     return build_method(args.method, **settings)
@@ -252,6 +613,8 @@ def setup_from_args(args):
 
 
 def _setup_and_batches(args, *, limit=None, labels: bool | None = True):
+    import torch
+
     from atmerge.experiments.setup import load_dataset, loader
 
     torch.manual_seed(args.seed)
@@ -495,8 +858,11 @@ def calibration_folder(args, setup) -> Path:
 
 
 def cmd_calibrate(args) -> int:
+    import torch
+
     from atmerge.calibrate import calibrate_goals, folder_batches
     from atmerge.config import save_config
+    from atmerge.methods.registry import METHODS, build_method
     from atmerge.results_io import format_table, write_csv
 
     goals = (
@@ -633,13 +999,16 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_visualize(args) -> int:
+    import torch
+
     from atmerge import budget, data, zoo
     from atmerge.experiments.visualize import draw
     from atmerge.methods.registry import knob_factory
+    from atmerge.models.adapter import model_depth, model_patches
 
     torch.manual_seed(args.seed)
     files = []
-    for f in map(Path, args.images or []):
+    for f in map(Path, args.data or []):
         if not f.exists():
             raise FileNotFoundError(f"image {f} not found")
         files += data.image_files(f)[: args.count] if f.is_dir() else [f]
@@ -685,6 +1054,8 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    import torch
+
     from atmerge import data, distributed
     from atmerge.results_io import format_table
     from atmerge.experiments.setup import load_setup
@@ -747,10 +1118,11 @@ def cmd_export(args) -> int:
 def cmd_probe(args) -> int:
     from atmerge.experiments.probe import run_probe
 
-    for flag, count in (("train-images", args.train_images), ("test-images", args.test_images)):
+    for dest, count in (("limit", args.limit), ("val_limit", args.val_limit)):
         if count < 1:
+            flag = spelled(args, dest, "--" + dest.replace("_", "-"))[2:]
             raise ValueError(f"{flag} must be a positive number of images, got {count}")
-    result = run_probe(args.train_images, args.test_images, args.seed, args.save, progress=args.progress)
+    result = run_probe(args.limit, args.val_limit, args.seed, args.save, progress=args.progress)
     print(
         f"DINOv2-S linear probe: train top-1 {result['train_top1']:.4f} on {result['train_images']} images, "
         f"test top-1 {result['test_top1']:.4f} on {result['test_images']} cifar10-test images"
@@ -765,7 +1137,10 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+        default = action.default
+        if "default" in text or default is None or default is argparse.SUPPRESS or default is False:
+            return text
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
             return text
         return text + " (default: %(default)s)"
 
@@ -786,8 +1161,46 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+STUDIES = {
+    "info-loss": (
+        "Figure 2: merge in one block only; CLS feature distance per block",
+        "Figure 2 of the ATM paper: how much information merging loses in each block.  For each "
+        "constant threshold θ of --thresholds and each block, the model merges in that block only "
+        "(pairs of alternate matching above θ) and the study measures the cosine distance of the "
+        "final CLS feature (pre-logits) from the unmerged model's, averaged over the images; a "
+        "table (block x θ, and their mean) and a plot.  timm models only (not --hf-model); the "
+        "method flags are not used.",
+    ),
+    "merge-profile": (
+        "Figure 6: tokens merged per block, ATM vs a constant θ at equal GFLOPs",
+        "Figure 6 of the ATM paper: the tokens ATM merges in each block (its settings: the method "
+        "flags) beside those of a constant threshold tuned by bisection to the same mean GFLOPs, "
+        "with each block's threshold; a table and a plot.  ATM only (--method atm).",
+    ),
+    "split-layer": (
+        "Table 3: top-1 and GFLOPs of ATM for every split layer",
+        "Table 3 of the ATM paper: top-1 and GFLOPs of ATM for each split layer l_s = 0..depth "
+        "(blocks up to l_s match alternately, later ones by merge size: 0 = size-distinctive "
+        "matching everywhere, depth = alternate everywhere), the other settings from the method "
+        "flags.  ATM only (--method atm).",
+    ),
+    "batch-size": (
+        "Table A1: top-1 and GFLOPs for each batch size",
+        "Table A1 of the ATM paper: top-1 and GFLOPs of the method for each batch size of "
+        "--batch-sizes in turn (batch-adaptive methods merge one count per batch, so results "
+        "depend on it), up to the first size that does not fit in memory, which is said in the "
+        "output and as 'stopped' in the JSON.",
+    ),
+    "merging-error": (
+        "Theorem 1: every merged pair's merging error against its bounds",
+        "Theorem 1 of the ATM paper: for every pair the method merges, its merging error beside "
+        "the theorem's lower and upper bounds; how many pairs lie within them, a table and a plot.",
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="atmerge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="atmerge", description=__doc__, formatter_class=RawDefaultsFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("eval", help="a method against the unpatched model on the same images")
@@ -905,53 +1318,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "analyze",
-        help="the paper's studies",
-        description="""The paper's studies, one per run:
-  info-loss      Figure 2: merge in one block only (constant thresholds); cosine distance of the final CLS
-                 feature from the unmerged model's, per block
-  merge-profile  Figure 6: tokens merged per block by ATM and by a constant threshold of the same GFLOPs
-  split-layer    Table 3: top-1 and GFLOPs of ATM for every split layer 0..depth
-  batch-size     Table A1: top-1 and GFLOPs for each batch size, up to what fits in memory
-  merging-error  Theorem 1: every merged pair's merging error against its bounds""",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="the paper's studies: info-loss, merge-profile, split-layer, batch-size, merging-error",
+        description="The paper's studies, one per run (atmerge analyze STUDY --help: what it does, its options):\n"
+        + "\n".join(f"  {name:<14} {text}" for name, (text, _) in STUDIES.items()),
+        formatter_class=RawDefaultsFormatter,
     )
-    p.add_argument("study", choices=["info-loss", "merge-profile", "split-layer", "batch-size", "merging-error"])
-    add_model_options(p)
-    add_data_options(p)
-    add_method_options(p)
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.80, 0.85, 0.90, 0.95], help="info-loss")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
-    p.add_argument(
-        "--out",
-        default=None,
-        help="folder for the results (default: a new folder per run, results/analyze/<UTC time>-<label>; files in a given --out are overwritten)",
-    )
-    p.set_defaults(func=cmd_analyze)
+    studies = p.add_subparsers(dest="study", required=True, metavar="STUDY", parser_class=OneLineParser)
+    for study, (text, description) in STUDIES.items():
+        q = studies.add_parser(study, help=text, description=description)
+        add_model_options(q)
+        add_data_options(q)
+        add_method_options(q)
+        if study == "info-loss":
+            q.add_argument(
+                "--thresholds",
+                type=float,
+                nargs="+",
+                default=[0.80, 0.85, 0.90, 0.95],
+                help="the constant thresholds θ, one curve each",
+            )
+        if study == "batch-size":
+            q.add_argument(
+                "--batch-sizes",
+                type=int,
+                nargs="+",
+                default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
+                help="batch sizes, run in this order up to the first that does not fit in memory",
+            )
+        q.add_argument(
+            "--out",
+            default=None,
+            help="folder for the results (default: a new folder per run, results/analyze/<UTC time>-<study>; files in "
+            "a given --out are overwritten)",
+        )
+        q.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("visualize", help="draw which patches merged")
     add_model_options(p, default="the shared DINOv2-S/14 backbone at 224 px, for real photos")
     add_method_options(p)
     p.add_argument(
-        "--images",
+        "--data",
         nargs="*",
         default=None,
         metavar="FILE_OR_FOLDER",
-        help="image files or folders (default: the shared ImageNet photos)",
+        help="image files or folders of images (default: the shared ImageNet photos)",
     )
+    p.add_argument("--images", nargs="*", dest="data", action=DeprecatedSpelling, new="--data")
     p.add_argument("--count", type=int, default=4, help="how many photos of each folder, or of the shared ones")
     p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
     p.add_argument("--versus", default="tome", help="a method tuned to the same mean GFLOPs, drawn above ('' for none)")
     p.add_argument("--steps", type=int, default=10, help="bisection steps for --versus")
     p.add_argument("--every-block", action="store_true", help="one column per block (Figure A1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of torch's random numbers")
     p.add_argument(
         "--out",
         default=None,
         help="folder for the results (default: a new folder per run, results/visualize/<UTC time>-<label>; files in a given --out are overwritten)",
     )
     p.set_defaults(func=cmd_visualize)
-
-    from atmerge.finetune import FinetuneConfig
 
     p = sub.add_parser(
         "finetune",
@@ -965,7 +1389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-merging", action="store_true", help="fine-tune the unpatched model (the control)")
     p.add_argument("--data", default=None, help="training ImageFolder (default for the presets: cifar10-train)")
     p.add_argument("--val-data", default=None, help="validation ImageFolder (default for the presets: cifar10-test)")
-    add_dataclass_options(p, FinetuneConfig, "training (atmerge.FinetuneConfig)")
+    add_dataclass_options(
+        p,
+        dataclass_listing("atmerge.finetune", "FinetuneConfig"),
+        "training (atmerge.FinetuneConfig)",
+        renamed={"train_limit": "--limit"},
+    )
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
@@ -982,9 +1411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("probe", help="train a linear head for the shared DINOv2-S on CIFAR-10 features")
-    p.add_argument("--train-images", type=int, default=2000, help="seeded subset of cifar10-train")
-    p.add_argument("--test-images", type=int, default=1000, help="seeded subset of cifar10-test")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=2000, help="train on N images, a seeded random subset of cifar10-train")
+    p.add_argument(
+        "--val-limit", type=int, default=1000, help="test on N images, a seeded random subset of cifar10-test"
+    )
+    p.add_argument("--train-images", type=int, dest="limit", action=DeprecatedSpelling, new="--limit")
+    p.add_argument("--test-images", type=int, dest="val_limit", action=DeprecatedSpelling, new="--val-limit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets and of the head's training")
     p.add_argument("--save", default=None, help="where to save the head (default: the cache)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.add_argument(
@@ -1004,9 +1437,12 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     warnings.formatwarning = _one_line_warning
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(boolean_words(argv, boolean_method_flags()))
+    import atmerge.models.families  # noqa: F401  (atmerge's timm model names: lvvit_s, ...)
+
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:

@@ -193,7 +193,7 @@ def test_visualize(tmp_path):
 
 
 def test_visualize_missing_image(tmp_path, capsys):
-    assert main(["visualize", "--images", str(tmp_path / "nope.jpg"), "--versus", "", "--out", str(tmp_path)]) == 2
+    assert main(["visualize", "--data", str(tmp_path / "nope.jpg"), "--versus", "", "--out", str(tmp_path)]) == 2
     assert "nope.jpg not found" in capsys.readouterr().err
 
 
@@ -204,9 +204,9 @@ def test_probe_and_dinov2_probe_eval(tmp_path):
     head = tmp_path / "head.safetensors"
     args = [
         "probe",
-        "--train-images",
+        "--limit",
         "20",
-        "--test-images",
+        "--val-limit",
         "8",
         "--save",
         str(head),

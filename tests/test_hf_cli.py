@@ -244,7 +244,7 @@ def test_calibrate_then_eval_with_the_config(vit_dir, image_folder, tmp_path):
 )
 def test_other_sub_commands_take_hf_model(args, written, vit_dir, image_folder, tmp_path):
     data = (
-        ["--images", str(image_folder / "a" / "0.png")]
+        ["--data", str(image_folder / "a" / "0.png")]
         if args[0] == "visualize"
         else ["--data", str(image_folder), "--no-progress"]
     )

@@ -189,7 +189,7 @@ def test_visualize_a_folder_with_a_config(tmp_path, capsys):
         "visualize",
         "--model",
         "cifar10-vit",
-        "--images",
+        "--data",
         str(folder),
         "--config",
         str(config),
