@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable
@@ -60,7 +61,8 @@ class Calibration:
     images.  trials: every trial of the search; space: the searched ranges; profile: the
     model's score profile they were fitted to.  landing: where the chosen trial's setting was
     moved along its cost dial and whether that was kept (None: not landed).  compared: with
-    ``method="auto"``, every method's confirmed numbers and which was chosen.
+    ``method="auto"``, every method's confirmed numbers and which was chosen; alternatives: the
+    same methods' own calibrations (or the reason one has none), in that order.
     """
 
     method: Method
@@ -82,6 +84,7 @@ class Calibration:
     search: dict = field(default_factory=dict)
     landing: dict | None = None
     compared: list[dict] = field(default_factory=list)
+    alternatives: list = field(default_factory=list, repr=False)
 
     @property
     def agreement(self) -> float | None:
@@ -107,6 +110,33 @@ def _image_batches(images, model: nn.Module, batch_size: int, transform) -> tupl
             raise ValueError("the image loader yielded no batches")
         return batches, 0
     raise TypeError(f"images must be a folder path, a tensor or a loader of batches, got {type(images).__name__}")
+
+
+class TrainedOnWarning(UserWarning):
+    """The calibration images overlap the images the model (e.g. its head) was trained on."""
+
+
+def warn_if_trained_on(model: nn.Module, images) -> int:
+    """Warn when ``images`` (a folder) holds files the model was trained on, as far as it records
+    them (``model.atmerge_trained_on``: a set of image paths — e.g. the shared DINOv2 probe's
+    training split).  A head is more certain on its own training images, so fidelity measured
+    there overstates what new images see.  Returns how many overlap."""
+    trained_on = getattr(model, "atmerge_trained_on", None)
+    if not trained_on or not isinstance(images, (str, Path)):
+        return 0
+
+    files = image_files(images)
+    seen = {Path(p).resolve() for p in trained_on}
+    overlap = sum(f.resolve() in seen for f in files)
+    if overlap:
+        warnings.warn(
+            f"{overlap} of the {len(files)} calibration images under {images} are images this model was "
+            "trained on (model.atmerge_trained_on); fidelity measured on them may not transfer to new "
+            "images: calibrate on other images",
+            TrainedOnWarning,
+            stacklevel=3,
+        )
+    return overlap
 
 
 def fidelity_measure(model: nn.Module, fidelity: str | None) -> str:
@@ -271,6 +301,7 @@ def calibrate_goals(
             raise ValueError(f"{floor} does not fit fidelity measure {measure!r}; give min_{measure}")
     for g in goals:  # bad goals fail before any image is read
         resolve_goal(1.0, **g)
+    warn_if_trained_on(model, images)
     batches, _ = _image_batches(images, model, batch_size, transform)
     summary, reference, _ = unpatched_outputs(model, [(x, None) for x in batches], cache_dir)
     dense = summary["gflops"]
@@ -326,7 +357,7 @@ def _winner(goal: Goal, found: list, bases: list[Method]) -> Calibration:
         best = min(met, key=lambda c: (c.gflops, -c.fidelity)) if met else max(calibrated, key=lambda c: c.fidelity_low)
     for row, c in zip(table, found):
         row["chosen"] = c is best
-    return dataclasses.replace(best, compared=table)
+    return dataclasses.replace(best, compared=table, alternatives=list(found))
 
 
 def _compared_row(base: Method, c) -> dict:

@@ -461,16 +461,37 @@ def folder_dataset(
     return dataset
 
 
-def folder_batches(
-    folder: str | Path, transform, batch_size: int, limit: int | None = None, seed: int = 0
-) -> tuple[list[torch.Tensor], int]:
-    """Batches [B, C, H, W] of the images under ``folder`` (a seeded random ``limit`` of them);
-    unreadable files are skipped, each named by a warning (:func:`atmerge.data.read_image`, the
-    same policy as eval's), and counted.  Returns (batches, skipped)."""
+def folder_files(
+    folder: str | Path, limit: int | None = None, seed: int = 0, exclude: "set[Path] | frozenset[Path]" = frozenset()
+) -> list[Path]:
+    """The image files under ``folder`` that :func:`folder_batches` reads: all of them, or a
+    seeded random ``limit`` of those not in ``exclude`` (e.g. the images a head was trained on),
+    in sorted order."""
     files = image_files(folder)
+    if exclude:
+        excluded = {Path(p).resolve() for p in exclude}
+        files = [f for f in files if f.resolve() not in excluded]
+        if not files:
+            raise ValueError(f"every image under {folder} is excluded; give a folder with other images")
     if limit is not None and limit < len(files):
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:limit]
         files = [files[i] for i in sorted(order.tolist())]
+    return files
+
+
+def folder_batches(
+    folder: str | Path,
+    transform,
+    batch_size: int,
+    limit: int | None = None,
+    seed: int = 0,
+    exclude: "set[Path] | frozenset[Path]" = frozenset(),
+) -> tuple[list[torch.Tensor], int]:
+    """Batches [B, C, H, W] of the images under ``folder`` (a seeded random ``limit`` of them,
+    none of ``exclude``: :func:`folder_files`); unreadable files are skipped, each named by a
+    warning (:func:`atmerge.data.read_image`, the same policy as eval's), and counted.  Returns
+    (batches, skipped)."""
+    files = folder_files(folder, limit, seed, exclude)
     images, skipped = [], 0
     for path in files:
         image = read_image(path)

@@ -3,6 +3,15 @@
     python bench/calibrated.py --model cifar10-vit      # CIFAR-10 reference ViT, ~15 min on 2 CPU cores
     python bench/calibrated.py --model dinov2-probe     # DINOv2-S + linear probe, 224 px, ~35 min
     python bench/calibrated.py --model cifar10-vit --markdown   # the README table from the JSON
+    python bench/calibrated.py --model cifar10-vit --method auto   # method="auto" against each method alone
+
+``--method auto`` runs ``atmerge.calibrate_goals(..., method="auto")`` once over the merging
+methods: with several goals it calibrates each method exactly as alone (same trials, seed, split;
+no trial is stopped against another method), lands each chosen setting on its goal, and picks per
+goal on the held-out images.  Each method's own calibration (``Calibration.alternatives``) and
+auto's pick are run on the report images, and the issue's goals are checked: auto's agreement at
+least the best single method's minus one standard error, its report cost within 1 point below each
+budget, and every floor auto marks met holding on the report images.
 
 For each method, one Optuna search of ``--trials`` trials over the method's own settings, fitted
 to the model's similarity scores (``atmerge.calibrate_goals``: multivariate TPE, judged by
@@ -59,6 +68,51 @@ def goal_name(goal: dict) -> str:
     return f"budget {goal['budget']:.0%}" if "budget" in goal else f"floor {goal['min_agreement']}"
 
 
+def calibration_numbers(c) -> dict:
+    return dict(
+        met=c.met,
+        calib_gflops_share=c.gflops_share,
+        calib_agreement=c.fidelity,
+        calib_agreement_low=c.fidelity_low,
+        search=c.search,
+        held_out_images=c.images,
+        landing=c.landing,
+    )
+
+
+def auto_goals(rows: list[dict]) -> list[dict]:
+    """Per goal: auto's report agreement against the best single method's minus one standard
+    error, auto's report cost within 1 point below a budget, a floor auto marks met holding."""
+    checks = []
+    for goal in dict.fromkeys(r["goal"] for r in rows):
+        singles = [r for r in rows if r["goal"] == goal and not r["method"].startswith("auto")]
+        picked = next(r for r in rows if r["goal"] == goal and r["method"].startswith("auto"))
+        if goal.startswith("budget"):
+            singles = [r for r in singles if r["met"]] or singles
+        best = max(singles, key=lambda r: r["report_agreement"])
+        n = picked["report_images"]
+        se = (best["report_agreement"] * (1 - best["report_agreement"]) / n) ** 0.5
+        check = dict(
+            goal=goal,
+            auto=picked["method"],
+            auto_report_agreement=picked["report_agreement"],
+            best_single=best["method"],
+            best_single_report_agreement=best["report_agreement"],
+            best_single_se=se,
+            agreement_met=picked["report_agreement"] >= best["report_agreement"] - se,
+        )
+        if goal.startswith("budget"):
+            share = float(goal.split()[1].rstrip("%")) / 100
+            check["auto_report_gflops_share"] = picked["report_gflops_share"]
+            check["cost_met"] = share - 0.01 <= picked["report_gflops_share"] <= share
+        else:
+            floor = float(goal.split()[1])
+            check["auto_marked_met"] = picked["met"]
+            check["floor_holds"] = (not picked["met"]) or picked["report_agreement"] >= floor
+        checks.append(check)
+    return checks
+
+
 def run_on(model, method, batches, reference, labels) -> dict:
     atmerge.patch(model, method)
     res, outputs = atmerge.evaluate(model, batches, keep_outputs=True)
@@ -71,6 +125,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="cifar10-vit")
     ap.add_argument("--out", default=None, help="default: bench/results/calibrated_<model>.json")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument(
+        "--method",
+        choices=["each", "auto"],
+        default="each",
+        help="each: every method calibrated alone (the table); auto: method='auto' against each method alone",
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run: 64 images each, 3 trials (numbers meaningless)")
     ap.add_argument(
         "--only",
@@ -80,7 +140,8 @@ def main(argv=None) -> int:
         help="re-run only these methods (labels as in the table) and replace their rows in --out",
     )
     args = ap.parse_args(argv)
-    out = args.out or f"bench/results/calibrated_{args.model}.json"
+    auto = args.method == "auto"
+    out = args.out or f"bench/results/calibrated_{'auto_' if auto else ''}{args.model}.json"
     if args.markdown:
         print(markdown(json.loads(Path(out).read_text())))
         return 0
@@ -141,6 +202,34 @@ def main(argv=None) -> int:
             raise SystemExit(f"--only: unknown method(s) {sorted(unknown)}; choose from {[m[0] for m in methods]}")
         methods = [m for m in methods if m[0] in args.only]
         chosen["methods"] = [m[0] for m in methods]
+    if auto:
+        merging = [m for m in methods if m[2]]  # the fitted spaces: what auto compares
+        chosen["methods"] = [m[0] for m in merging]
+        chosen["land"] = True
+        t0 = time.time()
+        found = atmerge.calibrate_goals(
+            model,
+            calib,
+            list(GOALS),
+            method="auto",
+            methods=[m[1] for m in merging],
+            trials=trials,
+            seed=0,
+            early_stop=False,
+            paired=False,
+            holdout=holdout,
+        )
+        print(f"auto over {len(merging)} methods, {trials} trials each: {time.time() - t0:.0f} s", flush=True)
+        chosen["auto_seconds"] = time.time() - t0
+        for goal, c in zip(GOALS, found):
+            for (label, _, _), alt in zip(merging, c.alternatives):
+                if isinstance(alt, str):
+                    print(f"  {label} {goal_name(goal)}: none ({alt})")
+                    continue
+                add(label, goal_name(goal), alt.method, calibration_numbers(alt))
+            winner = next(r["method"] for r in c.compared if r["chosen"])
+            add(f"auto ({winner})", goal_name(goal), c.method, calibration_numbers(c))
+        return finish(args, out, rows, calib, labels, trials, dense, base, start, chosen)
     for label, name, fitted in methods:
         t0 = time.time()
         found = atmerge.calibrate_goals(
@@ -217,6 +306,9 @@ def finish(args, out, rows, calib, labels, trials, dense, base, start, chosen) -
         minutes=minutes,
         rows=rows,
     )
+    if chosen.get("land"):
+        result["goals"] = auto_goals(rows)
+        print(table(result["goals"], list(result["goals"][0])))
     print(
         table(
             rows,

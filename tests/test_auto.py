@@ -3,6 +3,7 @@
 choice on a small model, configs that keep the comparison, and bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,39 @@ def test_auto_compares_merging_methods_and_pruning_ones_only_when_asked():
     assert {"ATM", "ToMe", "TopR", "MCTF", "ConstantThreshold"} <= set(names)
     assert not {"EViT", "ZeroTP", "Frozen"} & set(names)
     assert [type(m).__name__ for m in auto_methods(["atm", "evit"])] == ["ATM", "EViT"]
+
+
+def test_calibration_warns_when_its_images_overlap_what_the_head_was_trained_on(model_and_images, tmp_path):
+    from PIL import Image
+
+    from atmerge.calibrate import TrainedOnWarning, warn_if_trained_on
+    from atmerge.data import folder_files
+
+    files = []
+    for i in range(6):
+        path = tmp_path / "images" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(path)
+        files.append(path)
+    model, _ = model_and_images
+    model.atmerge_trained_on = frozenset(files[:2])
+    try:
+        with pytest.warns(TrainedOnWarning, match="2 of the 6 calibration images"):
+            assert warn_if_trained_on(model, tmp_path / "images") == 2
+        # the images it was not trained on: no warning, and exclude= picks exactly those
+        kept = folder_files(tmp_path / "images", exclude=model.atmerge_trained_on)
+        assert kept == files[2:]
+        assert folder_files(tmp_path / "images", limit=2, seed=0, exclude=model.atmerge_trained_on)[0] in files[2:]
+        assert warn_if_trained_on(model, torch.zeros(1, 3, 32, 32)) == 0  # a tensor: cannot tell
+    finally:
+        del model.atmerge_trained_on
+
+
+@pytest.mark.shared
+def test_the_shared_probe_records_the_images_it_was_trained_on():
+    from atmerge import data
+    from atmerge.experiments.probe import probe_training_files
+
+    files = probe_training_files(20, 0)
+    subset = data.subset(data.image_folder(data.cifar10_folder("train"), None), 20, 0)
+    assert files == {Path(subset.dataset.samples[i][0]) for i in subset.indices} and len(files) == 20

@@ -217,4 +217,17 @@ def load_probe_classifier(path: str | Path | None = None) -> tuple[nn.Module, Pa
     model.reset_classifier(NUM_CLASSES)
     head = load_file(str(path))
     model.head.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "train_images" in meta and "seed" in meta:  # calibrate warns when its images overlap these
+        model.atmerge_trained_on = probe_training_files(int(meta["train_images"]), int(meta["seed"]))
     return model.eval(), path
+
+
+def probe_training_files(train_images: int | None, seed: int) -> frozenset[Path]:
+    """The cifar10-train files a probe of ``train_images`` images (seeded subset, as
+    :func:`run_probe` draws them) was trained on."""
+    samples = data.image_folder(data.cifar10_folder("train"), None).samples
+    return frozenset(Path(file) for file, _ in data.subset(samples, train_images, seed))
