@@ -133,17 +133,18 @@ class _Field:
     metadata: dict
 
 
-def _clean(text: str) -> str:
-    """Docstring text as plain help: reST roles and literals unwrapped, '%' escaped for argparse."""
+def _clean(text: str, escape: bool = True) -> str:
+    """Docstring text as plain help: reST roles and literals unwrapped; ``escape``: '%' doubled,
+    as argparse formats an option's help with %."""
     text = re.sub(r":\w+:`~?([^`]*)`", r"\1", text)
-    text = re.sub(r"``([^`]*)``", r"\1", text)
-    return " ".join(text.split()).replace("%", "%%")
+    text = " ".join(re.sub(r"``([^`]*)``", r"\1", text).split())
+    return text.replace("%", "%%") if escape else text
 
 
 def _field_docs(doc: str, names: list[str]) -> dict[str, str]:
     """Each field's entry in a dataclass docstring: ``name: text`` or ``name in [0, 1]`` (at a
-    line start, with the more indented lines below it, or within a paragraph), up to the next
-    entry or the end of its sentence group (two spaces)."""
+    line start, with the more indented lines below it; or within a paragraph, up to a line that
+    ends a sentence), up to the next entry or the end of a sentence followed by two spaces."""
     lines = inspect.cleandoc(doc or "").splitlines()
     entry = {n: re.compile(rf"(?<![\w.`'=(]){re.escape(n)}(:|\s+in\s+[\[(])") for n in names}
     docs = {}
@@ -160,6 +161,8 @@ def _field_docs(doc: str, names: list[str]) -> dict[str, str]:
                     break
                 if at_start and len(below) - len(below.lstrip()) <= indent:
                     break
+                if not at_start and text[-1].rstrip().endswith("."):
+                    break  # within a paragraph: up to the end of the sentence
                 text.append(below.strip())
             text = " ".join(t.rstrip() for t in text)
             text = text[len(name) :].lstrip(":").strip() if found.group(1) == ":" else text[len(name) :].strip()
@@ -178,7 +181,7 @@ def _summary(doc: str) -> str:
     """The first sentence of a docstring's first paragraph."""
     first = " ".join(inspect.cleandoc(doc or "").split("\n\n")[0].split())
     found = re.search(r"(?<!\bal)(?<!\bEq)(?<!\be\.g)(?<!\bi\.e)\.\s", first + " ")
-    return _clean(first[: found.start() + 1] if found else first)
+    return _clean(first[: found.start() + 1] if found else first, escape=False)
 
 
 def _annotation(text: object) -> str:
@@ -499,7 +502,7 @@ def _setting_help(owners: list[tuple[MethodListing, Setting]]) -> str:
     return text.strip()
 
 
-def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None:
+def add_method_options(p: argparse.ArgumentParser, default: str = "atm", extra_choices: tuple[str, ...] = ()) -> None:
     """``--method`` and every registered method's settings as flags: one group per method (help
     from its dataclass docstring), the settings several methods share in one group of their own,
     each naming its methods.  Settings left out keep the method's defaults."""
@@ -507,7 +510,18 @@ def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None
     g = p.add_argument_group(
         "method", "settings left out keep the method's defaults; each method's settings are listed in its group below"
     )
-    g.add_argument("--method", default=default, choices=method_names(), help="the token-reduction method")
+    g.add_argument(
+        "--method",
+        default=default,
+        choices=[*method_names(), *extra_choices],
+        help="the token-reduction method"
+        + (
+            "; auto: calibrate every merging method (or those of --compare) the same way and keep the most "
+            "faithful within the budget, or the cheapest that meets the floor, judged on held-out images"
+            if "auto" in extra_choices
+            else ""
+        ),
+    )
     owners: dict[str, list[tuple[MethodListing, Setting]]] = {}
     for m in methods:
         for s in m.settings:
@@ -528,7 +542,7 @@ def add_method_options(p: argparse.ArgumentParser, default: str = "atm") -> None
     for m in methods:
         also = [flag[s.name] for s in m.settings if s.name in shared]
         description = m.summary + (f" Also {', '.join(also)} (settings of several methods, below)." if also else "")
-        group = p.add_argument_group(f"method {m.name} ({m.title})", description.replace("%", "%%"))
+        group = p.add_argument_group(f"method {m.name} ({m.title})", description)
         for s in m.settings:
             if s.name not in shared:
                 add(group, s.name)
@@ -880,21 +894,31 @@ def cmd_calibrate(args) -> int:
     count = sum(b.shape[0] for b in batches)
     limit = "" if args.limit is None else f", a seeded random {args.limit} of them (seed {args.seed})"
     described = f"{count} images from {folder}{limit}"
-    methods = [method_from_args(args)] + [build_method(m) for m in args.compare if m != args.method]
-    out, rows, met = run_folder(args, args.method), [], True
+    from atmerge.calibrate import warn_if_trained_on
+
+    warn_if_trained_on(setup.model, folder)
+    auto = args.method == "auto"
+    if auto:
+        methods = ["auto"]
+    else:
+        methods = [method_from_args(args)] + [build_method(m) for m in args.compare if m != args.method]
+    out, rows, met, pictures = run_folder(args, args.method), [], True, []
     for method in methods:
         found = calibrate_goals(
             setup.model,
             batches,
             goals,
             method=method,
+            methods=(args.compare or None) if auto else None,
             fidelity=args.fidelity,
             trials=args.trials,
             seed=args.seed,
             progress=args.progress,
             fit_space=not args.paper_space,
         )
-        name = next(k for k, v in METHODS.items() if type(method) is v)
+        if auto:
+            pictures += _auto_report(found, goals, out)
+        name = "auto" if auto else next(k for k, v in METHODS.items() if type(method) is v)
         for goal, c in zip(goals, found):
             ((kind, value),) = goal.items()
             if args.freeze is not None and c.method.adaptive:
@@ -912,9 +936,12 @@ def cmd_calibrate(args) -> int:
                 c.trials, path.with_name(path.stem + "_trials.csv") if stem != "calibration" else out / "trials.csv"
             )
             met &= c.met
-            label = (method.display_name or name) + (
-                " (frozen)" if c.method is not method and not c.method.adaptive and method.adaptive else ""
-            )
+            if auto:
+                label = "auto: " + next(r["method"] for r in c.compared if r["chosen"])
+            else:
+                label = (method.display_name or name) + (
+                    " (frozen)" if c.method is not method and not c.method.adaptive and method.adaptive else ""
+                )
             rows.append(
                 {
                     "method": label,
@@ -934,8 +961,37 @@ def cmd_calibrate(args) -> int:
     print(format_table(rows, [k for k in rows[0] if k != "setting"]))
     for r in rows:
         print(f"  {r['method']} {r['goal']}: {r['setting']}")
+    for picture in pictures:
+        print(f"picture: {picture}")
     print("use a config with: atmerge eval --config <config>")
     return 0 if met else 1
+
+
+def _auto_report(found: list, goals: list[dict], out: Path) -> list[str]:
+    """Print every method's confirmed numbers per goal (auto's comparison) and draw its picture."""
+    from atmerge.experiments.fronts import plot_fronts
+    from atmerge.results_io import format_table
+
+    pictures = []
+    for goal, c in zip(goals, found):
+        ((kind, value),) = goal.items()
+        print(f"method auto, {kind} {value:g}: every method on the held-out images ('*' = chosen)")
+        table = [
+            {
+                "method": ("* " if r.get("chosen") else "  ") + r["method"],
+                "met": r["met"],
+                "gflops_share": None if r.get("gflops_share") is None else round(r["gflops_share"], 4),
+                c.measure: None if r.get("fidelity") is None else round(r["fidelity"], 4),
+                f"{c.measure}_low": None if r.get("fidelity_low") is None else round(r["fidelity_low"], 4),
+                "landed": r.get("landed"),
+                "note": r["note"],
+            }
+            for r in c.compared
+        ]
+        print(format_table(table, list(table[0])))
+        entries = [(r["method"], a) for r, a in zip(c.compared, c.alternatives) if not isinstance(a, str)]
+        pictures.append(plot_fronts(entries, out / f"auto_{kind}_{value:g}.png", chosen=c))
+    return pictures
 
 
 def cmd_analyze(args) -> int:
@@ -1218,7 +1274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="choose a method's settings from unlabeled images (budget or agreement floor)")
     add_model_options(p)
     add_data_options(p, data_help="a folder of images, any layout, labels ignored (default: the preset's data)")
-    add_method_options(p)
+    add_method_options(p, extra_choices=("auto",))
     p.add_argument("--images", default=None, help=argparse.SUPPRESS)  # deprecated spelling of --data
     p.add_argument("--budget", type=float, nargs="+", help="share(s) of the unpatched GFLOPs, in (0, 1)")
     p.add_argument("--budget-gflops", type=float, nargs="+", help="GFLOPs per image")
@@ -1237,7 +1293,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         choices=method_names(),
         metavar="METHOD",
-        help="also calibrate these methods the same way (same images, goals and trials)",
+        help="also calibrate these methods the same way (same images, goals and trials); with --method auto: "
+        "the methods auto chooses from (default: every merging method)",
     )
     p.add_argument(
         "--fidelity",

@@ -243,6 +243,29 @@ def test_method_settings_are_grouped_under_their_methods_with_help():
             assert action.help and len(action.help) > 10, action.dest
 
 
+def test_method_help_is_read_from_docstrings():
+    doc = """A toy.  Merges 50% of the tokens.
+
+    alpha: the threshold, in [0, 1].  beta: the decay; ``None`` = off.
+    gamma: a long entry that goes on
+        to a second line.
+    delta in (0, 1]; eps: the last.
+    Defaults: the paper's.
+    """
+    docs = cli._field_docs(doc, ["alpha", "beta", "gamma", "delta", "eps", "zeta"])
+    assert docs == {
+        "alpha": "the threshold, in [0, 1]",
+        "beta": "the decay; None = off",
+        "gamma": "a long entry that goes on to a second line",
+        "delta": "in (0, 1]",
+        "eps": "the last",
+    }
+    assert cli._summary(doc) == "A toy."
+    parser = argparse.ArgumentParser(formatter_class=cli.DefaultsFormatter)
+    parser.add_argument("--x", default=1, help=cli._clean("50% of it"))
+    assert "50% of it (default: 1)" in " ".join(parser.format_help().split())
+
+
 def test_each_study_has_its_own_help():
     assert "Figure 2 of the ATM paper" in _help("analyze", "info-loss")
     assert "--thresholds" in _help("analyze", "info-loss") and "--batch-sizes" not in _help("analyze", "info-loss")
