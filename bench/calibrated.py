@@ -60,7 +60,7 @@ METHODS = (
 # one-sided 95% Wilson lower bound 270/272.7 = 0.990), so half of its 600 images are held out.
 MODELS = {
     "cifar10-vit": (cifar10_model, 2000, 0.25, 5000, 250, 30, METHODS),
-    "dinov2-probe": (dinov2_probe_model, 600, 0.5, 300, 50, 12, METHODS[:3] + METHODS[4:5]),
+    "dinov2-probe": (dinov2_probe_model, 600, 0.5, 1000, 50, 12, METHODS[:3] + METHODS[4:5]),
 }
 
 
@@ -167,7 +167,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.time()
     model, transform = setup()
-    calib, _ = folder_batches(data.cifar10_folder("train"), transform, batch_size, limit=n_calib, seed=0)
+    # never calibrate on images the head was trained on (the DINOv2 probe's recorded split): a head
+    # is surer of its own training images, so fidelity measured there does not transfer
+    trained_on = getattr(model, "atmerge_trained_on", frozenset())
+    chosen["calibration_excludes"] = f"{len(trained_on)} images the model's head was trained on" if trained_on else None
+    calib, _ = folder_batches(
+        data.cifar10_folder("train"), transform, batch_size, limit=n_calib, seed=0, exclude=trained_on
+    )
     report = loader_batches(
         data.subset(data.image_folder(data.cifar10_folder("test"), transform), n_report, 0), batch_size
     )

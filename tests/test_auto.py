@@ -197,3 +197,16 @@ def test_the_shared_probe_records_the_images_it_was_trained_on():
     files = probe_training_files(20, 0)
     subset = data.subset(data.image_folder(data.cifar10_folder("train"), None), 20, 0)
     assert files == {Path(subset.dataset.samples[i][0]) for i in subset.indices} and len(files) == 20
+
+
+def test_the_command_line_calibrates_with_auto_and_draws_the_comparison(tmp_path, capsys):
+    from atmerge.cli import main
+
+    args = ["calibrate", "--method", "auto", "--compare", "atm", "tome", "--budget", "0.6", "--limit", "32"]
+    assert main([*args, "--trials", "2", "--no-progress", "--out", str(tmp_path)]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "method auto, budget 0.6: every method on the held-out images" in out and "ToMe" in out
+    document = json.loads((tmp_path / "calibration.json").read_text())
+    compared = document["calibration"]["compared"]
+    assert [row["method"] for row in compared] == ["ATM", "ToMe"] and sum(row["chosen"] for row in compared) == 1
+    assert (tmp_path / "auto_budget_0.6.png").stat().st_size > 0

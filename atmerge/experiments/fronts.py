@@ -17,9 +17,11 @@ def interval_of(fidelity: float, fidelity_low: float, images: int, measure: str)
     ``images`` that agree), mean ± 1.96 SE for cosine (the SE recovered from the one-sided 95%
     lower bound ``fidelity_low``)."""
     if measure == "agreement":
-        return wilson_interval(round(fidelity * images), images)
-    half = (fidelity - fidelity_low) * 1.959964 / 1.644854
-    return fidelity - half, fidelity + half if math.isfinite(half) else fidelity
+        low, high = wilson_interval(round(fidelity * images), images)
+    else:
+        half = (fidelity - fidelity_low) * 1.959964 / 1.644854 if math.isfinite(fidelity_low) else 0.0
+        low, high = fidelity - half, fidelity + half
+    return min(low, fidelity), max(high, fidelity)  # never a negative error bar from rounding
 
 
 def plot_fronts(entries: list[tuple[str, object]], out: str | Path, chosen=None, title: str | None = None) -> str:
