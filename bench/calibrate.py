@@ -2,6 +2,11 @@
 
     python bench/calibrate.py [--images 10000] [--trials 40] [--out bench/results/calibrate.json]
     python bench/calibrate.py --markdown         # the README table, from the JSON written above
+    python bench/calibrate.py --method atm auto --out bench/results/calibrate_auto.json   # auto's time vs ATM's
+
+``--method atm auto`` times ``method="auto"`` (every merging method, the same trials each, trials
+stopped against the leader so far) beside ATM alone on the same images and goals, and checks the
+goal: auto within 2× ATM's time and within 20 minutes.
 
 The CIFAR-10 reference ViT is calibrated with ATM (``atmerge.calibrate``, early stopping on
 growing subsets) on ``--images`` unlabeled cifar10-train images for a budget goal (60% of the
@@ -37,6 +42,10 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--out", default="bench/results/calibrate.json")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument(
+        "--method", nargs="+", default=["atm"], choices=["atm", "auto"], help="calibrate with these, in turn"
+    )
+    ap.add_argument("--goals", nargs="+", default=None, choices=["budget", "floor"], help="default: both")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text())))
@@ -53,38 +62,59 @@ def main(argv=None) -> int:
     base, reference = atmerge.evaluate(model, report, keep_outputs=True)
     reference = torch.cat(reference)
     rows = []
-    for goal, target in GOALS:
-        start = time.time()
-        options = {"budget": target} if goal == "budget" else {"min_agreement": target}
-        c = atmerge.calibrate(model, batches, method=atmerge.ATM(), trials=args.trials, seed=0, **options)
-        minutes = (time.time() - start) / 60
-        atmerge.patch(model, c.method)
-        res, outputs = atmerge.evaluate(model, report, keep_outputs=True)
-        atmerge.unpatch(model)
-        measured = paired_fidelity(torch.cat(outputs), reference, labels)
-        finished = [t for t in c.trials if not t["pruned"]]
-        rows.append(
-            dict(
-                goal=goal,
-                target=target,
-                met=c.met,
-                minutes=minutes,
-                trials=len(c.trials),
-                finished=len(finished),
-                images_evaluated=sum(t["images"] for t in c.trials),
-                setting=describe(c.method),
-                calib_gflops_share=c.gflops_share,
-                calib_agreement=c.agreement,
-                calib_agreement_low=c.fidelity_low,
-                report_gflops_share=res.gflops / base.gflops,
-                **{f"report_{k}": v for k, v in measured.items()},
+    goals = [g for g in GOALS if args.goals is None or g[0] in args.goals]
+    for goal, target in goals:
+        for name in args.method:
+            start = time.time()
+            options = {"budget": target} if goal == "budget" else {"min_agreement": target}
+            method = atmerge.ATM() if name == "atm" else "auto"
+            c = atmerge.calibrate(model, batches, method=method, trials=args.trials, seed=0, **options)
+            minutes = (time.time() - start) / 60
+            atmerge.patch(model, c.method)
+            res, outputs = atmerge.evaluate(model, report, keep_outputs=True)
+            atmerge.unpatch(model)
+            measured = paired_fidelity(torch.cat(outputs), reference, labels)
+            trials = [t for a in c.alternatives if not isinstance(a, str) for t in a.trials] or c.trials
+            rows.append(
+                dict(
+                    method=name if name == "atm" else "auto: " + next(r["method"] for r in c.compared if r["chosen"]),
+                    goal=goal,
+                    target=target,
+                    met=c.met,
+                    minutes=minutes,
+                    trials=len(trials),
+                    finished=sum(not t["pruned"] for t in trials),
+                    images_evaluated=sum(t["images"] for t in trials),
+                    setting=describe(c.method),
+                    landing=c.landing,
+                    compared=c.compared,
+                    calib_gflops_share=c.gflops_share,
+                    calib_agreement=c.agreement,
+                    calib_agreement_low=c.fidelity_low,
+                    report_gflops_share=res.gflops / base.gflops,
+                    **{f"report_{k}": v for k, v in measured.items()},
+                )
             )
-        )
-        print(f"{goal} {target}: {minutes:.1f} min, {c.method}", flush=True)
+            print(f"{name} {goal} {target}: {minutes:.1f} min, {c.method}", flush=True)
+    time_goals = []
+    for goal, target in goals:
+        by = {r["method"].split(":")[0]: r for r in rows if r["goal"] == goal}
+        if "atm" in by and "auto" in by:
+            ratio = by["auto"]["minutes"] / by["atm"]["minutes"]
+            time_goals.append(
+                dict(
+                    goal=goal,
+                    atm_minutes=by["atm"]["minutes"],
+                    auto_minutes=by["auto"]["minutes"],
+                    ratio=ratio,
+                    met=ratio <= 2 and by["auto"]["minutes"] <= 20,
+                )
+            )
     header = run_header(
         args,
-        goals=GOALS,
-        method="ATM() (its default search space, fitted to the model)",
+        goals=goals,
+        methods=args.method,
+        method="ATM() (its default search space, fitted to the model); auto: method='auto' (every merging method)",
         calibration_batch_size=250,
         calibration_seed=0,
         optuna_seed=0,
@@ -100,11 +130,15 @@ def main(argv=None) -> int:
         report_images=len(labels),
         unpatched={"gflops": base.gflops, "top1": base.top1},
         rows=rows,
+        time_goals=time_goals,
     )
+    if time_goals:
+        print(table(time_goals, list(time_goals[0])))
     print(
         table(
             rows,
             [
+                "method",
                 "goal",
                 "target",
                 "met",
