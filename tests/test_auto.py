@@ -92,22 +92,22 @@ def test_landing_on_a_budget_gets_close_and_never_passes_it(model_and_images):
     assert land_on_budget(model, dial, 1e-6, [images]) is None  # below the cheapest setting
 
 
-def test_landing_on_a_floor_is_the_cheapest_setting_that_clears_it(model_and_images):
+def test_landing_on_a_floor_clears_it_more_cheaply_or_says_it_cannot(model_and_images):
     model, images = model_and_images
     atmerge.unpatch(model)
     with torch.no_grad():
         reference = model(images)
     dial = atmerge.ToMe(r=2).dial(6, 64)
     landing = land_on_floor(model, dial, 0.5, [images], reference, "agreement", bound="mean")
-    assert landing.fidelity >= 0.5
-    cheaper = [dial(t) for t in (0.0, landing.t / 2)]
-    for method in cheaper:  # every cheaper setting on the dial fails the floor, or costs the same
-        atmerge.patch(model, method)
-        with torch.no_grad():
-            agreement = (model(images).argmax(-1) == reference.argmax(-1)).float().mean().item()
-        cost = atmerge.last_stats(model).gflops
-        atmerge.unpatch(model)
-        assert agreement < 0.5 or cost >= landing.gflops
+    atmerge.patch(model, landing.method)
+    with torch.no_grad():
+        agreement = (model(images).argmax(-1) == reference.argmax(-1)).float().mean().item()
+    atmerge.unpatch(model)
+    assert agreement == pytest.approx(landing.fidelity) and agreement >= 0.5  # it clears the floor
+    assert landing.gflops <= mean_cost(model, dial(1.0), images)  # never dearer than the dial's top
+    assert landing.t < 1 and landing.steps > 1
+    # a floor no setting on the dial clears: None, not a setting that misses it
+    assert land_on_floor(model, dial, 1.0, [images], -reference, "agreement", bound="mean") is None
 
 
 def test_auto_chooses_the_best_confirmed_method_and_the_config_keeps_the_table(model_and_images, tmp_path):
@@ -210,3 +210,17 @@ def test_the_command_line_calibrates_with_auto_and_draws_the_comparison(tmp_path
     compared = document["calibration"]["compared"]
     assert [row["method"] for row in compared] == ["ATM", "ToMe"] and sum(row["chosen"] for row in compared) == 1
     assert (tmp_path / "auto_budget_0.6.png").stat().st_size > 0
+
+
+def test_a_fixed_count_dial_moves_one_token_at_a_time():
+    from atmerge.core.schedules import scaled_schedule
+
+    assert scaled_schedule([4, 4, 2, 0], 1.0) == [4, 4, 2, 0]  # scale 1: the schedule itself
+    assert scaled_schedule([4, 4, 2, 0], 0.5) == [2, 2, 1, 0]
+    assert scaled_schedule([4, 4, 2, 0], 1.05) == [4, 4, 2, 0] and scaled_schedule([4, 4, 2, 0], 1.1) == [4, 4, 3, 0]
+    assert scaled_schedule([0, 0, 0], 1.5) == [1, 2, 1]  # all zero: scaled as a constant schedule
+    totals = [sum(scaled_schedule([3, 2, 1], k / 20)) for k in range(41)]
+    assert totals == sorted(totals) and set(range(totals[-1] + 1)) <= set(totals)  # every total, in order
+    tome = atmerge.ToMe(r=(4, 0.5))
+    dial = tome.dial(6, 64)
+    assert dial(0.5).schedule(6) == tome.schedule(6) and sum(dial(1.0).schedule(6)) == 0

@@ -78,3 +78,18 @@ def linear_r_schedule(depth: int, r: int, schedule: str) -> list[int]:
     if step is None:
         raise ValueError(f"schedule={schedule!r}; choose 'constant', 'increasing' or 'decreasing'")
     return [max(r + step * i, 0) for i in range(depth)]
+
+
+def scaled_schedule(counts: list[int], scale: float) -> list[int]:
+    """Per-block counts ``counts`` scaled by ``scale`` ≥ 0 and rounded so that the total is
+    ⌊scale · Σ counts⌋ and each block keeps its share (error diffusion over the blocks): a merge
+    count that moves one token at a time, for landing a fixed-count schedule on a budget.  An
+    all-zero schedule scales as a constant one."""
+    shape = counts if any(counts) else [1] * len(counts)
+    total, out, done = 0, [], 0
+    for c in shape:
+        total += c
+        cumulative = math.floor(scale * total + 1e-9)
+        out.append(cumulative - done)
+        done = cumulative
+    return out

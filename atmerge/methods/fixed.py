@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from atmerge.core.schedules import linear_r_schedule, tome_r_schedule
+from atmerge.core.schedules import linear_r_schedule, scaled_schedule, tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, knob_r, register_method
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
@@ -44,6 +44,13 @@ class ToMe(Method):
     def with_params(self, params: dict) -> "ToMe":
         inflection = params.get("inflection", 0.0)
         return replace(self, r=params["r"] if not inflection else (params["r"], inflection))
+
+    def dial(self, depth: int, num_patches: int):
+        """A fine cost dial through this setting: t → the per-block schedule scaled by 2(1 − t)
+        (t = 0.5: this schedule; t = 1: nothing merges), rounded one token at a time
+        (:func:`scaled_schedule`), so a budget can be landed to within a token."""
+        counts = self.schedule(depth)
+        return lambda t: replace(self, r=scaled_schedule(counts, 2.0 * (1.0 - t)))
 
     def __post_init__(self) -> None:
         tome_r_schedule(1 if not isinstance(self.r, list) else len(self.r), self.r)  # validates
