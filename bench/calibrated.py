@@ -350,6 +350,26 @@ def markdown(report: dict) -> str:
             f"({100 * r['report_agreement_low']:.1f}–{100 * r['report_agreement_high']:.1f}) | "
             f"{100 * r['report_top1_change']:+.2f} ± {100 * r['report_top1_change_se']:.2f} | {r['setting']} |"
         )
+    if report.get("goals"):
+        lines += [
+            "",
+            "| goal | auto's pick | its report agreement | best single method | its report agreement − 1 SE | "
+            "agreement goal | auto's report GFLOPs | cost / floor goal |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for g in report["goals"]:
+            if "cost_met" in g:
+                cost = f"{g['auto_report_gflops_share']:.1%}", "met" if g["cost_met"] else "not met"
+            else:
+                cost = (
+                    "",
+                    ("holds" if g["floor_holds"] else "fails") + ("" if g["auto_marked_met"] else " (not marked met)"),
+                )
+            lines.append(
+                f"| {g['goal']} | {g['auto']} | {100 * g['auto_report_agreement']:.2f}% | {g['best_single']} | "
+                f"{100 * (g['best_single_report_agreement'] - g['best_single_se']):.2f}% | "
+                f"{'met' if g['agreement_met'] else 'not met'} | {cost[0]} | {cost[1]} |"
+            )
     return "\n".join(lines)
 
 
