@@ -2,7 +2,12 @@
 counted; imports made only for type checking are not). The layers themselves (app above workflows
 above core) are import-linter's contracts in pyproject.toml, checked by `lint-imports` in CI."""
 
+import importlib
+import re
+import sys
+
 import grimp
+import pytest
 
 
 def strongly_connected(graph) -> list[set[str]]:
@@ -51,3 +56,31 @@ def test_no_import_cycles():
     graph = grimp.build_graph("atmerge", exclude_type_checking_imports=True)
     cycles = strongly_connected(graph)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in cycles)
+
+
+# Old module paths renamed in issue 21 ("names that say the job"), each kept for one release as an
+# alias that warns on import: old path -> the module(s) that now hold its names.
+RENAMED = {
+    "atmerge.profile": ("atmerge.score_profile",),
+}
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_old_module_paths_still_import_warn_and_expose_the_same_objects(old, monkeypatch):
+    new = [importlib.import_module(name) for name in RENAMED[old]]
+    parent, _, leaf = old.rpartition(".")
+    monkeypatch.delitem(sys.modules, old, raising=False)  # a fresh import: it warns on import only
+    if leaf in vars(sys.modules[parent]):  # (hasattr would import it: the package loads names lazily)
+        monkeypatch.setattr(sys.modules[parent], leaf, vars(sys.modules[parent])[leaf])
+    with pytest.warns(DeprecationWarning, match=re.escape(f"{old} is renamed {' and '.join(RENAMED[old])}")) as caught:
+        module = importlib.import_module(old)
+    assert all(w.filename == __file__ for w in caught if issubclass(w.category, DeprecationWarning))  # the importer
+    for m in new:
+        public = [name for name in vars(m) if not name.startswith("_")]
+        assert public
+        for name in public:
+            if not any(name in vars(earlier) for earlier in new[: new.index(m)]):
+                assert getattr(module, name) is getattr(m, name), f"{old}.{name}"
+        assert set(public) <= set(module.__all__) and set(public) <= set(dir(module))
+    with pytest.raises(AttributeError, match="no attribute"):
+        module.not_a_name  # noqa: B018

@@ -85,7 +85,7 @@ def search(
     shares of the images and stop once they cannot win (stopped trials are not feasible).
     cache_dir: where the unpatched model's outputs are kept between runs (None: not kept);
     reference: what :func:`unpatched_outputs` returned for these batches, to skip that pass.
-    profile: the model's :class:`~atmerge.profile.ScoreProfile`, to fit the search space to it.
+    profile: the model's :class:`~atmerge.score_profile.ScoreProfile`, to fit the search space to it.
     """
     measure = _measure_name(measure, metric)
     if goal not in GOALS:

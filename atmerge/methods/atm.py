@@ -14,7 +14,7 @@ from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, choice, floats, ints
 
 if TYPE_CHECKING:
-    from atmerge.profile import ScoreProfile
+    from atmerge.score_profile import ScoreProfile
 
 
 @register_method("atm")
@@ -59,7 +59,7 @@ class ATM(Method):
         θ_min ∈ [0.80, 0.945] on a 0.005 grid) with θ_min extended to 1, so that light budgets
         are reachable too.
 
-        With the model's :class:`~atmerge.profile.ScoreProfile`, a space that fits the model:
+        With the model's :class:`~atmerge.score_profile.ScoreProfile`, a space that fits the model:
         the thresholds are searched as score quantile levels of the chosen similarity —
         ``alpha_level`` in [0.5, 1] of block 1's scores, ``theta_min_level`` in [0, 1] of the
         per-block median quantile curve — so that a level means the same share of set A on any

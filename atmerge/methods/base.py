@@ -17,7 +17,7 @@ from atmerge.core.merging import Assignment, Merge
 from atmerge.methods.space import Knob
 
 if TYPE_CHECKING:
-    from atmerge.profile import ScoreProfile
+    from atmerge.score_profile import ScoreProfile
 
 
 @dataclass(frozen=True)

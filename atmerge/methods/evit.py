@@ -15,7 +15,7 @@ from atmerge.methods.base import BlockContext, Decision, Method, check_block_num
 from atmerge.methods.space import Knob, floats, ints
 
 if TYPE_CHECKING:
-    from atmerge.profile import ScoreProfile
+    from atmerge.score_profile import ScoreProfile
 
 
 def attentive_fusion(score: torch.Tensor, keep: int, num_protected: int) -> Assignment:

@@ -11,7 +11,7 @@ from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
 
 if TYPE_CHECKING:
-    from atmerge.profile import ScoreProfile
+    from atmerge.score_profile import ScoreProfile
 
 
 @register_method("tome")

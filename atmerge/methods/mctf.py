@@ -24,7 +24,7 @@ from atmerge.methods.base import (
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
-    from atmerge.profile import ScoreProfile
+    from atmerge.score_profile import ScoreProfile
 
 
 def multi_criteria_weights(

@@ -13,7 +13,7 @@ from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import Knob, floats
 
 if TYPE_CHECKING:
-    from atmerge.profile import ScoreProfile
+    from atmerge.score_profile import ScoreProfile
 
 
 @register_method("constant")

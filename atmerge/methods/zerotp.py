@@ -16,7 +16,7 @@ from atmerge.methods.base import BlockContext, Decision, Method, check_number, k
 from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
-    from atmerge.profile import ScoreProfile
+    from atmerge.score_profile import ScoreProfile
 
 
 def importance_then_similarity_pruning(

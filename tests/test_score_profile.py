@@ -1,5 +1,5 @@
-"""atmerge.profile: the model's own best-partner scores per block, and the search ranges fitted
-to them."""
+"""atmerge.score_profile: the model's own best-partner scores per block, and the search ranges
+fitted to them."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 
 import atmerge
 from atmerge.api import last_stats
-from atmerge.profile import LEVELS, ScoreProfile, score_profile
+from atmerge.score_profile import LEVELS, ScoreProfile, score_profile
 from conftest import blocky_images, small_vit
 
 
