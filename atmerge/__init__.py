@@ -134,7 +134,7 @@ def register_models() -> None:
 
 def __getattr__(name: str):
     """A public name: import its module (and register atmerge's timm models) on first use.  Any
-    other name that is a submodule (``atmerge.zoo``) is imported as well, as before."""
+    other name that is a submodule (``atmerge.checkpoints``) is imported as well, as before."""
     if name.startswith("_"):
         raise AttributeError(f"module 'atmerge' has no attribute {name!r}")
     register_models()

@@ -1057,7 +1057,7 @@ def cmd_analyze(args) -> int:
 def cmd_visualize(args) -> int:
     import torch
 
-    from atmerge import budget, data, zoo
+    from atmerge import budget, checkpoints, data
     from atmerge.experiments.visualize import draw
     from atmerge.methods.registry import knob_factory
     from atmerge.models.adapter import model_depth, model_patches
@@ -1070,7 +1070,7 @@ def cmd_visualize(args) -> int:
         files += data.image_files(f)[: args.count] if f.is_dir() else [f]
     files = files or sorted(data.imagenet_samples_folder().iterdir())[: args.count]
     if args.model is None and args.hf_model is None:  # real photos on real pretrained weights, offline
-        model = zoo.dinov2_small()
+        model = checkpoints.dinov2_small()
         transform = data.model_transform(model)
         model_name = "DINOv2-S/14 (shared weights, 224 px)"
     else:

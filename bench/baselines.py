@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import atmerge
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from atmerge.experiments.search import search_methods, trial_method, unpatched_outputs
 from atmerge.fidelity import paired_fidelity
 from atmerge.methods.registry import build_method, method_settings
@@ -40,7 +40,7 @@ METHODS = ("atm", "tome", "topr", "constant", "evit", "mctf", "zerotp")
 
 
 def cifar10_setup():
-    model = zoo.cifar10_reference_vit()
+    model = checkpoints.cifar10_reference_vit()
     return model, data.image_folder(data.cifar10_folder("test"), data.cifar10_transform()), list(METHODS)
 
 

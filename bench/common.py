@@ -181,9 +181,9 @@ def imagenet_batches(model, count: int, batch_size: int):
 
 def cifar10_model():
     """The CIFAR-10 reference ViT and its preprocessing."""
-    from atmerge import zoo
+    from atmerge import checkpoints
 
-    return zoo.cifar10_reference_vit(), data.cifar10_transform()
+    return checkpoints.cifar10_reference_vit(), data.cifar10_transform()
 
 
 def dinov2_probe_model():

@@ -33,7 +33,7 @@ import torch
 import torch._dynamo as dynamo
 
 import atmerge
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from common import (
     WARMUP,
     alternate_timings,
@@ -202,7 +202,7 @@ def merge_overhead(batch: int = 64, repeats: int = 21) -> dict:
 
 
 def dinov2_similarity(count: int, batch_size: int, steps: int) -> list[dict]:
-    model = zoo.dinov2_small()
+    model = checkpoints.dinov2_small()
     batches = imagenet_batches(model, count, batch_size)
     base, ref = atmerge.evaluate(model, batches, keep_outputs=True)
     rows = []
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         labelled = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x in batches]
         images = sum(x.shape[0] for x in batches)
     else:
-        model = zoo.cifar10_reference_vit()
+        model = checkpoints.cifar10_reference_vit()
         ds = data.subset(data.image_folder(data.cifar10_folder("test"), data.cifar10_transform()), 256 if q else None)
         labelled = loader_batches(ds, 64)
         batches, images = [x for x, _ in labelled], len(ds)

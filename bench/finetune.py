@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import atmerge
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from atmerge.budget import mean_gflops
 from atmerge.finetune import FinetuneConfig, finetune
 from atmerge.recipe import train_transform
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     config = FinetuneConfig(
         epochs=epochs, batch_size=batch, train_limit=train_images, val_batch_size=BATCH, progress=not q
     )
-    start = zoo.cifar10_reference_vit()
+    start = checkpoints.cifar10_reference_vit()
     normalization = (data.CIFAR10_MEAN, data.CIFAR10_STD)
     test_all = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
     test = data.subset(test_all, 64 if q else None)

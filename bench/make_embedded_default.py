@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 
-ASSETS = Path(zoo.__file__).resolve().parent / "assets"
+ASSETS = Path(checkpoints.__file__).resolve().parent / "assets"
 PER_CLASS = 100
 MAX_BYTES = 2 * 1024 * 1024
 MAX_TOP1_CHANGE = 0.001  # 0.1 point
@@ -35,7 +35,7 @@ MAX_TOP1_CHANGE = 0.001  # 0.1 point
 
 @torch.no_grad()
 def top1(state: dict[str, torch.Tensor], batch_size: int = 500) -> float:
-    model = zoo.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10).eval()
+    model = checkpoints.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10).eval()
     model.load_state_dict({k: v.float() for k, v in state.items()})
     dataset = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
     correct = total = 0

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 import atmerge
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from common import WARMUP, alternate_timings, run_header, write_json
 
 PAPER_DEIT_S = dict(alpha=0.99, beta=0.04, theta_min=0.88)
@@ -30,8 +30,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     test = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
     x = torch.stack([test[i][0] for i in range(64)])
-    dense = zoo.cifar10_reference_vit()
-    merged = atmerge.patch(zoo.cifar10_reference_vit(), atmerge.ATM(**PAPER_DEIT_S))
+    dense = checkpoints.cifar10_reference_vit()
+    merged = atmerge.patch(checkpoints.cifar10_reference_vit(), atmerge.ATM(**PAPER_DEIT_S))
     with torch.no_grad():
         merged(x)
     stats = atmerge.last_stats(merged)

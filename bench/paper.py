@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import atmerge
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from atmerge.experiments import analyze, search as search_mod
 from atmerge.experiments.probe import load_probe_classifier, run_probe
 from atmerge.experiments.visualize import draw
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     report: dict = {}
 
     print("== CIFAR-10 reference ViT ==", flush=True)
-    model = zoo.cifar10_reference_vit()
+    model = checkpoints.cifar10_reference_vit()
     test = data.image_folder(data.cifar10_folder("test"), data.cifar10_transform())
     cal, rep = split(test, 64 if q else 1000, 64 if q else None)
     r = study(
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     plots(r, figures, "dinov2", FIGURES[1][2].format(**r))
 
     print("== Figure 7: ToMe vs ATM on the shared ImageNet photos (DINOv2-S) ==", flush=True)
-    backbone = zoo.dinov2_small()
+    backbone = checkpoints.dinov2_small()
     tf = data.model_transform(backbone)
     files = sorted(data.imagenet_samples_folder().iterdir())[::125][: 2 if q else 6]
     images = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])

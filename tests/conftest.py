@@ -85,9 +85,9 @@ def blocky_images(batch: int, size: int = 32, cells: int = 4, noise: float = 0.0
 @pytest.fixture(scope="session")
 def cifar_model():
     """The CIFAR-10 reference ViT: the shared float32 weights, else the float16 copy the package ships."""
-    from atmerge import zoo
+    from atmerge import checkpoints
 
-    return zoo.cifar10_reference_vit()
+    return checkpoints.cifar10_reference_vit()
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,7 @@ def test_no_import_cycles():
 # alias that warns on import: old path -> the module(s) that now hold its names.
 RENAMED = {
     "atmerge.profile": ("atmerge.score_profile",),
+    "atmerge.zoo": ("atmerge.checkpoints",),
 }
 
 

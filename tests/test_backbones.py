@@ -15,7 +15,7 @@ from PIL import Image
 import atmerge
 from atmerge.cli import main
 from atmerge.models.patching import merge_state
-from atmerge.zoo import load_weights
+from atmerge.checkpoints import load_weights
 from conftest import blocky_images
 from reference import reference_forward, source_groups
 from test_flops import fvcore_gflops  # fused attention off, so that fvcore sees the matmuls

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import atmerge
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from atmerge.cli import main
 from conftest import blocky_images, small_vit
 
@@ -388,33 +388,33 @@ API_ROWS = [
     ("load_method(config_unknown_setting)", "unknown setting", ValueError, "gamma does not apply to atm"),
     ("load_method(config_bad_setting)", "out of range", ValueError, "alpha=2 is out of range"),
     # --- checkpoints
-    ("zoo.load_checkpoint('vit_tiny_patch16_224', missing)", "missing file", FileNotFoundError, "not found"),
+    ("checkpoints.load_checkpoint('vit_tiny_patch16_224', missing)", "missing file", FileNotFoundError, "not found"),
     (
-        "zoo.load_checkpoint('vit_tiny_patch16_224', a_folder)",
+        "checkpoints.load_checkpoint('vit_tiny_patch16_224', a_folder)",
         "a folder",
         ValueError,
         "is not a file; pass a .safetensors file",
     ),
     (
-        "zoo.load_checkpoint('vit_tiny_patch16_224', text_file)",
+        "checkpoints.load_checkpoint('vit_tiny_patch16_224', text_file)",
         "another format",
         ValueError,
         "is not a safetensors file",
     ),
     (
-        "zoo.load_checkpoint('vit_tiny_patch16_224', truncated_checkpoint)",
+        "checkpoints.load_checkpoint('vit_tiny_patch16_224', truncated_checkpoint)",
         "unreadable (truncated)",
         ValueError,
         "is not a safetensors file",
     ),
     (
-        "zoo.load_checkpoint('vit_tiny_patch16_224', tiny_checkpoint, **{**TINY, 'embed_dim': 32})",
+        "checkpoints.load_checkpoint('vit_tiny_patch16_224', tiny_checkpoint, **{**TINY, 'embed_dim': 32})",
         "weights of other settings",
         ValueError,
         "does not fit vit_tiny_patch16_224",
     ),
     (
-        "zoo.load_checkpoint('not_a_model', tiny_checkpoint)",
+        "checkpoints.load_checkpoint('not_a_model', tiny_checkpoint)",
         "unknown model",
         ValueError,
         "unknown timm model 'not_a_model'",
@@ -692,7 +692,7 @@ def namespace(files, unsupported_models) -> dict:
         **hf_refused(),
         "torch": torch,
         "nn": nn,
-        "zoo": zoo,
+        "checkpoints": checkpoints,
         "data": data,
         "TINY": TINY,
         "timm": timm,
@@ -738,9 +738,9 @@ def test_a_checkpoint_without_read_permission_is_named(files, monkeypatch):
     def denied(path: str):
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(zoo, "load_file", denied)
+    monkeypatch.setattr(checkpoints, "load_file", denied)
     with pytest.raises(ValueError, match=r"tiny.safetensors cannot be read \(permission denied\)"):
-        zoo.load_checkpoint("vit_tiny_patch16_224", files["tiny_checkpoint"])
+        checkpoints.load_checkpoint("vit_tiny_patch16_224", files["tiny_checkpoint"])
 
 
 # ----------------------------------------------------------------------------- accepted: empty batches

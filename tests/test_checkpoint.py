@@ -1,7 +1,7 @@
-"""zoo.load_checkpoint and zoo.load_weights: the checkpoint formats official repositories publish
-(safetensors; PyTorch files holding a state dict, or a dict with it under "model", "state_dict" or
-the EMA keys; "module." prefixes), a model family's ``convert_checkpoint``, and the one-line
-errors for files that cannot be loaded.  Every model is a tiny random-init timm ViT."""
+"""checkpoints.load_checkpoint and checkpoints.load_weights: the checkpoint formats official
+repositories publish (safetensors; PyTorch files holding a state dict, or a dict with it under
+"model", "state_dict" or the EMA keys; "module." prefixes), a model family's
+``convert_checkpoint``, and the one-line errors for files that cannot be loaded.  Every model is a tiny random-init timm ViT."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from atmerge import zoo
+from atmerge import checkpoints
 
 NAME = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
@@ -78,7 +78,7 @@ def test_formats_round_trip(fmt, source, images, tmp_path):
     safetensors = fmt.startswith("safetensors")
     save(wrap(source.state_dict()), path, safetensors=safetensors, legacy=fmt == "legacy torch.save")
 
-    model = zoo.load_checkpoint(NAME, path, **TINY)
+    model = checkpoints.load_checkpoint(NAME, path, **TINY)
 
     assert not model.training
     assert not torch.equal(outputs(tiny(seed=2), images), outputs(source, images))  # the load matters
@@ -100,7 +100,7 @@ def test_ema_preference(held, taken, images, tmp_path):
     models = {key: tiny(seed=10 + i) for i, key in enumerate(held)}
     torch.save({key: m.state_dict() for key, m in models.items()}, tmp_path / "w.pth")
 
-    model = zoo.load_checkpoint(NAME, tmp_path / "w.pth", **TINY)
+    model = checkpoints.load_checkpoint(NAME, tmp_path / "w.pth", **TINY)
 
     assert torch.equal(outputs(model, images), outputs(models[taken], images))
 
@@ -108,7 +108,7 @@ def test_ema_preference(held, taken, images, tmp_path):
 def test_non_tensor_entries_are_skipped(source, images, tmp_path):
     """A key of the preference order that holds something else than a state dict is passed over."""
     torch.save({"model": None, "state_dict": {"epoch": 3}, "model_ema": source.state_dict()}, tmp_path / "w.pth")
-    model = zoo.load_checkpoint(NAME, tmp_path / "w.pth", **TINY)
+    model = checkpoints.load_checkpoint(NAME, tmp_path / "w.pth", **TINY)
     assert torch.equal(outputs(model, images), outputs(source, images))
 
 
@@ -122,7 +122,7 @@ def test_pickled_class_refused(source, tmp_path):
     path = tmp_path / "w.pth"
     torch.save({"model": source.state_dict(), "args": TrainingArgs()}, path)
 
-    message = one_line_error(ValueError, lambda: zoo.load_checkpoint(NAME, path, **TINY))
+    message = one_line_error(ValueError, lambda: checkpoints.load_checkpoint(NAME, path, **TINY))
 
     assert "needs code to unpickle" in message and "TrainingArgs" in message
     assert "atmerge loads weights only" in message and "state_dict" in message
@@ -132,7 +132,7 @@ def test_wrong_depth_names_missing_keys(tmp_path):
     torch.save({"model": tiny(seed=1, name="deit_tiny_patch16_224").state_dict()}, tmp_path / "deit.pth")
 
     deeper = {**TINY, "depth": 3}
-    message = one_line_error(ValueError, lambda: zoo.load_checkpoint(NAME, tmp_path / "deit.pth", **deeper))
+    message = one_line_error(ValueError, lambda: checkpoints.load_checkpoint(NAME, tmp_path / "deit.pth", **deeper))
 
     assert message.startswith(f"checkpoint {tmp_path / 'deit.pth'} does not fit {NAME} with")
     assert "keys missing: 12 (blocks.2.norm1.weight, blocks.2.norm1.bias, blocks.2.attn.qkv.weight, ...)" in message
@@ -145,7 +145,8 @@ def test_wrong_family_names_unexpected_keys_and_shapes(tmp_path):
     save_file(state, str(tmp_path / "deit.safetensors"))
 
     message = one_line_error(
-        ValueError, lambda: zoo.load_checkpoint(NAME, tmp_path / "deit.safetensors", **{**TINY, "embed_dim": 96})
+        ValueError,
+        lambda: checkpoints.load_checkpoint(NAME, tmp_path / "deit.safetensors", **{**TINY, "embed_dim": 96}),
     )
 
     assert "keys missing: 0" in message
@@ -157,7 +158,7 @@ def test_wrong_family_names_unexpected_keys_and_shapes(tmp_path):
 def test_dict_without_state_dict_names_keys(tmp_path):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}, "best_acc": 0.5}, tmp_path / "w.pth")
 
-    message = one_line_error(ValueError, lambda: zoo.load_checkpoint(NAME, tmp_path / "w.pth", **TINY))
+    message = one_line_error(ValueError, lambda: checkpoints.load_checkpoint(NAME, tmp_path / "w.pth", **TINY))
 
     assert "holds no state dict: a dict with keys 'epoch', 'optimizer', 'best_acc'" in message
     assert "'model', 'state_dict', 'model_ema', 'state_dict_ema'" in message
@@ -181,7 +182,7 @@ def test_unreadable_files(tmp_path):
     ]
     for name, error, fragment in cases:
         path = tmp_path / name
-        assert fragment in one_line_error(error, lambda: zoo.load_checkpoint(NAME, path, **TINY)), name
+        assert fragment in one_line_error(error, lambda: checkpoints.load_checkpoint(NAME, path, **TINY)), name
 
 
 class RenamingViT(VisionTransformer):
@@ -218,9 +219,9 @@ def test_convert_checkpoint_applied(model_class, images, tmp_path):
     torch.manual_seed(2)
     model = model_class(**settings).eval()
 
-    assert zoo.load_weights(model, tmp_path / "official.pth") is model
+    assert checkpoints.load_weights(model, tmp_path / "official.pth") is model
     assert torch.equal(outputs(model, images), outputs(trained, images))
 
     plain = VisionTransformer(**settings).eval()  # no convert_checkpoint: the official names do not fit
-    message = one_line_error(ValueError, lambda: zoo.load_weights(plain, tmp_path / "official.pth"))
+    message = one_line_error(ValueError, lambda: checkpoints.load_weights(plain, tmp_path / "official.pth"))
     assert "does not fit VisionTransformer" in message and "keys missing: " in message

@@ -39,9 +39,9 @@ def test_two_class_folder_scores_as_within_all_ten(tmp_path):
     full = data.image_folder(ten, data.cifar10_transform())
     idx = [i for i, (_, y) in enumerate(full.samples) if full.classes[y] in ("cat", "dog")]
     import atmerge
-    from atmerge import zoo
+    from atmerge import checkpoints
 
-    model = zoo.cifar10_reference_vit()
+    model = checkpoints.cifar10_reference_vit()
     batches = list(torch.utils.data.DataLoader(torch.utils.data.Subset(full, idx), batch_size=4))
     dense = sum((model(x).argmax(-1) == y).sum().item() for x, y in batches) / len(idx)
     atmerge.patch(model, atmerge.ATM())

@@ -109,9 +109,9 @@ def test_search_results_match_a_re_evaluation(tmp_path):
     trial = result["pareto_front"][0]
     assert 0.945 <= trial["alpha"] <= 1 and 0.015 <= trial["beta"] <= 0.05 and 0.8 <= trial["theta_min"] <= 1
     # re-evaluate the trial's setting on the same images: same GFLOPs and top-1
-    from atmerge import data, zoo
+    from atmerge import checkpoints, data
 
-    model = zoo.cifar10_reference_vit()
+    model = checkpoints.cifar10_reference_vit()
     ds = data.subset(data.image_folder(data.cifar10_test_or_sample(), data.cifar10_transform()), 16, 0)
     atmerge.patch(model, atmerge.ATM(alpha=trial["alpha"], beta=trial["beta"], theta_min=trial["theta_min"]))
     res, outputs = evaluate(model, torch.utils.data.DataLoader(ds, batch_size=64), keep_outputs=True)
@@ -238,10 +238,10 @@ def test_probe_and_dinov2_probe_eval(tmp_path):
 
 
 def test_search_keeps_the_unpatched_predictions_on_disk(tmp_path):
-    from atmerge import data, zoo
+    from atmerge import checkpoints, data
     from atmerge.experiments.search import search
 
-    model = zoo.cifar10_reference_vit()
+    model = checkpoints.cifar10_reference_vit()
     ds = data.subset(data.image_folder(data.cifar10_test_or_sample(), data.cifar10_transform()), 12, 0)
     batches = list(torch.utils.data.DataLoader(ds, batch_size=6))
     first = search(model, batches, trials=1, cache_dir=tmp_path)

@@ -110,7 +110,7 @@ def test_import_atmerge_is_lazy_and_still_registers_the_timm_models():
         import atmerge.calibrate, atmerge.finetune  # the submodules do not hide the functions of the same name
         from atmerge import ATM, patch
         print(ATM().alpha, callable(atmerge.calibrate), callable(atmerge.finetune), callable(atmerge.evaluate),
-              patch is atmerge.patch, type(atmerge.zoo).__name__)
+              patch is atmerge.patch, type(atmerge.checkpoints).__name__)
         """
     )
     assert out.split() == ["0.99", "True", "True", "True", "True", "module"]

@@ -194,12 +194,12 @@ def test_dense_tokens_spread_groups_back_to_the_grid():
 
 def test_shared_dinov2_weights_raw_keys_merge_far_more_than_centred():
     from conftest import require_shared
-    from atmerge import data, zoo
+    from atmerge import checkpoints, data
     from PIL import Image
 
     require_shared("models/dinov2_small_imgfocus.safetensors")
     require_shared("data/imagenet-samples.tar")
-    model = zoo.dinov2_small()
+    model = checkpoints.dinov2_small()
     tf = data.model_transform(model)
     files = sorted(data.imagenet_samples_folder().iterdir())[:4]
     x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])

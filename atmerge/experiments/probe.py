@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from atmerge.evaluate import _progress
 
 NUM_CLASSES = 10
@@ -102,7 +102,7 @@ def run_probe(
 ) -> dict:
     """Train the probe on a seeded subset of the shared cifar10-train, measure it on cifar10-test,
     save it (safetensors, with its numbers in the metadata) and return the numbers."""
-    backbone = zoo.dinov2_small()
+    backbone = checkpoints.dinov2_small()
     cached = {
         split: features_path(split, limit, seed).exists()
         for split, limit in (("train", train_images), ("test", test_images))
@@ -213,7 +213,7 @@ def load_probe_classifier(path: str | Path | None = None) -> tuple[nn.Module, Pa
     path = Path(path) if path else default_probe_path()
     if not path.exists():
         raise FileNotFoundError(f"probe {path} not found; train it first with `atmerge probe`")
-    model = zoo.dinov2_small()
+    model = checkpoints.dinov2_small()
     model.reset_classifier(NUM_CLASSES)
     head = load_file(str(path))
     model.head.load_state_dict({"weight": head["weight"], "bias": head["bias"]})

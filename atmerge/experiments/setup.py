@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from atmerge.experiments.loaded import Setup  # noqa: F401  (re-exported: callers import it from here)
 
 PRESETS = ("cifar10-vit", "dinov2-probe")
@@ -60,12 +60,12 @@ def load_setup(
     name = model_name or "cifar10-vit"
     cifar = data.ClassNames(list(data.CIFAR10_CLASSES), source="CIFAR-10")
     if name == "cifar10-vit":
-        model = zoo.cifar10_reference_vit()
+        model = checkpoints.cifar10_reference_vit()
         return Setup(
             model,
             data.cifar10_transform(),
             data.cifar10_test_or_sample(),
-            {"model": name, "weights": str(zoo.cifar10_reference_weights())},
+            {"model": name, "weights": str(checkpoints.cifar10_reference_weights())},
             cifar,
         )
     if name == "dinov2-probe":
@@ -76,9 +76,9 @@ def load_setup(
             model, data.model_transform(model), data.cifar10_folder("test"), {"model": name, "probe": str(path)}, cifar
         )
     if checkpoint:
-        model = zoo.load_checkpoint(name, checkpoint, **model_kwargs)
+        model = checkpoints.load_checkpoint(name, checkpoint, **model_kwargs)
     else:
-        model = zoo.create_model(name, pretrained, **model_kwargs).eval()
+        model = checkpoints.create_model(name, pretrained, **model_kwargs).eval()
     description = {"model": name, "checkpoint": checkpoint, "model_kwargs": model_kwargs, "pretrained": pretrained}
     return Setup(model, data.model_transform(model), None, description)
 

@@ -16,7 +16,7 @@ def build(cls: type, variant: str, pretrained: bool, crop_pct: float, first_conv
     if pretrained:
         raise ValueError(
             f"{variant} has no hub weights in atmerge; load the official checkpoint "
-            f"(atmerge eval --model {variant} --checkpoint FILE, or atmerge.zoo.load_weights)"
+            f"(atmerge eval --model {variant} --checkpoint FILE, or atmerge.checkpoints.load_weights)"
         )
     model = cls(**{k: v for k, v in kwargs.items() if k not in TIMM_ONLY})
     model.pretrained_cfg = dict(

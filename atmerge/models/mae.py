@@ -5,7 +5,7 @@ official code (facebookresearch/mae) — global average pooling of the patch tok
 it is:
 
     model = timm.create_model("mae_vit_base_ft")
-    atmerge.zoo.load_weights(model, "mae_finetuned_vit_base.pth")
+    atmerge.checkpoints.load_weights(model, "mae_finetuned_vit_base.pth")
 
 Merging pools by merge size (every original patch counts once) and, as in the paper, runs
 without proportional attention unless ``atmerge.patch(..., prop_attn=True)`` asks for it.
