@@ -31,8 +31,8 @@ _WHERE = {
     "EViT": "atmerge.methods.evit",
     "MCTF": "atmerge.methods.mctf",
     "ZeroTP": "atmerge.methods.zerotp",
-    "ToMe": "atmerge.methods.fixed",
-    "TopR": "atmerge.methods.fixed",
+    "ToMe": "atmerge.methods.tome",
+    "TopR": "atmerge.methods.topr",
     "BudgetMatch": "atmerge.budget",
     "Calibration": "atmerge.calibrate",
     "FingerprintWarning": "atmerge.config",
@@ -116,7 +116,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load o
     from atmerge.methods.atm import ATM
     from atmerge.methods.base import BlockContext, Decision, Method
     from atmerge.methods.evit import EViT
-    from atmerge.methods.fixed import ToMe, TopR
+    from atmerge.methods.tome import ToMe
+    from atmerge.methods.topr import TopR
     from atmerge.methods.frozen import Frozen
     from atmerge.methods.mctf import MCTF
     from atmerge.methods.threshold import ConstantThreshold

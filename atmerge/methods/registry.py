@@ -7,7 +7,8 @@ import dataclasses
 # Importing the built-in methods registers them (each class is decorated with register_method).
 # In this order (the order of method lists and tables): ATM, ToMe, top-r, constant θ, EViT, MCTF, Zero-TP, frozen.
 import atmerge.methods.atm  # noqa: F401, I001
-import atmerge.methods.fixed  # noqa: F401, I001
+import atmerge.methods.tome  # noqa: F401, I001
+import atmerge.methods.topr  # noqa: F401, I001
 import atmerge.methods.threshold  # noqa: F401, I001
 import atmerge.methods.evit  # noqa: F401, I001
 import atmerge.methods.mctf  # noqa: F401, I001

@@ -1,0 +1,49 @@
+"""Top-r: the fixed-count schedules of the ATM paper's Figure 5 (constant, increasing or
+decreasing r), an ablation of ATM's threshold schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from atmerge.core.schedules import linear_r_schedule
+from atmerge.methods.base import BlockContext, Decision, Method, knob_r, register_method
+from atmerge.methods.bipartite import match_tokens
+from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
+
+if TYPE_CHECKING:
+    from atmerge.score_profile import ScoreProfile
+
+
+@register_method("topr")
+@dataclass(frozen=True)
+class TopR(Method):
+    """Fixed-count schedules of the ATM paper (Figure 5): 'constant', 'increasing' or
+    'decreasing' r (by one per block, starting from ``r``), alternate matching, as an ablation of
+    ATM's threshold schedule (so, like ATM, only CLS reaches the last MLP)."""
+
+    schedule: str = "constant"
+    r: int = 8
+    display_name = "top-r"
+
+    @classmethod
+    def one_knob(cls, t: float, depth: int, num_patches: int, **fixed) -> "TopR":
+        """An increasing schedule from r_max (1 − t) / 2."""
+        return cls(**{"schedule": "increasing", **fixed, "r": knob_r(t, num_patches, share=0.5)})
+
+    @classmethod
+    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+        return {
+            "schedule": choice("constant", "increasing", "decreasing"),
+            "r": ints(0, fixed_count_limit(depth, num_patches)),
+        }
+
+    def __post_init__(self) -> None:
+        linear_r_schedule(1, self.r, self.schedule)  # validates
+
+    def counts(self, depth: int) -> list[int]:
+        return linear_r_schedule(depth, self.r, self.schedule)
+
+    def decide(self, ctx: BlockContext) -> Decision:
+        r = self.counts(ctx.depth)[ctx.block]
+        return match_tokens(ctx).decision(r, ctx.num_protected, requested=r)
