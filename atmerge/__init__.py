@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 _WHERE = {
     "ATM": "atmerge.methods.atm",
     "BlockContext": "atmerge.methods.base",
-    "ConstantThreshold": "atmerge.methods.threshold",
+    "ConstantThreshold": "atmerge.methods.constant",
     "EViT": "atmerge.methods.evit",
     "MCTF": "atmerge.methods.mctf",
     "ZeroTP": "atmerge.methods.zerotp",
@@ -120,7 +120,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load o
     from atmerge.methods.topr import TopR
     from atmerge.methods.frozen import Frozen
     from atmerge.methods.mctf import MCTF
-    from atmerge.methods.threshold import ConstantThreshold
+    from atmerge.methods.constant import ConstantThreshold
     from atmerge.methods.zerotp import ZeroTP
     from atmerge.models.adapter import UnsupportedModelError
     from atmerge.stats import MergeStats

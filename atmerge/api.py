@@ -202,7 +202,7 @@ def freeze(model: nn.Module, images, quantile: float | None = None, *, batch_siz
     from atmerge.methods.atm import ATM
     from atmerge.methods.frozen import Frozen
     from atmerge.methods.registry import METHODS
-    from atmerge.methods.threshold import ConstantThreshold
+    from atmerge.methods.constant import ConstantThreshold
 
     if not isinstance(model, nn.Module) or not patching.is_patched(model):
         raise ValueError("freeze needs a model patched by atmerge.patch(model, method); this model is not patched")

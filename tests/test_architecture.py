@@ -64,6 +64,7 @@ RENAMED = {
     "atmerge.profile": ("atmerge.score_profile",),
     "atmerge.zoo": ("atmerge.checkpoints",),
     "atmerge.methods.fixed": ("atmerge.methods.tome", "atmerge.methods.topr"),
+    "atmerge.methods.threshold": ("atmerge.methods.constant",),
 }
 
 

@@ -16,7 +16,7 @@ from atmerge.core.merging import Merge, merging_error, merging_error_bounds
 from atmerge.evaluate import evaluate
 from atmerge.methods.atm import ATM
 from atmerge.methods.base import BlockContext, Decision, Method
-from atmerge.methods.threshold import ConstantThreshold
+from atmerge.methods.constant import ConstantThreshold
 from atmerge.models.adapter import model_depth
 
 
