@@ -659,7 +659,7 @@ def _describe_data(description: dict) -> str:
 
 def cmd_eval(args) -> int:
     from atmerge import data, distributed
-    from atmerge.experiments.eval import eval_rows, run_eval
+    from atmerge.experiments.versus_unpatched import eval_rows, run_eval
     from atmerge.results_io import format_table, write_csv, write_json
 
     method = method_from_args(args)

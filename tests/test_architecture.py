@@ -65,6 +65,7 @@ RENAMED = {
     "atmerge.zoo": ("atmerge.checkpoints",),
     "atmerge.methods.fixed": ("atmerge.methods.tome", "atmerge.methods.topr"),
     "atmerge.methods.threshold": ("atmerge.methods.constant",),
+    "atmerge.experiments.eval": ("atmerge.experiments.versus_unpatched",),
 }
 
 
