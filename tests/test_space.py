@@ -65,3 +65,13 @@ def test_the_search_starts_from_the_methods_own_settings():
     assert starting_point(atmerge.ATM(), space) == {"alpha": 0.99, "beta": 0.04, "similarity": "raw"}
     assert not floats(0.5, 1.0, 0.005).contains(0.9912) and floats(0.5, 1.0, 0.005).contains(0.99)
     assert not ints(0, 4).contains(True) and not choice("a").contains("b")
+
+
+def test_knob_is_the_deprecated_name_of_search_range():
+    from atmerge.methods import space
+
+    with pytest.warns(DeprecationWarning, match="Knob is renamed SearchRange"):
+        from atmerge.methods.space import Knob
+    assert Knob is space.SearchRange
+    with pytest.raises(AttributeError, match="no attribute"):
+        space.not_a_name  # noqa: B018

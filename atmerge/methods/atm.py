@@ -11,7 +11,7 @@ from atmerge.core.matching import SIMILARITIES
 from atmerge.core.schedules import batch_adaptive_r, count_above, layer_threshold, threshold_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number, register_method
 from atmerge.methods.bipartite import match_tokens
-from atmerge.methods.space import Knob, choice, floats, ints
+from atmerge.methods.space import SearchRange, choice, floats, ints
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -54,7 +54,9 @@ class ATM(Method):
         return cls(**{"alpha": 1.0, "beta": 0.04, **fixed, "theta_min": 0.5 + 0.5 * t})
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         """Without ``profile``: the paper's sweep (Appendix A: α ∈ [0.945, 1], β ∈ [0.015, 0.05],
         θ_min ∈ [0.80, 0.945] on a 0.005 grid) with θ_min extended to 1, so that light budgets
         are reachable too.

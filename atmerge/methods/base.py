@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from atmerge.core.merging import Assignment, Merge
-from atmerge.methods.space import Knob
+from atmerge.methods.space import SearchRange
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -132,7 +132,9 @@ class Method(ABC):
         """Validate settings that depend on the model's depth; raise ValueError if they don't fit."""
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         """The settings a tuner varies for a model of ``depth`` blocks and ``num_patches``
         patches, with their ranges (see :mod:`atmerge.methods.space`)."""
         return {}

@@ -10,7 +10,7 @@ from atmerge.core.merging import Assignment
 from atmerge.core.schedules import batch_adaptive_r, count_above
 from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number, register_method
 from atmerge.methods.bipartite import match_tokens
-from atmerge.methods.space import Knob, floats
+from atmerge.methods.space import SearchRange, floats
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -37,7 +37,9 @@ class ConstantThreshold(Method):
         return cls(theta=0.5 + 0.5 * t, **fixed)
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         """θ on a 0.005 grid from 0.5 — or, with the model's score profile, from the lowest 5%
         raw-score quantile of any block — to 1."""
         low = 0.5

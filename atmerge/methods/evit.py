@@ -12,7 +12,7 @@ import torch
 from atmerge.core.importance import cls_attention
 from atmerge.core.merging import Assignment
 from atmerge.methods.base import BlockContext, Decision, Method, check_block_numbers, check_number, register_method
-from atmerge.methods.space import Knob, floats, ints
+from atmerge.methods.space import SearchRange, floats, ints
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -69,7 +69,9 @@ class EViT(Method):
         return cls(**{"locations": locations, **fixed, "keep_rate": max(t, 0.02)})
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         """keep_rate, and three locations (first, first + every, first + 2·every) — the release's
         are 4, 7, 10 — within the depth."""
         return {

@@ -11,7 +11,7 @@ from atmerge.core.matching import SIMILARITIES
 from atmerge.core.merging import Assignment
 from atmerge.methods.base import METHODS, BlockContext, Decision, Method, register_method
 from atmerge.methods.bipartite import match_tokens
-from atmerge.methods.space import Knob, floats
+from atmerge.methods.space import SearchRange, floats
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -67,7 +67,9 @@ class Frozen(Method):
         return f"{name} (frozen)"
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         """One knob: ``scale``, every block's count multiplied by it (rounded)."""
         return {"scale": floats(0.0, 2.0, 0.05)}
 

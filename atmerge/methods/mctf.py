@@ -21,7 +21,7 @@ from atmerge.methods.base import (
     knob_r,
     register_method,
 )
-from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
+from atmerge.methods.space import SearchRange, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -146,7 +146,9 @@ class MCTF(Method):
         return cls(r=knob_r(t, num_patches), **fixed)
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         """r and the three temperatures, log-uniform around the release's 1, 20, 40."""
         return {
             "r": ints(0, fixed_count_limit(depth, num_patches)),

@@ -8,13 +8,14 @@ settings; nothing else lists them again.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 
 @dataclass(frozen=True)
-class Knob:
-    """One searchable setting: a float in [low, high] (on a ``step`` grid, or log-uniform with
+class SearchRange:
+    """One dimension of a search: one searchable setting, a float in [low, high] (on a ``step`` grid, or log-uniform with
     ``log``), an integer in [low, high], or one of ``choices``."""
 
     low: float = 0.0
@@ -34,7 +35,7 @@ class Knob:
         return round(value, 6)
 
     def contains(self, value: Any) -> bool:
-        """Whether ``value`` is one this knob can take (on its grid, for a stepped float)."""
+        """Whether ``value`` is one this range holds (on its grid, for a stepped float)."""
         if self.choices is not None:
             return value in self.choices
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
@@ -51,26 +52,26 @@ class Knob:
         return f"{kind}[{self.low}, {self.high}]{grid}"
 
 
-def starting_point(method, space: dict[str, Knob]) -> dict[str, Any]:
-    """The searched settings of ``method`` itself that lie in ``space`` (knobs named after its
+def starting_point(method, space: dict[str, SearchRange]) -> dict[str, Any]:
+    """The searched settings of ``method`` itself that lie in ``space`` (ranges named after its
     fields), so that a search can try the method's own defaults first."""
     return {
         name: getattr(method, name)
-        for name, knob in space.items()
-        if hasattr(method, name) and knob.contains(getattr(method, name))
+        for name, search_range in space.items()
+        if hasattr(method, name) and search_range.contains(getattr(method, name))
     }
 
 
-def floats(low: float, high: float, step: float | None = None, log: bool = False) -> Knob:
-    return Knob(low, high, step, log)
+def floats(low: float, high: float, step: float | None = None, log: bool = False) -> SearchRange:
+    return SearchRange(low, high, step, log)
 
 
-def ints(low: int, high: int) -> Knob:
-    return Knob(low, high, integer=True)
+def ints(low: int, high: int) -> SearchRange:
+    return SearchRange(low, high, integer=True)
 
 
-def choice(*options: Any) -> Knob:
-    return Knob(choices=tuple(options))
+def choice(*options: Any) -> SearchRange:
+    return SearchRange(choices=tuple(options))
 
 
 def fixed_count_limit(depth: int, num_patches: int) -> int:
@@ -78,3 +79,16 @@ def fixed_count_limit(depth: int, num_patches: int) -> int:
     whose papers use r ≤ 16; 8 for the 65-token CIFAR ViT), so that r × depth can remove
     every patch."""
     return max(1, math.ceil(1.5 * num_patches / depth))
+
+
+def __getattr__(name: str):
+    """``Knob``: the old name of :class:`SearchRange` (a search dimension, not the one-knob cost
+    dial of ``Method.one_knob``), kept for one release."""
+    if name == "Knob":
+        warnings.warn(
+            "atmerge.methods.space.Knob is renamed SearchRange; the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return SearchRange
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

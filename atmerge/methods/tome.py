@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from atmerge.core.schedules import scaled_schedule, tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, knob_r, register_method
 from atmerge.methods.bipartite import match_tokens
-from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
+from atmerge.methods.space import SearchRange, choice, fixed_count_limit, ints
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -37,7 +37,9 @@ class ToMe(Method):
         return cls(r=knob_r(t, num_patches), **fixed)
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         """r and ToMe's schedule: inflection −1 (decreasing) … 0 (constant) … +1 (increasing)."""
         return {"r": ints(0, fixed_count_limit(depth, num_patches)), "inflection": choice(-1.0, -0.5, 0.0, 0.5, 1.0)}
 

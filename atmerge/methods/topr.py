@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from atmerge.core.schedules import linear_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, knob_r, register_method
 from atmerge.methods.bipartite import match_tokens
-from atmerge.methods.space import Knob, choice, fixed_count_limit, ints
+from atmerge.methods.space import SearchRange, choice, fixed_count_limit, ints
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -32,7 +32,9 @@ class TopR(Method):
         return cls(**{"schedule": "increasing", **fixed, "r": knob_r(t, num_patches, share=0.5)})
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         return {
             "schedule": choice("constant", "increasing", "decreasing"),
             "r": ints(0, fixed_count_limit(depth, num_patches)),

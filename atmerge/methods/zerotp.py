@@ -13,7 +13,7 @@ from atmerge.core.matching import best_match
 from atmerge.core.merging import Assignment
 from atmerge.core.schedules import tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, check_number, knob_r, register_method
-from atmerge.methods.space import Knob, fixed_count_limit, floats, ints
+from atmerge.methods.space import SearchRange, fixed_count_limit, floats, ints
 
 if TYPE_CHECKING:
     from atmerge.score_profile import ScoreProfile
@@ -81,7 +81,9 @@ class ZeroTP(Method):
         return cls(r=knob_r(t, num_patches), **fixed)
 
     @classmethod
-    def search_space(cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None) -> dict[str, Knob]:
+    def search_space(
+        cls, depth: int, num_patches: int, profile: "ScoreProfile | None" = None
+    ) -> dict[str, SearchRange]:
         return {"r": ints(0, fixed_count_limit(depth, num_patches)), "importance_share": floats(0.0, 1.0, 0.1)}
 
     def __post_init__(self) -> None:
