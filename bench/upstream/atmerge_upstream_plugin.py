@@ -48,7 +48,7 @@ def patch_new_model(model):
     except atmerge.UnsupportedModelError:
         LEFT[type(model).__name__] += 1
     else:
-        PATCHED[type(model).__dict__.get("_atmerge_original_class", type(model)).__name__] += 1
+        PATCHED[model.__dict__.get("_atmerge_original_class", type(model)).__name__] += 1
     return model
 
 
