@@ -136,7 +136,7 @@ def run(kind: str, tests: Path, method: str, r: int, keyword: str | None, out: s
             lines.append(line)
     stdout = "".join(lines)
     summary = re.findall(r"^=* ?(.*(?:passed|failed|error).*) in [\d.]+s", stdout, re.M)
-    failures = re.findall(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", stdout, re.M)
+    failures = re.findall(r"^((?:SUB)?FAILED\S*|ERROR) (\S+)(?: - (.*))?$", stdout, re.M)
     if out:
         record = {
             "command": sys.argv,
@@ -144,7 +144,7 @@ def run(kind: str, tests: Path, method: str, r: int, keyword: str | None, out: s
             "method": method,
             "r": r,
             "summary": summary[-1] if summary else None,
-            "failures": [{"test": t, "reason": why} for t, why in failures],
+            "failures": [{"kind": kind, "test": t, "reason": why} for kind, t, why in failures],
         }
         Path(out).write_text(json.dumps(record, indent=1) + "\n")
     return job.returncode
