@@ -33,7 +33,7 @@ class FingerprintWarning(UserWarning):
     """The model being patched is not the one a config was calibrated on."""
 
 
-def _pair(value) -> list[int] | None:
+def _hw_list(value) -> list[int] | None:
     """[h, w] of an int or a pair; None where unknown."""
     if value is None:
         return None
@@ -57,8 +57,8 @@ def _architecture(model: nn.Module) -> dict:
         names = getattr(config, "architectures", None) or []
         return {
             "architecture": names[0] if names else getattr(config, "model_type", None),
-            "input_size": _pair(getattr(config, "image_size", None)),
-            "patch_size": _pair(getattr(config, "patch_size", None)),
+            "input_size": _hw_list(getattr(config, "image_size", None)),
+            "patch_size": _hw_list(getattr(config, "patch_size", None)),
             "hidden_size": getattr(config, "hidden_size", None),
             "layers": getattr(config, "num_hidden_layers", None),
         }
@@ -66,8 +66,8 @@ def _architecture(model: nn.Module) -> dict:
     blocks = getattr(model, "blocks", None)
     return {
         "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
-        "input_size": _pair(getattr(pe, "img_size", None)),
-        "patch_size": _pair(getattr(pe, "patch_size", None)),
+        "input_size": _hw_list(getattr(pe, "img_size", None)),
+        "patch_size": _hw_list(getattr(pe, "patch_size", None)),
         "hidden_size": getattr(model, "embed_dim", None),
         "layers": len(blocks) if isinstance(blocks, nn.Sequential | nn.ModuleList) else None,
     }

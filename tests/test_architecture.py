@@ -89,3 +89,13 @@ def test_old_module_paths_still_import_warn_and_expose_the_same_objects(old, mon
         assert set(public) <= set(module.__all__) and set(public) <= set(dir(module))
     with pytest.raises(AttributeError, match="no attribute"):
         module.not_a_name  # noqa: B018
+
+
+def test_the_timm_check_has_its_own_name_and_the_old_one_still_works():
+    """One ``check_supported`` (the adapter's, for any model); the timm family's own check is
+    ``check_timm_model``, and its old name stays one release."""
+    from atmerge.models import adapter, families, timm_vit
+
+    assert families.check_supported is adapter.check_supported
+    with pytest.warns(DeprecationWarning, match="renamed check_timm_model"):
+        assert timm_vit.check_supported is timm_vit.check_timm_model

@@ -15,6 +15,7 @@ class is found again).  This module never imports a backbone.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from collections.abc import Callable, Iterable, Mapping
@@ -103,8 +104,10 @@ def register_backbone(
 # ----------------------------------------------------------------------------- validation
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` naming what is missing if ``model`` can't be patched."""
+def check_timm_model(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` naming what is missing if the timm model ``model``
+    can't be patched (the adapter's check; for any model call
+    :func:`atmerge.models.adapter.check_supported`)."""
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
             f"atmerge patches timm VisionTransformer models (DeiT, ViT, DINOv2, MAE-style; atmerge's LV-ViT, T2T-ViT); "
@@ -470,6 +473,14 @@ def __getattr__(name: str) -> type:
     """Rebuild a patched class by name when a pickled patched model is loaded in a fresh process
     (the original class is looked up in timm's vision_transformer and deit modules and in the
     modules of the registered backbones)."""
+    if name == "check_supported":  # the old name of check_timm_model, kept for one release
+        warnings.warn(
+            "atmerge.models.timm_vit.check_supported is renamed check_timm_model (atmerge.models.adapter."
+            "check_supported checks any model); the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return check_timm_model
     from timm.models import deit
     from timm.models import vision_transformer as vit
 
@@ -490,7 +501,7 @@ class TimmViT(ModelAdapter):
         return isinstance(model, VisionTransformer)
 
     def check(self, model: nn.Module) -> None:
-        check_supported(model)
+        check_timm_model(model)
 
     def check_images(self, model: nn.Module, images: object) -> tuple[int, int]:
         return check_image_batch(model, images)
