@@ -8,7 +8,7 @@ classifier, cosine of the outputs for a feature model (``num_classes=0``).  Goal
     agreement, normal approximation for the mean cosine) is at least the floor — the label-free
     stress test.
 Every method is searched over its own settings (``Method.search_space``), fitted to the model's
-own similarity scores (:mod:`atmerge.profile`), with Optuna (multivariate TPE, seeded); each
+own similarity scores (:mod:`atmerge.score_profile`), with Optuna (multivariate TPE, seeded); each
 trial runs on growing shares of the images and stops once it cannot win.
 """
 
@@ -263,7 +263,7 @@ def calibrate_goals(
     once it cannot win (with ``"auto"``: once it cannot beat the best trial of any method so
     far); False: every trial sees every image.  Only trials that saw every image
     are chosen.  fit_space: fit the search ranges to the model's own similarity scores on (up
-    to 256 of) these images (:mod:`atmerge.profile`); False: the methods' default ranges (the
+    to 256 of) these images (:mod:`atmerge.score_profile`); False: the methods' default ranges (the
     ATM paper's grid).  cache_dir: where the unpatched outputs are kept between runs.
     With one goal (and ``early_stop``) the search is directed at it and stops hopeless trials;
     with several, one search of the (fidelity, GFLOPs) front serves them all, every trial on
@@ -274,7 +274,7 @@ def calibrate_goals(
     land: move the chosen setting along its method's cost dial (:mod:`atmerge.landing`) so that
     a budget is used up to within a point, or a floor met more cheaply; kept only where it is at
     least as faithful on the searched images and still meets the goal on the held-out ones."""
-    from atmerge.profile import score_profile
+    from atmerge.score_profile import score_profile
     from atmerge.trials import unpatched_outputs
 
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:

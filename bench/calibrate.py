@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import atmerge
-from atmerge import data, zoo
+from atmerge import checkpoints, data
 from atmerge.calibrate import folder_batches
 from atmerge.fidelity import paired_fidelity
 from common import describe, loader_batches, run_header, table, write_json
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         print(markdown(json.loads(Path(args.out).read_text())))
         return 0
     torch.manual_seed(0)
-    model = zoo.cifar10_reference_vit()
+    model = checkpoints.cifar10_reference_vit()
     transform = data.cifar10_transform()
     t0 = time.time()
     batches, skipped = folder_batches(data.cifar10_folder("train"), transform, 250, limit=args.images, seed=0)
