@@ -99,3 +99,8 @@ def test_the_timm_check_has_its_own_name_and_the_old_one_still_works():
     assert families.check_supported is adapter.check_supported
     with pytest.warns(DeprecationWarning, match="renamed check_timm_model"):
         assert timm_vit.check_supported is timm_vit.check_timm_model
+    pytest.importorskip("transformers")
+    from atmerge.models import hf_vit
+
+    with pytest.warns(DeprecationWarning, match="renamed check_hf_model"):
+        assert hf_vit.check_supported is hf_vit.check_hf_model

@@ -156,7 +156,7 @@ def attention_implementation(config) -> str:
     return name
 
 
-def check_supported(model: nn.Module) -> None:
+def check_hf_model(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` naming what is missing if ``model`` can't be patched."""
     if _original(model) not in MODELS:
         names = ", ".join(cls.__name__ for cls in MODELS)
@@ -177,14 +177,14 @@ def check_supported(model: nn.Module) -> None:
         attention_implementation(attn.config)
 
 
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+def _hw_tuple(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def check_images(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
     """Validate an image batch shape [B, C, H, W]; return the patch grid (H/p, W/p)."""
     config = backbone(model).config
-    channels, (ph, pw), size = config.num_channels, _pair(config.patch_size), _pair(config.image_size)
+    channels, (ph, pw), size = config.num_channels, _hw_tuple(config.patch_size), _hw_tuple(config.image_size)
     any_size = layout(model).any_size
     wanted = f"[B, {channels}, {size[0]}, {size[1]}]"
     if any_size:
@@ -414,6 +414,16 @@ def _patched_methods(cls: type) -> dict:
 
 def __getattr__(name: str) -> type:
     """Rebuild a patched class by name when a pickled patched model is loaded in a fresh process."""
+    if name == "check_supported":  # the old name of check_hf_model, kept for one release
+        import warnings
+
+        warnings.warn(
+            "atmerge.models.hf_vit.check_supported is renamed check_hf_model (atmerge.models.adapter."
+            "check_supported checks any model); the old name will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return check_hf_model
     originals = {cls.__name__: cls for cls in (*LAYERS, *ATTENTIONS, dinov2.Dinov2ForImageClassification)}
     original = originals.get(name[len(PREFIX) :]) if name.startswith(PREFIX) else None
     if original is None:
@@ -430,7 +440,7 @@ class HFViT(ModelAdapter):
         return isinstance(model, PreTrainedModel)
 
     def check(self, model: nn.Module) -> None:
-        check_supported(model)
+        check_hf_model(model)
 
     def check_images(self, model: nn.Module, images: object) -> tuple[int, int]:
         return check_images(model, tuple(check_image_tensor(images).shape))
@@ -449,7 +459,7 @@ class HFViT(ModelAdapter):
 
     def num_patches(self, model: nn.Module) -> int:
         config = backbone(model).config
-        (h, w), (ph, pw) = _pair(config.image_size), _pair(config.patch_size)
+        (h, w), (ph, pw) = _hw_tuple(config.image_size), _hw_tuple(config.patch_size)
         return (h // ph) * (w // pw)
 
     def cls_pooled(self, model: nn.Module) -> bool:
