@@ -14,6 +14,7 @@ class is found again).  This module never imports a backbone.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from dataclasses import dataclass
@@ -487,6 +488,12 @@ def __getattr__(name: str) -> type:
     original = None
     for module in (vit, deit, *(sys.modules.get(m) for m in BACKBONES)) if name.startswith(_PREFIX) else ():
         original = original or getattr(module, name[len(_PREFIX) :], None)
+    if original is None and name.startswith(_PREFIX) and "atmerge.models.families" not in sys.modules:
+        # unpickling in a fresh process before any backbone registered itself (the package loads
+        # lazily): load the registered families by name, as timm's own registry loads plug-ins,
+        # then look again
+        importlib.import_module("atmerge.models.families")
+        return __getattr__(name)
     if isinstance(original, type) and issubclass(original, (VisionTransformer, Block)):
         return patched_class(original, _patched_methods(original), __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
