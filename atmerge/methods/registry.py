@@ -16,6 +16,12 @@ import atmerge.methods.zerotp  # noqa: F401, I001
 import atmerge.methods.frozen  # noqa: F401, I001
 from atmerge.methods.base import METHODS, Method, register_method  # noqa: F401  (re-exported)
 
+# The built-ins in the order above, whichever module was imported first (a method module imported
+# directly registers itself early); methods registered later (plug-ins, tests) follow.
+_BUILT_IN = ("atm", "tome", "topr", "constant", "evit", "mctf", "zerotp", "frozen")
+for _name in [*(n for n in _BUILT_IN if n in METHODS), *(n for n in list(METHODS) if n not in _BUILT_IN)]:
+    METHODS[_name] = METHODS.pop(_name)
+
 
 def method_names() -> list[str]:
     return sorted(METHODS)
