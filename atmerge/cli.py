@@ -1297,10 +1297,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the methods auto chooses from (default: every merging method)",
     )
     p.add_argument(
-        "--fidelity",
+        "--measure",
+        dest="fidelity",
         choices=("agreement", "cosine"),
         default=None,
-        help="fidelity for a budget goal (default: agreement for classifiers, cosine for feature models)",
+        help="the fidelity measure a budget goal is judged by (default: agreement for classifiers, cosine for "
+        "feature models)",
+    )
+    p.add_argument(
+        "--fidelity", dest="fidelity", choices=("agreement", "cosine"), action=DeprecatedSpelling, new="--measure"
     )
     p.add_argument(
         "--paper-space",
@@ -1347,10 +1352,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gflops", type=float, default=None, help="GFLOPs per image instead (goal budget)")
     p.add_argument("--trials", type=int, default=40, help="settings tried per method")
     p.add_argument(
-        "--metric",
+        "--measure",
+        dest="metric",
         default="top1",
-        choices=["top1", "agreement"],
-        help="trial quality: top-1, or agreement with the unpatched model's predictions (no labels)",
+        choices=["top1", "agreement", "cosine"],
+        help="what a trial is judged by: top-1 (labels), or agreement with the unpatched model's predictions, "
+        "or the cosine of the outputs (no labels)",
+    )
+    p.add_argument(
+        "--metric", dest="metric", choices=["top1", "agreement", "cosine"], action=DeprecatedSpelling, new="--measure"
     )
     p.add_argument(
         "--compare",

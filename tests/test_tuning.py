@@ -77,3 +77,15 @@ def test_search_metric_is_a_deprecated_name_of_measure(model_and_images):
         search(model, batches, measure="accuracy", trials=1)
     with pytest.raises(ValueError, match="no labels"):
         search(model, batches, measure="top1", trials=1)
+
+
+def test_the_command_line_names_the_measure_one_way_and_keeps_the_old_spellings():
+    from atmerge.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["search", "--measure", "agreement"]).metric == "agreement"
+    assert parser.parse_args(["calibrate", "--measure", "cosine", "--budget", "0.5"]).fidelity == "cosine"
+    with pytest.warns(FutureWarning, match="--metric is deprecated; use --measure"):
+        assert parser.parse_args(["search", "--metric", "agreement"]).metric == "agreement"
+    with pytest.warns(FutureWarning, match="--fidelity is deprecated; use --measure"):
+        assert parser.parse_args(["calibrate", "--fidelity", "cosine", "--budget", "0.5"]).fidelity == "cosine"
