@@ -268,14 +268,7 @@ def main(argv=None) -> int:
                 label,
                 goal_name(goal),
                 c.method,
-                dict(
-                    met=c.met,
-                    calib_gflops_share=c.gflops_share,
-                    calib_agreement=c.fidelity,
-                    calib_agreement_low=c.fidelity_low,
-                    search=c.search,
-                    held_out_images=c.images,
-                ),
+                calibration_numbers(c),
             )
     paper = atmerge.ATM()
     if args.only and "ATM, paper DeiT-S setting" not in args.only:
