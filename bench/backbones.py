@@ -2,6 +2,7 @@
 definitions against the published numbers and fvcore, one command:
 
     python bench/backbones.py [--out bench/results/backbones.json]
+    python bench/backbones.py --markdown   # docs/results.md's table, from the JSON (runs nothing)
 
 Random weights (FLOPs do not depend on them), 224 px, one image; fvcore traces the unpatched
 forward with fused attention off (so that it sees the attention matmuls).  Published numbers:
@@ -13,7 +14,9 @@ with and without it, on 16 of the shared ImageNet photos.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 
 import timm
 import torch
@@ -45,10 +48,28 @@ def fvcore_gflops(model: torch.nn.Module) -> float:
     return total
 
 
+def markdown(report: dict) -> str:
+    """docs/results.md's table from the JSON."""
+    lines = [
+        "| model | published | atmerge | fvcore | vs published | params (M) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| `{r['model']}` | {r['published']} | {r['atmerge']:.3f} | {r['fvcore']:.3f} | {r['vs_published']} | "
+            f"{r['params_m']} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/backbones.json")
+    ap.add_argument("--markdown", action="store_true", help="only print docs/results.md's table from --out's JSON")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return 0
     torch.manual_seed(0)
     rows = []
     for name, published in PUBLISHED.items():

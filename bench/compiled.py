@@ -2,6 +2,7 @@
 
     python bench/compiled.py [--repeats 11] [--out bench/results/compiled.json]
     python bench/compiled.py --smoke      # a tiny random model, 2 repeats: checks the script runs
+    python bench/compiled.py --markdown   # docs/results.md's table, from the JSON (runs nothing)
 
 For the CIFAR-10 reference ViT (65 tokens, 64 cifar10-test images) and the DeiT-S shape (random
 weights, 224 px, 64 shared ImageNet photos), batch 64: images/s of the unpatched model, ToMe
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -56,12 +59,38 @@ def models(smoke: bool):
     yield "DeiT-S shape", deit, imagenet_batches(deit, 256, 64)
 
 
+def markdown(report: dict) -> str:
+    """docs/results.md's table from the JSON: every model x method x mode, and each row's speed-up
+    against the unpatched model run the same way (eager against eager, compiled against compiled)."""
+    rows = report["rows"]
+    dense = {(r["model"], r["mode"]): r["images_per_s"] for r in rows if r["method"] == "unpatched"}
+    lines = [
+        "| model | method | mode | GFLOPs | images/s | vs unpatched eager | vs unpatched, same mode | vs own eager "
+        "| first call (s) | graphs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        same = r["images_per_s"] / dense[(r["model"], r["mode"])] if (r["model"], r["mode"]) in dense else None
+        first = "—" if r["first_call_seconds"] is None else f"{r['first_call_seconds']:.1f}"
+        graphs = "—" if r["graphs"] is None else str(r["graphs"])
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['mode']} | {r['gflops']:.3f} | {r['images_per_s']:.0f} | "
+            f"{r['speedup_vs_unpatched_eager']:.2f}× | {'—' if same is None else f'{same:.2f}×'} | "
+            f"{r['speedup_vs_own_eager']:.2f}× | {first} | {graphs} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--out", default="bench/results/compiled.json")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="only print docs/results.md's table from --out's JSON")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return 0
     repeats = 2 if args.smoke else args.repeats
     rows, matched = [], {}
     for name, model, batches in models(args.smoke):

@@ -2,6 +2,7 @@
 
     python bench/core.py [--out bench/results/core.json] [--quick] [--no-compile] [--compile MODE]
     python bench/core.py --smoke     # a tiny random ViT in place of 1 and 2, no 3 and 4: checks the script runs
+    python bench/core.py --markdown [speed|dinov2]   # docs/results.md's tables, from the JSON (runs nothing)
 
 1. CIFAR-10 reference ViT (../shared) on cifar10-test: top-1, mean GFLOPs, tokens per block;
    images/s at batch 64 (the speed protocol: one process, after warm-up, the models timed
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import sys
 import tempfile
@@ -234,9 +236,105 @@ def dinov2_similarity(count: int, batch_size: int, steps: int) -> list[dict]:
     return rows, base.gflops
 
 
+MODELS = {"cifar10_reference": "CIFAR-10 ViT", "deit_s_random_init": "DeiT-S shape"}
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f}%"
+
+
+def _num(v, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def markdown_speed(report: dict) -> str:
+    """Sections 1 and 2 (top-1, GFLOPs, speed, cosine; compiled rows where the JSON has them), the
+    tokens entering each block of the merged rows, the merge machinery (3) and the speed goals."""
+    rows = [(key, r) for key in MODELS for r in report.get(key, {}).get("rows", [])]
+    compiled = any(r.get("mode", "eager") != "eager" for _, r in rows)
+    batch = report.get("batch_size") or report.get("chosen", {}).get("batch_size", 64)
+    head = ["model", "method", *(["mode"] if compiled else []), "images", "top-1", "GFLOPs", "images/s", "speed-up"]
+    head += ["FLOPs ratio (timed batch)", "speed-up / FLOPs ratio", "output cosine"]
+    head += ["first call (s)", "graphs"] if compiled else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    tokens = []
+    for key, r in rows:
+        eager, merged = r.get("mode", "eager") == "eager", r["method"] != "baseline"
+        method = "unpatched" if not merged else r["method"]
+        images = f"{report[key]['images']:,}" if eager else f"{batch} (timed batch)"
+        cells = [MODELS[key], method, *([r.get("mode", "eager")] if compiled else []), images]
+        cells += [_pct(r.get("top1")), f"{r['gflops']:.3f}", f"{r['images_per_s']:.1f}"]
+        cells += [f"{r['speedup']:.2f}×", f"{r['flops_ratio']:.2f}×"]
+        cells += [f"{r['speedup_over_flops_ratio']:.3f}" if merged else "—", _num(r.get("output_cosine"), ".4f")]
+        cells += [_num(r.get("first_call_seconds"), ".1f"), _num(r.get("graphs"), "d")] if compiled else []
+        lines.append("| " + " | ".join(cells) + " |")
+        if merged and eager and r.get("tokens_per_block"):
+            tokens.append((MODELS[key], method, r["tokens_per_block"]))
+    if tokens:
+        blocks = max(len(t) for _, _, t in tokens)
+        lines += ["", "| model | method | " + " | ".join(f"block {i + 1}" for i in range(blocks)) + " |"]
+        lines.append("|---|---|" + "---|" * blocks)
+        lines += [f"| {m} | {meth} | " + " | ".join(f"{v:.1f}" for v in t) + " |" for m, meth, t in tokens]
+    if "merge_overhead" in report:
+        o = report["merge_overhead"]
+        lines += [
+            "",
+            "| merge machinery at | batch | block (ms) | merge step (ms) | share of the block |",
+            "|---|---|---|---|---|",
+            f"| {o['tokens']} tokens | {o['batch']} | {o['block_ms']:.1f} | {o['merge_ms']:.2f} | {o['share']:.1%} |",
+        ]
+    if report.get("goals"):
+        lines += [
+            "",
+            "| goal: speed-up ≥ share × FLOPs ratio | method | mode | speed-up / FLOPs ratio | share | met |",
+            "|---|---|---|---|---|---|",
+        ]
+        for g in report["goals"]:
+            lines.append(
+                f"| {MODELS.get(g['section'], g['section'])} | {g['method']} | {g['mode']} | "
+                f"{g['speedup_over_flops_ratio']:.3f} | {g['needed']} | {'met' if g['met'] else 'not met'} |"
+            )
+    return "\n".join(lines)
+
+
+def markdown_dinov2(report: dict) -> str:
+    """Section 4: raw against centred keys on DINOv2-S at matched GFLOPs."""
+    d = report["dinov2_similarity"]
+    by = {(r["target"], r["similarity"]): r for r in d["rows"]}
+    targets = list(dict.fromkeys(r["target"] for r in d["rows"]))
+    lines = [
+        f"| budget (of {d['baseline_gflops']:.3f} GFLOPs) | raw keys: GFLOPs / CLS cosine (β) | "
+        "centred keys: GFLOPs / CLS cosine (β) |",
+        "|---|---|---|",
+    ]
+    for t in targets:
+        cells = []
+        for sim in ("raw", "centered"):
+            r = by.get((t, sim))
+            cells.append("—" if r is None else f"{r['gflops']:.3f} / {r['cls_cosine']:.4f} (β = {r['beta']:.4f})")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+MARKDOWN = {"speed": markdown_speed, "dinov2": markdown_dinov2}
+
+
+def markdown(report: dict, section: str = "all") -> str:
+    """docs/results.md's tables of this bench from its JSON: ``speed`` (sections 1-3), ``dinov2`` (4)."""
+    names = [n for n in MARKDOWN if section in ("all", n)]
+    return "\n\n".join(MARKDOWN[n](report) for n in names if n != "dinov2" or "dinov2_similarity" in report)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="default bench/results/core.json (--smoke: a temporary folder)")
+    ap.add_argument(
+        "--markdown",
+        nargs="?",
+        const="all",
+        choices=("all", *MARKDOWN),
+        help="only print docs/results.md's tables (all, or one section) from --out's JSON; runs nothing",
+    )
     ap.add_argument("--quick", action="store_true", help="small subsets, for a smoke run")
     ap.add_argument(
         "--smoke",
@@ -252,6 +350,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager rows only")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out or "bench/results/core.json").read_text()), args.markdown))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     q, smoke = args.quick, args.smoke
