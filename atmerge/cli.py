@@ -826,7 +826,7 @@ def cmd_search(args) -> int:
         seed=args.seed,
         measure=args.metric,
         progress=args.progress,
-        cache_dir=None if args.no_cache else Path(args.cache_dir or data.cache_dir() / "predictions"),
+        cache_dir=Path(args.cache_dir or data.cache_dir() / "predictions") if args.cache else None,
     )
     result = next(iter(results.values()))
     result["setup"] = setup.description
@@ -1058,17 +1058,14 @@ def cmd_visualize(args) -> int:
     import torch
 
     from atmerge import budget, checkpoints, data
-    from atmerge.experiments.visualize import draw
+    from atmerge.experiments.visualize import chosen_images, draw
     from atmerge.methods.registry import knob_factory
     from atmerge.models.adapter import model_depth, model_patches
 
     torch.manual_seed(args.seed)
-    files = []
-    for f in map(Path, args.data or []):
-        if not f.exists():
-            raise FileNotFoundError(f"image {f} not found")
-        files += data.image_files(f)[: args.count] if f.is_dir() else [f]
-    files = files or sorted(data.imagenet_samples_folder().iterdir())[: args.count]
+    files, found = chosen_images(args.data or [], args.count, None if args.data else data.imagenet_samples_folder())
+    if args.data and found > len(files):
+        print(f"drawing the first {len(files)} of {found} images (--count {found} draws them all)")
     if args.model is None and args.hf_model is None:  # real photos on real pretrained weights, offline
         model = checkpoints.dinov2_small()
         transform = data.model_transform(model)
@@ -1119,7 +1116,9 @@ def cmd_finetune(args) -> int:
     from atmerge.recipe import train_transform
 
     config = dataclass_from_args(FinetuneConfig, args)
-    method = None if args.no_merging else method_from_args(args)
+    if args.config and not args.merging:
+        raise ValueError("--no-merging fine-tunes the unpatched model: drop --config, or drop --no-merging")
+    method = method_from_args(args) if args.merging else None
     torch.manual_seed(config.seed)  # a randomly initialised model is the same in every process
     setup = load_setup(args.model, args.checkpoint, args.model_kwargs, args.pretrained, args.probe)
     preset = setup.default_data is not None  # the presets' data: cifar10-train / cifar10-test
@@ -1375,7 +1374,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the unpatched model's predictions are kept between runs (default: $ATMERGE_CACHE/predictions)",
     )
-    p.add_argument("--no-cache", action="store_true", help="always recompute the unpatched model's predictions")
+    p.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the unpatched model's predictions in --cache-dir and reuse them (--no-cache: always recompute them)",
+    )
     p.add_argument(
         "--out",
         default=None,
@@ -1431,7 +1435,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files or folders of images (default: the shared ImageNet photos)",
     )
     p.add_argument("--images", nargs="*", dest="data", action=DeprecatedSpelling, new="--data")
-    p.add_argument("--count", type=int, default=4, help="how many photos of each folder, or of the shared ones")
+    p.add_argument(
+        "--count",
+        type=int,
+        default=4,
+        metavar="N",
+        help="how many images the figure shows, in all: the first N of --data's images in the order given (a "
+        "folder's in name order), or of the shared photos",
+    )
     p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
     p.add_argument("--versus", default="tome", help="a method tuned to the same mean GFLOPs, drawn above ('' for none)")
     p.add_argument("--steps", type=int, default=10, help="bisection steps for --versus")
@@ -1453,7 +1464,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, hf=False)  # the training recipe is timm's
     add_method_options(p)
     p.add_argument("--config", default=None, help="a calibration config (atmerge calibrate); replaces --method")
-    p.add_argument("--no-merging", action="store_true", help="fine-tune the unpatched model (the control)")
+    p.add_argument(
+        "--merging",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="merge tokens in the forward pass (--no-merging: fine-tune the unpatched model, the control)",
+    )
     p.add_argument("--data", default=None, help="training ImageFolder (default for the presets: cifar10-train)")
     p.add_argument("--val-data", default=None, help="validation ImageFolder (default for the presets: cifar10-test)")
     add_dataclass_options(

@@ -13,6 +13,25 @@ from atmerge.methods.base import Method
 from atmerge.models.adapter import adapter_for, check_model_images, model_depth
 
 
+def chosen_images(data: list[str | Path], count: int, default: Path | None = None) -> tuple[list[Path], int]:
+    """The images ``atmerge visualize`` draws: the first ``count`` of ``data``'s images in the
+    order given (a file as it is, a folder as its images in name order, any layout), or of
+    ``default``'s when ``data`` is empty.  Returns (the chosen files, how many there were), so
+    that the caller can say what it left out."""
+    from atmerge.data import image_files
+
+    if count < 1:
+        raise ValueError(f"--count must be at least 1, got {count}")
+    files: list[Path] = []
+    for item in map(Path, data):
+        if not item.exists():
+            raise FileNotFoundError(f"image {item} not found")
+        files += image_files(item) if item.is_dir() else [item]
+    if not data and default is not None:
+        files = image_files(default)
+    return files[:count], len(files)
+
+
 @torch.no_grad()
 def sources_per_block(model: nn.Module, method: Method, images: torch.Tensor) -> list[torch.Tensor]:
     """Patch ``model`` with ``method`` and return, after every block, which original tokens each
