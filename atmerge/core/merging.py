@@ -118,6 +118,8 @@ def merge_weighted_average(
         return merged[..., :-1], merged[..., -1].to(size.dtype)
     if merge.r == 0 and value_weight is None and not getattr(merge, "padded", False):
         return x, size
+    if value_weight is None and isinstance(merge, Merge):
+        return _merge_bipartite_average(merge, x, size)
     if value_weight is None:
         weight = size.unsqueeze(-1).to(x.dtype)
         merged = merge(torch.cat([x * weight, weight], dim=-1), "sum")  # one gather/scatter for both
@@ -126,6 +128,26 @@ def merge_weighted_average(
     weight = value_weight.unsqueeze(-1).to(x.dtype)
     merged = merge(torch.cat([x * weight, weight, size.unsqueeze(-1).to(x.dtype)], dim=-1), "sum")
     return merged[..., :-2] / merged[..., -2:-1], merged[..., -1].to(size.dtype)
+
+
+def _merge_bipartite_average(merge: Merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_weighted_average` for a bipartite :class:`Merge` (r > 0), in fewer passes over
+    x [B, N, C]: the unmerged A tokens are copied as they are, only set B is weighted, receives the
+    moved A tokens' weighted values and is divided by its new sizes → (x [B, N − r, C], size [B, N − r])."""
+    p, batch = merge.num_protected, x.shape[0]
+    a_idx = _expand_index(merge.a_idx, batch)
+    keep_pos, src_pos = a_idx.gather(1, merge.keep), a_idx.gather(1, merge.src)
+    weight = size.unsqueeze(-1).to(x.dtype)  # [B, N, 1]
+    b_weight = take_tokens(weight, merge.b_idx)
+    moved_weight = take_tokens(weight, src_pos)
+    dst = merge.dst.unsqueeze(-1)
+    total = b_weight.scatter_add(1, dst, moved_weight)  # [B, Nb, 1]
+    summed = (take_tokens(x, merge.b_idx) * b_weight).scatter_add_(
+        1, dst.expand(-1, -1, x.shape[-1]), take_tokens(x, src_pos) * moved_weight
+    )
+    tokens = torch.cat([x[:, :p], take_tokens(x, keep_pos), summed / total], dim=1)
+    sizes = torch.cat([size[:, :p], size.gather(1, keep_pos), total.squeeze(-1).to(size.dtype)], dim=1)
+    return tokens, sizes
 
 
 def merge_attention(merge: "Merge | Assignment", attention: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
