@@ -18,6 +18,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from pathlib import Path
 from collections.abc import Iterable
 
@@ -27,7 +28,13 @@ from torch import nn
 from atmerge.api import patch, unpatch
 from atmerge.data import IMAGE_SUFFIXES, folder_batches, image_files  # noqa: F401  (kept importable from here)
 from atmerge.evaluate import run_batches
-from atmerge.fidelity import FIDELITY_MEASURES, fidelity_interval, paired_fidelity, per_image_fidelity
+from atmerge.fidelity import (
+    FIDELITY_MEASURES,
+    fidelity_interval,
+    paired_fidelity,
+    per_image_fidelity,
+    wilson_interval,
+)
 from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method
 from atmerge.models.adapter import is_classifier, model_depth, model_patches
@@ -55,14 +62,20 @@ class Calibration:
     The search runs on ``search_images`` of the calibration images; the chosen setting is then
     measured on the ``images`` held out from it (confirmation), and these numbers are reported:
     measure: 'agreement' or 'cosine'; fidelity: its mean; fidelity_low: its one-sided 95% lower
-    bound; gflops / gflops_share: mean per-image cost, and its share of the unpatched model's;
-    details: the paired fidelity (agreement and its interval, top-5 agreement, mean KL, cosine;
-    only the cosine for a feature model).  search: the same trial's numbers on the search
-    images.  trials: every trial of the search; space: the searched ranges; profile: the
-    model's score profile they were fitted to.  landing: where the chosen trial's setting was
-    moved along its cost dial and whether that was kept (None: not landed).  compared: with
-    ``method="auto"``, every method's confirmed numbers and which was chosen; alternatives: the
-    same methods' own calibrations (or the reason one has none), in that order.
+    bound; gflops / gflops_share: mean per-image cost, and its share of the unpatched model's —
+    pooled over the held-out images and the searched ones it was measured on (a trial is not
+    chosen for its cost beyond the budget line, so every image measures it; an adaptive
+    setting's cost moves by about a point between two sets of 500 images); held_out_gflops: the
+    held-out images' alone.  held_out_values: the per-image fidelities on the held-out images
+    (paired comparisons between methods).  details: the paired fidelity (agreement and its
+    interval, top-5 agreement, mean KL, cosine; only the cosine for a feature model).  search:
+    the same setting's numbers on the search images (a landed setting's fidelity there is None
+    unless a comparison needed it).  trials: every trial of the search; space: the searched
+    ranges; profile: the model's score profile they were fitted to.  landing: where the chosen
+    trial's setting was moved along its cost dial and whether that was kept (None: not landed).
+    compared: with ``method="auto"``, every method's confirmed numbers and which was chosen
+    (:func:`_winner`'s rule); alternatives: the same methods' own calibrations (or the reason one
+    has none), in that order.
     """
 
     method: Method
@@ -85,6 +98,8 @@ class Calibration:
     landing: dict | None = None
     compared: list[dict] = field(default_factory=list)
     alternatives: list = field(default_factory=list, repr=False)
+    held_out_gflops: float | None = None
+    held_out_values: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def agreement(self) -> float | None:
@@ -255,9 +270,11 @@ def calibrate_goals(
 
     method: a registry name or a method whose other settings stay fixed; ``"auto"``: calibrate
     each of ``methods`` (default :func:`auto_methods`: every merging method) with the same
-    trials and image stages, and choose per goal on the held-out images the most faithful
-    setting within the budget, or the cheapest that meets the floor (``Calibration.compared``
-    holds every method's confirmed numbers).  fidelity: 'agreement' or 'cosine' for budget goals
+    trials and image stages, and choose per goal on the held-out images (:func:`_winner`): for a
+    budget, of the methods whose held-out fidelity is within one paired standard error of the
+    best one's, the most faithful over every calibration image; for a floor, the cheapest whose
+    held-out lower bound clears it at a risk shared by the methods compared
+    (``Calibration.compared`` holds every method's confirmed numbers).  fidelity: 'agreement' or 'cosine' for budget goals
     (None: agreement for a classifier, cosine for a feature model).
     early_stop: run each trial on growing shares of the images (1/8, 1/4, 1/2, all) and stop it
     once it cannot win (with ``"auto"``: once it cannot beat the best trial of any method so
@@ -337,27 +354,97 @@ def calibrate_goals(
                 raise ValueError(found[0])
             results.append(found[0])
             continue
-        results.append(_winner(goal, found, bases))
+        results.append(_winner(goal, found, bases, run.pooled))
     return results
 
 
-def _winner(goal: Goal, found: list, bases: list[Method]) -> Calibration:
-    """The setting auto ships for ``goal``: of every method's confirmed (held-out) result, the
-    most faithful within the budget, or the cheapest that meets the floor; if none meets the
-    goal, the closest (the cheapest for a budget, the highest bound for a floor), not met."""
+FAMILY_RISK = 0.05  # a floor auto marks met: one-sided, shared (Bonferroni) by the methods compared
+
+
+def paired_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of the per-image differences ``a − b`` of two settings' fidelities on the same images,
+    and its standard error."""
+    d = (a - b).double()
+    se = float(d.std(unbiased=True) / math.sqrt(d.numel())) if d.numel() > 1 else 0.0
+    return float(d.mean()), se
+
+
+def _within_noise(leader: Calibration, other: Calibration) -> bool:
+    """Whether ``other``'s held-out fidelity is below ``leader``'s by at most one standard error of
+    their paired difference on the held-out images (without per-image values: only a tie)."""
+    if other is leader:
+        return True
+    a, b = leader.held_out_values, other.held_out_values
+    if a is None or b is None or a.shape != b.shape:
+        return other.fidelity >= leader.fidelity
+    gap, se = paired_gap(a, b)
+    return gap <= se
+
+
+def _pooled_fidelity(c: Calibration) -> float:
+    """The setting's fidelity over every calibration image: its held-out and searched numbers
+    weighted by their images (the held-out one alone where the searched one is unknown)."""
+    searched = c.search.get("fidelity")
+    if searched is None or not c.search_images:
+        return c.fidelity
+    return (c.fidelity * c.images + searched * c.search_images) / (c.images + c.search_images)
+
+
+def floor_bound(c: Calibration, z: float) -> float:
+    """``c``'s held-out lower bound at ``z`` (from its per-image values; without them: Wilson of its
+    agreement, or its one-sided 95% bound for cosine)."""
+    if c.held_out_values is not None:
+        return fidelity_interval(c.held_out_values, c.measure, z)[0]
+    if c.measure == "agreement" and c.images:
+        return wilson_interval(round(c.fidelity * c.images), c.images, z)[0]
+    return c.fidelity_low
+
+
+def _winner(goal: Goal, found: list, bases: list[Method], pooled=None) -> Calibration:
+    """The setting auto ships for ``goal``, from every method's confirmed (held-out) result.
+
+    budget: among the methods within the budget, the held-out images decide — a method stays in
+    only if its held-out fidelity is below the best one's by at most one standard error of their
+    paired difference (the same images; 500 images cannot separate methods closer than that);
+    of those, the most faithful over every calibration image (searched and held-out pooled,
+    ``pooled(c)``) wins, the dearer one on a tie.  floor: the cheapest method whose held-out lower
+    bound clears the floor at the one-sided FAMILY_RISK shared by the k methods compared
+    (z of 1 − 0.05/k), so that a floor marked met holds although the cheapest of k passing
+    methods is taken.  If none meets the goal: the closest (the cheapest for a budget, the
+    highest such bound for a floor), not met."""
     table = [_compared_row(b, c) for b, c in zip(bases, found)]
     calibrated = [c for c in found if isinstance(c, Calibration)]
     if not calibrated:
         reasons = "; ".join(f"{row['method']}: {row['note']}" for row in table)
         raise ValueError(f"no method has a setting for this goal ({reasons})")
+    pooled = pooled or _pooled_fidelity
     met = [c for c in calibrated if c.met]
     if goal.kind == "budget":
-        best = max(met, key=lambda c: (c.fidelity, -c.gflops)) if met else min(calibrated, key=lambda c: c.gflops)
+        if met:
+            leader = max(met, key=lambda c: (c.fidelity, c.gflops))
+            contenders = [c for c in met if _within_noise(leader, c)]
+            scores = {id(c): pooled(c) for c in contenders}
+            best = max(contenders, key=lambda c: (scores[id(c)], c.gflops))
+            for row, c in zip(table, found):
+                row["contender"] = id(c) in scores
+                row["pooled_fidelity"] = scores.get(id(c))
+        else:
+            best = min(calibrated, key=lambda c: c.gflops)
+        ok = best.met
     else:
-        best = min(met, key=lambda c: (c.gflops, -c.fidelity)) if met else max(calibrated, key=lambda c: c.fidelity_low)
+        z = NormalDist().inv_cdf(1 - FAMILY_RISK / len(calibrated))
+        bounds = {id(c): floor_bound(c, z) for c in calibrated}
+        for row, c in zip(table, found):
+            row["family_bound"] = bounds.get(id(c))
+        strict = [c for c in met if bounds[id(c)] >= goal.target]
+        if strict:
+            best = min(strict, key=lambda c: (c.gflops, -c.fidelity))
+        else:
+            best = max(calibrated, key=lambda c: (bounds[id(c)], -c.gflops))
+        ok = bool(strict)
     for row, c in zip(table, found):
         row["chosen"] = c is best
-    return dataclasses.replace(best, compared=table, alternatives=list(found))
+    return dataclasses.replace(best, met=ok, compared=table, alternatives=list(found))
 
 
 def _compared_row(base: Method, c) -> dict:
@@ -381,7 +468,9 @@ def _compared_row(base: Method, c) -> dict:
 @dataclass
 class _Run:
     """What every method's calibration in one call shares: the split images and the unpatched
-    outputs on them, the measure, the unpatched cost and the score profile."""
+    outputs on them, the measure, the unpatched cost, the score profile, and every measurement
+    made (by setting and image set), so that no setting is run twice on the same images —
+    between goals, methods, confirmation and landing."""
 
     model: nn.Module
     search_set: list[torch.Tensor]
@@ -392,9 +481,51 @@ class _Run:
     dense: float
     profile: object
     paired: bool
+    cache: dict = field(default_factory=dict)
 
-    def on_holdout(self, method: Method) -> dict:
-        return _measure(self.model, self.confirm_set, method, self.confirm_ref, self.measure, self.paired)
+    @property
+    def held_apart(self) -> bool:
+        return self.confirm_set is not self.search_set
+
+    def measured(self, method: Method, where: str = "held") -> dict:
+        """``method``'s numbers on the held-out images (``where='held'``) or the searched ones
+        ('search'), measured once."""
+        key = (repr(method), where)
+        if key not in self.cache:
+            if where == "held":
+                batches, reference, paired = self.confirm_set, self.confirm_ref, self.paired
+            else:
+                batches, reference, paired = self.search_set, self.search_ref, False
+            self.cache[key] = _measure(self.model, batches, method, reference, self.measure, paired)
+        return self.cache[key]
+
+    def cost(self, method: Method) -> float:
+        """``method``'s mean GFLOPs on the searched images its cost is measured on, once."""
+        from atmerge.landing import setting_cost
+
+        key = (repr(method), "cost")
+        if key not in self.cache:
+            self.cache[key] = setting_cost(self.model, method, self.search_set)
+        return self.cache[key]
+
+    def on_holdout(self, method: Method, search_gflops: float | None = None, search_images: int = 0) -> dict:
+        """``method``'s held-out numbers; its cost pooled with ``search_gflops`` measured on
+        ``search_images`` searched images (a cost is not what a trial is chosen for beyond the
+        budget line, so every image measures it; 500 held-out images alone move an adaptive
+        setting's cost by about a point); ``held_out_gflops`` keeps the held-out cost alone."""
+        numbers = dict(self.measured(method))
+        numbers["held_out_gflops"] = numbers["gflops"]
+        if self.held_apart and search_gflops is not None and search_images:
+            held = numbers["images"]
+            numbers["gflops"] = (numbers["gflops"] * held + search_gflops * search_images) / (held + search_images)
+        return numbers
+
+    def pooled(self, c: Calibration) -> float:
+        """``c``'s fidelity over every calibration image (its searched fidelity measured if the
+        landing left it unknown)."""
+        if self.held_apart and c.search.get("fidelity") is None:
+            c.search["fidelity"] = self.measured(c.method, "search")["fidelity"]
+        return _pooled_fidelity(c) if self.held_apart else c.fidelity
 
     def choose(self, base: Method, rows: list[dict], goal: Goal, land: bool, trials: int, compared: bool):
         """The calibration of ``base`` for ``goal`` from its trials ``rows``: confirmed on the
@@ -403,12 +534,10 @@ class _Run:
         from atmerge.trials import trial_method
 
         depth, patches = model_depth(self.model), model_patches(self.model)
-        measured: dict[int, dict] = {}
 
         def on_holdout(row: dict) -> dict:
-            if row["trial"] not in measured:
-                measured[row["trial"]] = self.on_holdout(trial_method(base, row, depth, patches, self.profile))
-            return measured[row["trial"]]
+            method = trial_method(base, row, depth, patches, self.profile)
+            return self.on_holdout(method, row["gflops"], row["images"])
 
         try:
             chosen, met = confirm(rows, goal, on_holdout)
@@ -423,7 +552,7 @@ class _Run:
         search = {k: chosen[k] for k in ("gflops", "fidelity", "fidelity_low")}
         landing = self.land(method, goal, search, numbers) if land else None
         if landing and landing["kept"]:
-            method, numbers, met, search = landing.pop("method"), landing.pop("numbers"), True, landing["search"]
+            method, numbers, met, search = landing.pop("method"), landing.pop("numbers"), True, dict(landing["search"])
         elif landing:
             landing.pop("method"), landing.pop("numbers")
         space = type(base).search_space(depth, patches, self.profile)
@@ -446,46 +575,69 @@ class _Run:
             space={k: knob.describe() for k, knob in space.items()},
             profile=self.profile.as_dict() if self.profile is not None else None,
             landing=landing,
+            held_out_gflops=numbers["held_out_gflops"],
+            held_out_values=numbers["values"],
         )
 
     def land(self, method: Method, goal: Goal, search: dict, numbers: dict) -> dict | None:
         """Move ``method`` along its dial toward ``goal`` (:mod:`atmerge.landing`); the result
-        records where it landed and whether it is kept: at least as faithful (budget) or cheaper
-        (floor) on the searched images, and meeting the goal on the held-out ones."""
-        from atmerge.landing import land_on_budget, land_on_floor
+        records where it landed and whether it is kept.  budget: kept where its cost (pooled
+        over the searched images it was measured on and the held-out ones) meets the budget and
+        its held-out fidelity is below the unlanded setting's by at most one standard error of
+        their paired difference (a dearer setting on the dial is expected to be more faithful;
+        the searched images, on which the unlanded trial won, are no fair judge).  floor: kept
+        where it is cheaper (or the unlanded one missed the floor) on the searched images and
+        meets the floor on the held-out ones."""
+        from atmerge.landing import _cost_batches, land_on_budget, land_on_floor
 
         dial = method.dial(model_depth(self.model), model_patches(self.model))
         if dial is None:
             return None
         if goal.kind == "budget":
-            aim = goal.target - LANDING_MARGIN * self.dense
-            landing = land_on_budget(self.model, dial, aim, self.search_set)
+            adaptive = method.adaptive
+            aim = goal.target - (LANDING_MARGIN * self.dense if adaptive else 0.0)
+            window = LANDING_WINDOW * self.dense if adaptive else 0.0
+            landing = land_on_budget(self.model, dial, aim, self.search_set, window=window, cost_of=self.cost)
             if landing is None or landing.gflops <= search["gflops"] or repr(landing.method) == repr(method):
                 return None
-            on_search = _measure(self.model, self.search_set, landing.method, self.search_ref, self.measure, False)
-            better = on_search["fidelity"] >= search["fidelity"] or search["gflops"] > goal.target
+            cost_images = sum(x.shape[0] for x in _cost_batches(landing.method, self.search_set))
+            on_search = {"gflops": landing.gflops, "fidelity": None, "fidelity_low": None}
+            confirmed = self.on_holdout(landing.method, landing.gflops, cost_images)
+            gap, se = paired_gap(numbers["values"], confirmed["values"])
+            kept = goal.met_by(confirmed) and gap <= se
         else:
-            landing = land_on_floor(self.model, dial, goal.target, self.search_set, self.search_ref, self.measure)
+            landing = land_on_floor(
+                self.model,
+                dial,
+                goal.target,
+                self.search_set,
+                self.search_ref,
+                self.measure,
+                seen=self.cache.setdefault("floor landings", {}),
+            )
             if landing is None or repr(landing.method) == repr(method):
                 return None
             on_search = {"gflops": landing.gflops, "fidelity": landing.fidelity, "fidelity_low": landing.fidelity_low}
             better = landing.gflops < search["gflops"] or search["fidelity_low"] < goal.target
-        confirmed = self.on_holdout(landing.method) if better else None
+            confirmed = self.on_holdout(landing.method, landing.gflops, sum(x.shape[0] for x in self.search_set))
+            confirmed = confirmed if better else None
+            kept = bool(confirmed is not None and goal.met_by(confirmed))
         return {
             "t": landing.t,
             "setting": repr(landing.method),
             "steps": landing.steps,
-            "search": {k: on_search[k] for k in ("gflops", "fidelity", "fidelity_low")},
+            "search": on_search,
             "held_out": None
             if confirmed is None
-            else {k: confirmed[k] for k in ("gflops", "fidelity", "fidelity_low")},
-            "kept": bool(confirmed is not None and goal.met_by(confirmed)),
+            else {k: confirmed[k] for k in ("gflops", "held_out_gflops", "fidelity", "fidelity_low")},
+            "kept": kept,
             "method": landing.method,
             "numbers": confirmed,
         }
 
 
-LANDING_MARGIN = 0.003  # a budget is landed this share of the unpatched GFLOPs below it, on the searched images
+LANDING_MARGIN = 0.003  # an adaptive setting's budget is landed this share of the unpatched GFLOPs below it
+LANDING_WINDOW = 0.004  # ... and its bisection stops once it costs within this share below that
 
 
 def _measure(
@@ -507,6 +659,7 @@ def _measure(
         "fidelity": float(values.mean()),
         "fidelity_low": fidelity_interval(values, measure, ONE_SIDED_95)[0],
         "details": {},
+        "values": values,
     }
     if paired and not is_classifier(model):
         cosine = per_image_fidelity(outputs, reference, "cosine")

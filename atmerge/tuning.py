@@ -35,6 +35,7 @@ ONE_SIDED_95 = 1.644854  # z of a one-sided 95% bound
 RUNGS = (0.125, 0.25, 0.5, 1.0)  # shares of the images a trial must survive in turn
 COST_SLACK = 1.05  # a partial GFLOPs estimate this far above a bar stops the trial
 CONFIRM_TRIES = 5  # candidates tried on the held-out images, best first, before giving up
+FIXED_COST_IMAGES = 8  # images a fixed-count trial's cost is read on before any stage (it is the same on any image)
 MEASURES = ("agreement", "cosine", "top1")
 
 
@@ -118,9 +119,13 @@ def staged_trials(
     for the measure 'top1'.  also: further measures recorded in each row under their own name
     (e.g. a search by top-1 also records agreement).  rivals: finished trials of other methods on
     the same images and measure, which a trial must be able to beat to go on (a comparison of
-    methods stops a method's hopeless trials against the leader so far).  Returns every trial's row: its settings,
-    GFLOPs and ``fidelity`` — the mean of ``measure`` — with its one-sided 95% lower bound, on
-    the images it ran on, ``images`` and ``pruned``."""
+    methods stops a method's hopeless trials against the leader so far).  A fixed-count trial's
+    cost is read on FIXED_COST_IMAGES images first (it is the same on every image): one that
+    cannot win on cost alone is stopped before any stage (``images`` 0, fidelity None).  A
+    setting drawn again (integer spaces repeat) is not run again: its row is repeated with
+    ``same_as`` naming the trial that ran it.  Returns
+    every trial's row: its settings, GFLOPs and ``fidelity`` — the mean of ``measure`` — with its
+    one-sided 95% lower bound, on the images it ran on, ``images`` and ``pruned``."""
     import optuna
 
     if measure not in MEASURES or any(m not in MEASURES for m in also):
@@ -134,10 +139,40 @@ def staged_trials(
     rungs = rungs if goal is not None else (1.0,)
     bounds = sorted({int(torch.searchsorted(counts, math.ceil(share * total)).item()) + 1 for share in rungs})
     rows: list[dict] = []
+    seen: dict[str, tuple[dict, object, float]] = {}  # each setting's row, value and constraint: never run twice
 
     def objective(trial):
         params = {name: knob.suggest(trial, name) for name, knob in space.items()}
-        patch(model, base.searched(params, profile))
+        method = base.searched(params, profile)
+        key = repr(method)
+        if key in seen:  # a setting tried before (an integer space repeats): its outcome again
+            row, value, broken = seen[key]
+            rows.append({**row, "trial": trial.number, "same_as": row["trial"]})
+            if goal is not None:
+                trial.set_constraint("goal", broken)
+            if row["pruned"]:
+                raise optuna.TrialPruned()
+            return value
+        try:
+            return ran(trial, params, method, key)
+        except optuna.TrialPruned:
+            seen[key] = (rows[-1], None, max(constraint[0], 1e-9))
+            raise
+
+    constraint = [0.0]
+
+    def ran(trial, params, method, key):
+        patch(model, method)
+        if goal is not None and not method.adaptive and len(bounds) > 1:
+            # a fixed count costs the same on every image: a handful tell whether it can win
+            run = run_batches(model, [batches[0][:FIXED_COST_IMAGES]])
+            if hopeless(goal, math.inf, run.gflops, [*rivals, *(r for r in rows if not r["pruned"])]):
+                row = {"trial": trial.number, **params, **type(base).from_search(params, profile)}
+                rows.append({**row, "gflops": run.gflops, "fidelity": None, "fidelity_low": None})
+                rows[-1].update({**{m: None for m in also}, "images": 0, "pruned": True})
+                constraint[0] = run.gflops - goal.target if goal.kind == "budget" else 1.0
+                trial.set_constraint("goal", max(constraint[0], 1e-9))
+                raise optuna.TrialPruned()
         values: dict[str, list[torch.Tensor]] = {m: [] for m in targets}
         images, gflops_sum, done = 0, 0.0, 0
         for step, bound in enumerate(bounds):
@@ -172,12 +207,15 @@ def staged_trials(
                 upper = interval(per_image, measure)[1]
                 if hopeless(goal, upper, gflops, [*rivals, *(r for r in rows if not r["pruned"])]):
                     rows.append({**row, "pruned": True})
+                    constraint[0] = broken
                     trial.set_constraint("goal", max(broken, 1e-9))
                     raise optuna.TrialPruned()
         rows.append(row)
         if goal is None:
+            seen[key] = (row, (fidelity, gflops), 0.0)
             return fidelity, gflops
         trial.set_constraint("goal", broken)
+        seen[key] = (row, value, broken)
         return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -221,8 +259,8 @@ def split_holdout(
 def ranked_candidates(rows: list[dict], goal: Goal) -> tuple[list[dict], list[dict]]:
     """The finished trials best first for ``goal`` (budget: the most faithful within budget,
     then the cheapest; floor: the cheapest that clears it, then the most faithful), and those
-    of them that meet it on the images they were searched on."""
-    finished = [t for t in rows if not t.get("pruned")]
+    of them that meet it on the images they were searched on (a repeated setting counts once)."""
+    finished = [t for t in rows if not t.get("pruned") and "same_as" not in t]
     meets = [t for t in finished if goal.met_by(t)]
     if goal.kind == "budget":
         ranked = sorted(meets, key=lambda t: (-t["fidelity"], t["gflops"])) or sorted(

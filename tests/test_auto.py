@@ -15,7 +15,9 @@ from atmerge.tuning import Goal
 from conftest import blocky_images, small_vit
 
 
-def calibration(method, gflops, fidelity, fidelity_low, met, search_fidelity) -> Calibration:
+def calibration(
+    method, gflops, fidelity, fidelity_low, met, search_fidelity, images=100, values=None, search_images=0
+) -> Calibration:
     return Calibration(
         method=method,
         goal="budget",
@@ -24,12 +26,21 @@ def calibration(method, gflops, fidelity, fidelity_low, met, search_fidelity) ->
         measure="agreement",
         gflops=gflops,
         gflops_share=gflops,
-        fidelity=fidelity,
+        fidelity=fidelity if values is None else float(values.double().mean()),
         fidelity_low=fidelity_low,
-        images=100,
+        images=images if values is None else values.numel(),
         unpatched_gflops=1.0,
         search={"gflops": gflops, "fidelity": search_fidelity, "fidelity_low": fidelity_low},
+        search_images=search_images,
+        held_out_values=values,
     )
+
+
+def agreeing(n: int, misses: list[int]) -> torch.Tensor:
+    """Per-image agreement of n held-out images: 1 except at ``misses``."""
+    values = torch.ones(n, dtype=torch.float64)
+    values[misses] = 0
+    return values
 
 
 def test_the_held_out_numbers_not_the_searched_ones_choose_the_winner():
@@ -46,8 +57,8 @@ def test_a_goal_met_beats_a_more_faithful_setting_that_missed_it():
     within = calibration(atmerge.ToMe(r=4), 0.58, 0.90, 0.88, True, 0.90)
     assert _winner(Goal("budget", 0.6), [over, within], [atmerge.ATM(), atmerge.ToMe()]).method == atmerge.ToMe(r=4)
     # a floor: the cheapest setting that meets it; none met: the highest lower bound, not met
-    cheap = calibration(atmerge.ATM(), 0.50, 0.99, 0.981, True, 0.99)
-    dear = calibration(atmerge.ToMe(r=2), 0.70, 0.995, 0.99, True, 0.995)
+    cheap = calibration(atmerge.ATM(), 0.50, 0.99, 0.981, True, 0.99, images=2000)
+    dear = calibration(atmerge.ToMe(r=2), 0.70, 0.995, 0.99, True, 0.995, images=2000)
     assert _winner(Goal("floor", 0.98), [dear, cheap], [atmerge.ToMe(), atmerge.ATM()]).method == atmerge.ATM()
     missed = [
         calibration(atmerge.ATM(), 0.5, 0.9, 0.85, False, 0.9),
@@ -55,6 +66,56 @@ def test_a_goal_met_beats_a_more_faithful_setting_that_missed_it():
     ]
     chosen = _winner(Goal("floor", 0.98), missed, [atmerge.ATM(), atmerge.ToMe()])
     assert chosen.method == atmerge.ToMe() and not chosen.met
+
+
+def test_within_held_out_noise_the_pooled_numbers_decide_beyond_it_the_held_out_ones():
+    """Budget: a method whose held-out fidelity trails the best by less than one paired standard
+    error stays in, and of those the most faithful over every calibration image wins; one that
+    trails by more is out, however well it did on the searched images."""
+    n = 500
+    leader = agreeing(n, list(range(0, 20)))  # 96.0% held out
+    close = agreeing(n, list(range(0, 10)) + list(range(100, 112)))  # 95.6%: 12 misses of its own, 10 fewer
+    far = agreeing(n, list(range(0, 20)) + list(range(100, 115)))  # 93.0%: 15 more misses
+    a = calibration(atmerge.ToMe(r=4), 0.59, None, 0.94, True, 0.95, values=leader, search_images=1500)
+    b = calibration(atmerge.ATM(), 0.59, None, 0.94, True, 0.975, values=close, search_images=1500)
+    c = calibration(atmerge.MCTF(r=3), 0.59, None, 0.90, True, 0.999, values=far, search_images=1500)
+    bases = [atmerge.ToMe(), atmerge.ATM(), atmerge.MCTF()]
+    chosen = _winner(Goal("budget", 0.6), [a, b, c], bases)
+    assert chosen.method == atmerge.ATM() and chosen.met  # pooled: 0.9705 against ToMe's 0.9525
+    assert [row["contender"] for row in chosen.compared] == [True, True, False]  # MCTF: 3 points behind held out
+    assert chosen.compared[1]["pooled_fidelity"] == pytest.approx((0.956 * 500 + 0.975 * 1500) / 2000)
+    # without the close one, the far one's searched 99.9% does not win it back
+    assert _winner(Goal("budget", 0.6), [a, c], [bases[0], bases[2]]).method == atmerge.ToMe(r=4)
+    # the gap, 2 images, is within noise: the two disagree on 22 images, one way or the other
+    from atmerge.calibrate import paired_gap
+
+    gap, se = paired_gap(leader, close)
+    assert gap == pytest.approx(2 / n) and gap <= se
+
+
+def test_a_floor_auto_marks_met_clears_it_at_the_risk_shared_by_the_methods_compared():
+    """Floor: the cheapest method is taken only if its held-out bound clears the floor at
+    z = Φ⁻¹(1 − 0.05 / k) for k methods compared — one that clears it at one-sided 95% only
+    gives way to a dearer one that clears the stricter bound; if none does, not met."""
+    from statistics import NormalDist
+
+    from atmerge.calibrate import floor_bound
+
+    n = 1000
+    cheap = calibration(atmerge.ATM(), 0.70, None, 0.9815, True, 0.99, values=agreeing(n, list(range(12))))
+    dear = calibration(atmerge.ToMe(r=2), 0.85, None, 0.9935, True, 0.998, values=agreeing(n, [0, 1]))
+    other = calibration(atmerge.MCTF(r=1), 0.90, None, 0.99, True, 0.998, values=agreeing(n, [0, 1, 2]))
+    z = NormalDist().inv_cdf(1 - 0.05 / 3)
+    assert floor_bound(cheap, 1.644854) >= 0.98 > floor_bound(cheap, z)  # clears at 95%, not at 1 − 0.05/3
+    bases = [atmerge.ATM(), atmerge.ToMe(), atmerge.MCTF()]
+    chosen = _winner(Goal("floor", 0.98), [cheap, dear, other], bases)
+    assert chosen.method == atmerge.ToMe(r=2) and chosen.met
+    assert chosen.compared[0]["family_bound"] < 0.98 <= chosen.compared[1]["family_bound"]
+    # alone, the cheap one is judged at one-sided 95% (k = 1) and is taken
+    assert _winner(Goal("floor", 0.98), [cheap], bases[:1]).method == atmerge.ATM()
+    # no method clears the stricter bound: the highest bound, marked not met
+    missed = _winner(Goal("floor", 0.995), [cheap, dear, other], bases)
+    assert missed.method == atmerge.ToMe(r=2) and not missed.met
 
 
 def test_no_method_with_a_setting_is_one_line_naming_each_reason():
@@ -88,7 +149,13 @@ def test_landing_on_a_budget_gets_close_and_never_passes_it(model_and_images):
         assert landing.gflops == pytest.approx(mean_cost(model, landing.method, images))
         assert landing.gflops <= target  # never past the budget
         # the largest t within it, to the bisection's resolution: one step further costs more than the budget
-        assert landing.t == 1 or mean_cost(model, dial(landing.t + 2**-8), images) > target
+        nearer = dial(min(landing.t + 2**-8, 1.0))
+        assert landing.t >= 1 - 2**-12 or mean_cost(model, nearer, images) > target
+        # with a window: it stops once within it (interpolating once bracketed), in fewer steps
+        window = 0.02 * dense
+        quick = land_on_budget(model, dial, target, [images], window=window)
+        assert target - window <= quick.gflops <= target or quick.gflops == landing.gflops
+        assert quick.steps <= landing.steps
     assert land_on_budget(model, dial, 1e-6, [images]) is None  # below the cheapest setting
 
 
@@ -130,8 +197,11 @@ def test_landing_spends_the_budget_the_search_left(model_and_images):
     landed = atmerge.calibrate(model, images, budget=0.6, method="constant", trials=2, holdout=0)
     assert plain.landing is None
     if landed.landing and landed.landing["kept"]:
+        from atmerge.calibrate import paired_gap
+
         assert plain.gflops < landed.gflops <= landed.target
-        assert landed.search["fidelity"] >= plain.search["fidelity"]
+        gap, se = paired_gap(plain.held_out_values, landed.held_out_values)  # not less faithful beyond noise
+        assert gap <= se
     else:  # not kept: the search's own setting is shipped unchanged
         assert landed.method == plain.method
 
@@ -224,3 +294,58 @@ def test_a_fixed_count_dial_moves_one_token_at_a_time():
     tome = atmerge.ToMe(r=(4, 0.5))
     dial = tome.dial(6, 64)
     assert dial(0.5).schedule(6) == tome.schedule(6) and sum(dial(1.0).schedule(6)) == 0
+
+
+@pytest.mark.parametrize(
+    "method", [atmerge.TopR(r=2), atmerge.TopR(schedule="decreasing", r=4), atmerge.MCTF(r=2), atmerge.ToMe(r=(3, 0.5))]
+)
+def test_a_fixed_count_landing_never_passes_the_budget_and_stops_within_one_token_of_it(model_and_images, method):
+    """top-r and MCTF move one token at a time along their dials, as ToMe: the landing costs at
+    most the budget, and the dial's next setting — one token fewer merged — costs more than it."""
+    model, images = model_and_images
+    dense = atmerge.gflops(model, tuple(images.shape[1:]))
+    dial = method.dial(6, 64)
+    counts = method.counts(6) if hasattr(method, "counts") else method.schedule(6)
+    assert (
+        dial(0.5) == method or (dial(0.5).counts(6) if hasattr(method, "counts") else dial(0.5).schedule(6)) == counts
+    )
+    total = sum(counts)
+    for share in (0.7, 0.8, 0.9):
+        landing = land_on_budget(model, dial, share * dense, [images])
+        if landing is None:  # below the dial's cheapest setting
+            assert mean_cost(model, dial(0.0), images) > share * dense
+            continue
+        assert landing.gflops <= share * dense
+        assert landing.gflops == pytest.approx(mean_cost(model, landing.method, images))
+        landed = landing.method.counts(6) if hasattr(method, "counts") else landing.method.schedule(6)
+        kept_more = sum(landed) - 1  # one token fewer merged: the dial's next setting
+        if kept_more < 0:
+            continue
+        t = 1 - (kept_more + 0.5) / total / 2  # its scale lies in [kept_more, kept_more + 1) / total
+        nearer = dial(t)
+        nearer_counts = nearer.counts(6) if hasattr(method, "counts") else nearer.schedule(6)
+        assert sum(nearer_counts) == kept_more
+        assert mean_cost(model, nearer, images) > share * dense
+
+
+def test_per_block_counts_are_the_same_method_as_their_schedule(model_and_images):
+    """The dial's per-block lists: TopR(r=list) and MCTF(r=list) merge exactly as the schedules
+    they were read from."""
+    model, images = model_and_images
+
+    def outputs(method):
+        atmerge.patch(model, method)
+        with torch.no_grad():
+            out = model(images)
+        atmerge.unpatch(model)
+        return out
+
+    topr = atmerge.TopR(schedule="increasing", r=1)
+    assert torch.equal(outputs(topr), outputs(atmerge.TopR(r=topr.counts(6))))
+    mctf = atmerge.MCTF(r=3)
+    assert mctf.counts(6) == [0, 3, 3, 3, 3, 3]
+    assert torch.equal(outputs(mctf), outputs(atmerge.MCTF(r=mctf.counts(6))))
+    with pytest.raises(ValueError, match="r must be a list of integers"):
+        atmerge.MCTF(r=[1, -1])
+    with pytest.raises(ValueError, match="r must be a list of integers"):
+        atmerge.TopR(r=[1, 2.5])

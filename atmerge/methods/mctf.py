@@ -3,7 +3,7 @@ Vision Transformers", CVPR 2024), training-free."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from atmerge.core.importance import attention_received
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment
+from atmerge.core.schedules import scaled_schedule, tome_r_schedule
 from atmerge.methods.base import (
     BlockContext,
     Decision,
@@ -121,8 +122,10 @@ class MCTF(Method):
     attention with the values of the fused tokens — so no extra attention map is computed.
 
     r: tokens fused per block, an int, or a float in (0, 1) for a share of the block's unprotected
-        tokens (the release's ``r < 1``, truncated).  Clipped as the release does: at most half
-        of the unprotected tokens, and never below 10 tokens (``MIN_TOKENS``).
+        tokens (the release's ``r < 1``, truncated), or a list of per-block counts (block l
+        fuses ``r[l - 1]``, padded with zeros; what the cost dial gives, :meth:`dial`).  Clipped
+        as the release does: at most half of the unprotected tokens, and never below 10 tokens
+        (``MIN_TOKENS``).
     blocks: where it fuses, counted from 1; None = every block but the first (the release's
         ``--activate_layer 1 … 11`` counted from 0 on DeiT).
     Defaults (r=16, tau_sim=1, tau_info=20, tau_size=40, bidirectional matching, attentive
@@ -131,7 +134,7 @@ class MCTF(Method):
     variant is ``MCTF(r=0.35, blocks=(4, 7, 10))``.
     """
 
-    r: int | float = 16
+    r: int | float | list[int] = 16
     tau_sim: float = 1.0
     tau_info: float = 20.0
     tau_size: float = 40.0
@@ -157,8 +160,30 @@ class MCTF(Method):
             "tau_size": floats(1.0, 100.0, log=True),
         }
 
+    def dial(self, depth: int, num_patches: int):
+        """A fine cost dial through this setting (an int or per-block ``r``), as ToMe's: t → the
+        per-block counts of the fusing blocks scaled by 2(1 − t) (t = 0.5: these counts; t = 1:
+        nothing fuses), rounded one token at a time (:func:`scaled_schedule`), the temperatures
+        and blocks kept.  A share ``r`` (float) moves along :meth:`one_knob`'s r instead."""
+        if isinstance(self.r, float):
+            return super().dial(depth, num_patches)
+        counts = self.counts(depth)
+        if not any(counts):  # nothing fuses: scale one token per fusing block
+            counts = [int(self.fuses_in(layer)) for layer in range(1, depth + 1)]
+        return lambda t: replace(self, r=scaled_schedule(counts, 2.0 * (1.0 - t)))
+
+    def counts(self, depth: int) -> list[int]:
+        """The count asked of each block (before the release's clipping), index 0 = block 1."""
+        if isinstance(self.r, list):
+            asked = tome_r_schedule(depth, self.r)
+            return [r if self.fuses_in(layer) else 0 for layer, r in enumerate(asked, 1)]
+        return [self.r if self.fuses_in(layer) else 0 for layer in range(1, depth + 1)]
+
     def __post_init__(self) -> None:
         r = self.r
+        if isinstance(r, list):
+            tome_r_schedule(len(r), r)  # validates the counts
+            r = 0
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (isinstance(r, int) and r >= 0 or 0 < r < 1):
             raise ValueError(f"r must be an integer >= 0 or a share in (0, 1), got {r!r}")
         for name in ("tau_sim", "tau_info", "tau_size"):
@@ -167,6 +192,8 @@ class MCTF(Method):
             object.__setattr__(self, "blocks", check_block_numbers("blocks", self.blocks))
 
     def check_depth(self, depth: int) -> None:
+        if isinstance(self.r, list) and len(self.r) > depth:
+            raise ValueError(f"r has {len(self.r)} entries for a model of {depth} blocks")
         if self.blocks and max(self.blocks) > depth:
             raise ValueError(f"blocks {self.blocks} go beyond the model's depth; allowed 1..{depth}")
 
@@ -174,15 +201,19 @@ class MCTF(Method):
         """Whether MCTF fuses at the start of block ``layer`` (counted from 1)."""
         return layer > 1 if self.blocks is None else layer in self.blocks
 
-    def count(self, num_tokens: int, num_protected: int) -> int:
-        """r for a block entered by ``num_tokens`` tokens, clipped as the release clips it."""
+    def count(self, num_tokens: int, num_protected: int, layer: int | None = None) -> int:
+        """r for block ``layer`` (from 1; needed for a per-block ``r``) entered by ``num_tokens``
+        tokens, clipped as the release clips it."""
         free = num_tokens - num_protected
-        r = int(free * self.r) if isinstance(self.r, float) else self.r
+        if isinstance(self.r, list):
+            r = self.r[layer - 1] if layer is not None and layer <= len(self.r) else 0
+        else:
+            r = int(free * self.r) if isinstance(self.r, float) else self.r
         return max(0, min(r, num_tokens - MIN_TOKENS, free // 2))
 
     def decide(self, ctx: BlockContext) -> Decision:
         batch, n = ctx.tokens.shape[:2]
-        r = self.count(n, ctx.num_protected) if self.fuses_in(ctx.layer) else 0
+        r = self.count(n, ctx.num_protected, ctx.layer) if self.fuses_in(ctx.layer) else 0
         if r == 0:
             return Decision(Assignment.identity(batch, n, ctx.tokens.device), requested=0)
         a_idx, b_idx = alternate_split(n, ctx.num_protected, ctx.tokens.device)

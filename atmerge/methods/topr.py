@@ -3,10 +3,10 @@ decreasing r), an ablation of ATM's threshold schedule."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from atmerge.core.schedules import linear_r_schedule
+from atmerge.core.schedules import linear_r_schedule, scaled_schedule, tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, knob_r, register_method
 from atmerge.methods.bipartite import match_tokens
 from atmerge.methods.space import SearchRange, choice, fixed_count_limit, ints
@@ -20,10 +20,13 @@ if TYPE_CHECKING:
 class TopR(Method):
     """Fixed-count schedules of the ATM paper (Figure 5): 'constant', 'increasing' or
     'decreasing' r (by one per block, starting from ``r``), alternate matching, as an ablation of
-    ATM's threshold schedule (so, like ATM, only CLS reaches the last MLP)."""
+    ATM's threshold schedule (so, like ATM, only CLS reaches the last MLP).
+
+    r: the first block's count, or a list of per-block counts (padded with zeros; what the cost
+    dial gives, :meth:`dial`), which ``schedule`` then no longer shapes."""
 
     schedule: str = "constant"
-    r: int = 8
+    r: int | list[int] = 8
     display_name = "top-r"
 
     @classmethod
@@ -40,11 +43,27 @@ class TopR(Method):
             "r": ints(0, fixed_count_limit(depth, num_patches)),
         }
 
+    def dial(self, depth: int, num_patches: int):
+        """A fine cost dial through this setting, as ToMe's: t → the per-block counts scaled by
+        2(1 − t) (t = 0.5: these counts; t = 1: nothing merges), rounded one token at a time
+        (:func:`scaled_schedule`), so a budget can be landed to within a token."""
+        counts = self.counts(depth)
+        return lambda t: replace(self, r=scaled_schedule(counts, 2.0 * (1.0 - t)))
+
     def __post_init__(self) -> None:
-        linear_r_schedule(1, self.r, self.schedule)  # validates
+        if isinstance(self.r, list):
+            tome_r_schedule(len(self.r), self.r)  # validates the counts
+            linear_r_schedule(1, 0, self.schedule)  # and the schedule's name
+        else:
+            linear_r_schedule(1, self.r, self.schedule)  # validates
 
     def counts(self, depth: int) -> list[int]:
+        if isinstance(self.r, list):
+            return tome_r_schedule(depth, self.r)
         return linear_r_schedule(depth, self.r, self.schedule)
+
+    def check_depth(self, depth: int) -> None:
+        self.counts(depth)
 
     def decide(self, ctx: BlockContext) -> Decision:
         r = self.counts(ctx.depth)[ctx.block]
