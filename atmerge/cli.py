@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -644,6 +645,11 @@ def _setup_and_batches(args, *, limit=None, labels: bool | None = True):
     return setup, loader(dataset, args.batch_size, args.workers)
 
 
+def _percent(value) -> str | None:
+    """A share as the tables print it (70.00%), None as it is."""
+    return None if value is None else f"{100 * value:.2f}%"
+
+
 def _describe_data(description: dict) -> str:
     """One line: which images, and how their labels were found."""
     text = f"{description['images']} images from {description['folder']}"
@@ -708,7 +714,8 @@ def cmd_eval(args) -> int:
     columns = ["run", "top1", "top5", "gflops", "params_m", "images_per_s", "output_cosine"]
     if result["baseline"]["top1"] is None:
         columns = [c for c in columns if c not in ("top1", "top5")]
-    print(format_table(rows, columns))
+    shown = [{**r, **{k: _percent(r.get(k)) for k in ("top1", "top5")}} for r in rows]
+    print(format_table(shown, columns))
     d, f = result["difference"], result["fidelity"]
     b, m = result["baseline"], result["merged"]
     top1 = (
@@ -716,7 +723,14 @@ def cmd_eval(args) -> int:
         if d["top1"] is None
         else f"top-1 {100 * b['top1']:.2f}% -> {100 * m['top1']:.2f}% ({100 * d['top1']:+.2f} pt), "
     )
-    print(f"difference: {top1}GFLOPs x{d['gflops_ratio']:.3f}, speed x{d['speedup']:.2f}")
+    passes = len(batches)
+    rough = (
+        f" (from {passes} batch{'es' if passes > 1 else ''} run once each, first calls included: not a timing; "
+        "bench/core.py times models alternately)"
+        if passes < 5
+        else ""
+    )
+    print(f"difference: {top1}GFLOPs x{d['gflops_ratio']:.3f}, speed x{d['speedup']:.2f}{rough}")
     print(fidelity_line(f))
     if promised:
         print(promise_line(promised, f, result["merged"]["gflops"] / result["baseline"]["gflops"]))
@@ -836,13 +850,20 @@ def cmd_search(args) -> int:
     for label, r in results.items():
         cols = ["trial", *r["space"], "top1", "agreement", "gflops", "feasible"]
         print(f"{label}: Pareto front of {len(r['trials'])} trials")
-        print(format_table(r["pareto_front"], cols))
+        shown = [
+            {**t, "top1": _percent(t.get("top1")), "agreement": _percent(t.get("agreement"))} for t in r["pareto_front"]
+        ]
+        print(format_table(shown, cols))
     b = result["baseline"]
-    top1 = "n/a" if b["top1"] is None else f"{b['top1']:.4f}"
+    top1 = "n/a" if b["top1"] is None else _percent(b["top1"])
     print(f"unpatched: top-1 {top1}, {b['gflops']:.4g} GFLOPs on {result['images']} images")
     if result["best"]:
-        best = {k: result["best"][k] for k in [*result["space"], "top1", "agreement", "gflops"]}
-        print(f"best ({args.goal}):", {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()})
+        best = {k: result["best"][k] for k in [*result["space"], "gflops"]}
+        said = ", ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in best.items())
+        quality = ", ".join(
+            f"{k} {_percent(result['best'][k])}" for k in ("top1", "agreement") if result["best"].get(k) is not None
+        )
+        print(f"best ({args.goal}): {said}; {quality}")
     elif args.goal == "budget" and result["cheapest"] is not None:
         cheapest = result["cheapest"]["gflops"]
         print(
@@ -961,10 +982,39 @@ def cmd_calibrate(args) -> int:
     print(format_table(rows, [k for k in rows[0] if k != "setting"]))
     for r in rows:
         print(f"  {r['method']} {r['goal']}: {r['setting']}")
+        if not r["met"]:
+            print(f"  {r['method']} {r['goal']} not met: {_not_met(r)}")
     for picture in pictures:
         print(f"picture: {picture}")
-    print("use a config with: atmerge eval --config <config>")
+    print(f"check it on other images: atmerge eval --config {rows[0]['config']}{_model_flags(args)} --data FOLDER")
     return 0 if met else 1
+
+
+def _not_met(row: dict) -> str:
+    """Why a calibration goal was not met, and what to ask for instead, in one clause."""
+    kind = row["goal"].split()[0]
+    share = 100 * row["gflops_share"]
+    if kind.startswith("budget"):
+        return (
+            f"the cheapest setting found costs {share:.1f}% of the unpatched GFLOPs on the held-out images; ask for a "
+            "budget at or above that (more --trials may search cheaper settings)"
+        )
+    measure = next(k for k in row if k.endswith("_low")).removesuffix("_low")
+    return (
+        f"the best setting found keeps {measure} {100 * row[measure]:.1f}% (lower bound "
+        f"{100 * row[measure + '_low']:.1f}%) at {share:.1f}% of the GFLOPs; ask for a lower floor, or more held-out "
+        "images (--limit) for a tighter bound"
+    )
+
+
+def _model_flags(args) -> str:
+    """The model options of ``args`` as typed, for a follow-up command on the same model."""
+    flags = [
+        f" --{name.replace('_', '-')} {shlex.quote(str(getattr(args, name)))}"
+        for name in ("model", "hf_model", "checkpoint", "model_kwargs", "probe")
+        if getattr(args, name, None) is not None
+    ]
+    return "".join(flags) + (" --pretrained" if getattr(args, "pretrained", False) else "")
 
 
 def _auto_report(found: list, goals: list[dict], out: Path) -> list[str]:

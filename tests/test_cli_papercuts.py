@@ -180,3 +180,53 @@ def test_docs_and_bench_docstrings_use_the_current_spellings():
             if re.search(r"atmerge [^`\n]*--(no-)?batch-adaptive[ =](true|false)\b", line, re.I):
                 bad.append(f"{name}:{number}: --batch-adaptive true|false")
     assert not bad, "deprecated spellings (see atmerge/cli.py) in the docs: " + "; ".join(bad)
+
+
+def test_no_message_of_the_package_names_an_old_spelling():
+    """Errors and hints say the current flags (the old ones live only in cli.py's deprecation plumbing)."""
+    old = re.compile(r"--(images|test-images|train-images|train-limit|metric|fidelity)\b")
+    bad = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in sorted((ROOT / "atmerge").rglob("*.py"))
+        if p.name != "cli.py"
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if old.search(line)
+    ]
+    assert not bad, f"old flag spellings in messages: {bad}"
+
+
+# ----------------------------------------------------------------------------- what eval and calibrate print
+
+
+def test_eval_prints_top1_in_percent_and_says_a_one_batch_speed_is_not_a_timing(tmp_path, capsys):
+    assert main(["eval", "--limit", "8", "--batch-size", "8", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("run ") :].splitlines()[1:3]
+    assert all(re.search(r"\s\d+\.\d\d%\s+\d+\.\d\d%\s", row) for row in table), table
+    assert "(from 1 batch run once each, first calls included: not a timing;" in out
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 <= result["baseline"]["top1"] <= 1  # the JSON keeps shares
+
+
+def test_calibrate_says_why_a_goal_is_not_met_and_how_to_check_a_config(tmp_path, capsys):
+    folder = _sample(tmp_path / "photos", 12)
+    out = tmp_path / "cal"
+    args = ["calibrate", "--data", str(folder), "--budget", "0.02", "--trials", "2", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert re.search(
+        r"ATM budget 0.02 not met: the cheapest setting found costs \d+\.\d% of the unpatched GFLOPs on the held-out "
+        r"images; ask for a budget at or above that",
+        printed,
+    ), printed
+    assert f"check it on other images: atmerge eval --config {out / 'calibration.json'} --data FOLDER" in printed
+
+
+def test_search_prints_top1_and_agreement_in_percent(tmp_path, capsys):
+    args = ["search", "--limit", "16", "--batch-size", "16", "--trials", "2", "--budget", "0.6", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"unpatched: top-1 \d+\.\d\d%, 0\.3667 GFLOPs on 16 images", out), out
+    front = out[out.index("Pareto front of") :].splitlines()[2]
+    assert len(re.findall(r"\d+\.\d\d%", front)) == 2, front
+    assert 0 <= json.loads((tmp_path / "search.json").read_text())["baseline"]["top1"] <= 1
