@@ -1117,7 +1117,12 @@ def cmd_visualize(args) -> int:
     if args.data and found > len(files):
         print(f"drawing the first {len(files)} of {found} images (--count {found} draws them all)")
     if args.model is None and args.hf_model is None:  # real photos on real pretrained weights, offline
-        model = checkpoints.dinov2_small()
+        try:
+            model = checkpoints.dinov2_small()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e}; or draw on the model that ships with the package: --model cifar10-vit"
+            ) from None
         transform = data.model_transform(model)
         model_name = "DINOv2-S/14 (shared weights, 224 px)"
     else:

@@ -230,3 +230,11 @@ def test_search_prints_top1_and_agreement_in_percent(tmp_path, capsys):
     front = out[out.index("Pareto front of") :].splitlines()[2]
     assert len(re.findall(r"\d+\.\d\d%", front)) == 2, front
     assert 0 <= json.loads((tmp_path / "search.json").read_text())["baseline"]["top1"] <= 1
+
+
+def test_visualize_without_the_mirror_points_at_the_model_that_ships(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATMERGE_SHARED", str(tmp_path / "no-mirror"))
+    folder = _sample(tmp_path / "photos", 1)
+    assert main(["visualize", "--data", str(folder), "--versus", "", "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert "dinov2_small_imgfocus.safetensors not found" in err and "--model cifar10-vit" in err
