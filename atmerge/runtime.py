@@ -10,6 +10,7 @@ import math
 import torch
 
 from atmerge.core.merging import merge_attention, merge_source, merge_weighted_average
+from atmerge.core.packing import Packing, packing, real_lengths
 from atmerge.flops import ModelCost
 from atmerge.methods.base import BlockContext, Decision, Method
 from atmerge.stats import BlockRecord, MergeStats
@@ -64,11 +65,14 @@ class MergeState:
         self.source: torch.Tensor | None = None
         self.records: list[BlockRecord] = []
         self.per_image_counts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.packed_blocks: list[int] = []  # blocks whose attention projected the real tokens only
         self.merged_any = False
         self.pruned_last = False
         self.padded = False
         self.features_only = False
         self._before: tuple[int, Outcome, torch.Tensor | None] | None = None  # (tokens in, outcome, real tokens in)
+        self._packing: tuple[torch.Tensor, Packing] | None = None  # (the sizes it packs, its packing)
+        self._real_tokens: tuple[torch.Tensor, int] | None = None  # (sizes, their real tokens), from a merge
         self._padded_method = _per_image_variant(method)
 
     @property
@@ -101,9 +105,11 @@ class MergeState:
             self.source = eye.unsqueeze(0).expand(batch, -1, -1)
         self.records = []
         self.per_image_counts = []
+        self.packed_blocks = []
         self.merged_any = False
         self.pruned_last = False
         self._before = None
+        self._packing = self._real_tokens = None
 
     def _check_padding(self, valid: torch.Tensor, batch: int, num_tokens: int) -> None:
         """Raise ValueError unless ``valid`` [B, N] is a padding mask this state can follow."""
@@ -128,18 +134,33 @@ class MergeState:
                 "trailing (the last tokens of each image), as atmerge's per-image batches lay it out"
             )
 
-    _PER_FORWARD = ("size", "source", "records", "per_image_counts", "merged_any", "pruned_last", "padded", "_before")
+    _PER_FORWARD = (
+        "size",
+        "source",
+        "records",
+        "per_image_counts",
+        "packed_blocks",
+        "merged_any",
+        "pruned_last",
+        "padded",
+        "_before",
+        "_packing",
+        "_real_tokens",
+    )
+
+    _LISTS = ("records", "per_image_counts", "packed_blocks")
 
     def snapshot(self) -> dict:
         """The state of the forward pass so far (tensors by reference), for :meth:`restore`."""
         saved = {name: getattr(self, name) for name in self._PER_FORWARD}
-        saved["records"], saved["per_image_counts"] = list(self.records), list(self.per_image_counts)
+        for name in self._LISTS:
+            saved[name] = list(saved[name])
         return saved
 
     def restore(self, saved: dict) -> None:
         """Put back a :meth:`snapshot`."""
         for name, value in saved.items():
-            setattr(self, name, list(value) if name in ("records", "per_image_counts") else value)
+            setattr(self, name, list(value) if name in self._LISTS else value)
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """log(size) as an additive attention bias [B, 1, 1, N] (−inf for padding, whose size is
@@ -159,12 +180,36 @@ class MergeState:
         merge), so that per-token work can skip it; None otherwise."""
         return self.size > 0 if self.per_image and (self.merged_any or self.padded) else None
 
+    def attention_packing(self, block: int) -> Packing | None:
+        """:meth:`packing` for ``block``'s attention, recorded so that the executed GFLOPs count its
+        projections on the real tokens only."""
+        packed = self.packing()
+        if packed is not None:
+            self.packed_blocks.append(block)
+        return packed
+
+    def packing(self) -> Packing | None:
+        """Where the real tokens of the current padded batch lie (:mod:`atmerge.core.packing`), when
+        the batch may hold padding (as :meth:`padding_mask`); None otherwise.  Made once per token
+        layout; after a per-image merge it reads nothing back from the device (the merge already
+        counted the real tokens), otherwise it reads their total once.  None too once the last
+        block kept only the protected tokens (all real)."""
+        if not (self.per_image and (self.merged_any or self.padded)) or self.pruned_last:
+            return None
+        if self._packing is None or self._packing[0] is not self.size:
+            known = self._real_tokens
+            total = known[1] if known is not None and known[0] is self.size else None
+            self._packing = (self.size, packing(real_lengths(self.size), self.size.shape[1], total))
+        return self._packing[1]
+
     def _apply(self, decision: Decision, x: torch.Tensor) -> torch.Tensor:
         """Apply a decision to x [B, N, C], the sizes and the sources."""
         merge = decision.merge
         padded = getattr(merge, "padded", False)  # the longest image may merge nothing, others do
         if merge.r > 0 or getattr(merge, "value_weight", None) is not None or padded:
             x, self.size = merge_weighted_average(merge, x, self.size)
+            real_tokens = getattr(merge, "real_tokens", None)
+            self._real_tokens = None if real_tokens is None else (self.size, real_tokens)
             if self.source is not None:
                 self.source = merge_source(merge, self.source)
             self.merged_any = self.merged_any or merge.r > 0 or padded
@@ -323,6 +368,21 @@ class MergeState:
             total -= (self.cost.head + max(out - self.cost.pool_skips, 0) * self.cost.pool_per_token) / 1e9
         return total
 
+    def _executed_gflops(
+        self, widths: list[float], attended: list[float], mean_in: list[float], mean_mlp: list[float]
+    ) -> float:
+        """GFLOPs per image of what a padded batch ran: the MLP on the real tokens (``mean_mlp`` per
+        image), attention's matmuls on the padded widths, its projections and norms on the real
+        tokens (``mean_in``) in the blocks that ran packed (:attr:`packed_blocks`), else on the
+        padded widths too."""
+        packed = set(self.packed_blocks)
+        linear = [mean_in[i] if i in packed else widths[i] for i in range(self.depth)]
+        linear_attended = [mean_in[i] if i in packed else attended[i] for i in range(self.depth)]
+        total = self._gflops(widths[0] - self.num_protected, linear, mean_mlp, linear_attended)
+        for i in packed:  # the matmuls ran on the padded width, not on the mean count
+            total += 2.0 * self.cost.blocks[i].attn_dim * (widths[i] ** 2 - mean_in[i] ** 2) / 1e9
+        return total
+
     def stats(self) -> MergeStats:
         """Statistics of the last forward pass (token counts and GFLOPs: means over the images)."""
         if len(self.records) != self.depth:
@@ -345,8 +405,9 @@ class MergeState:
                 )
                 / images
             )
-            # attention ran on the padded widths, the MLP on the real tokens only
-            executed = gflops_of(tokens_in[0] - p, tokens_in, counts_mlp.mean(1).tolist(), attended)
+            executed = self._executed_gflops(
+                tokens_in, attended, counts_in.mean(1).tolist(), counts_mlp.mean(1).tolist()
+            )
             tokens_in, tokens_mlp = counts_in.mean(1).tolist(), counts_mlp.mean(1).tolist()
             attended, merged = tokens_in, counts_merged.mean(1).tolist()
         return MergeStats(

@@ -42,8 +42,10 @@ class MergeStats:
     prune_last_block: whether only the protected tokens reached the last block's MLP.
     prop_attn: whether proportional attention (+log size) was on.
     executed_gflops: per-image GFLOPs of what actually ran: equal to ``gflops``, except where
-        images merge their own counts in one padded batch — then every image ran as many tokens
-        as the batch's longest one (padding included), and ``gflops`` counts only real tokens.
+        images merge their own counts in one padded batch — then attention's two matmuls ran on as
+        many tokens as the batch's longest image (padding included), while the norms, linear
+        layers and MLP ran on the real tokens only (packed, :mod:`atmerge.core.packing`), and
+        ``gflops`` counts only real tokens.
     """
 
     tokens_per_block: list[float]

@@ -1,11 +1,14 @@
-"""Per-image merging in one padded batch against batch-mean r, one command:
+"""Per-image merging in one batch against batch-mean r, one command:
 
-    python bench/per_image.py                 # both models, ~15 min on 2 CPU cores
+    python bench/per_image.py                 # both models, ~10 min on 2 CPU cores
+    python bench/per_image.py --speed-only    # only section 2, into the JSON's speed entries (~2 min)
     python bench/per_image.py --markdown      # the README tables from the JSON
 
 ATM merges, per block, the pairs above its threshold; with ``batch_adaptive=True`` (Section 3.4)
 every image of a batch merges the batch's mean count, with ``False`` each image merges its own
-(one batched pass, padded to the batch's longest image: ``atmerge.core.padding``).
+(one batched pass: the batch is padded to its longest image for attention and the merge,
+``atmerge.core.padding``, and the norms, the attention's projections and the MLP run on the real
+tokens only, packed: ``atmerge.core.packing``).
 
 1. Fidelity at matched mean GFLOPs: for each target (75%, 60%, 50% of the unpatched GFLOPs)
    both modes get β bisected in [0, 0.1] (α = 1, θ_min = 0.5; ``atmerge.match_gflops``) on calibration
@@ -15,7 +18,9 @@ every image of a batch merges the batch's mean count, with ``False`` each image 
    CIFAR-10 reference ViT on cifar10-test; DINOv2-S + linear probe (224 px) on cifar10-test.
 2. Wall-clock at batch 64: both modes at the 60% target, timed alternately (batch-mean,
    per-image, ...), median of 11 each after warm-up; images/s, and the executed GFLOPs of the
-   padded batches (what ran, padding included) beside the counted ones.
+   timed batch (what ran: attention's matmuls on the padded widths) beside the counted ones.
+   ``--speed-only`` runs this section alone, with the 60% betas of the JSON's rows (bisected
+   again when the JSON has none), and replaces only the speed entries of the JSON.
 """
 
 from __future__ import annotations
@@ -72,14 +77,30 @@ def run(model, method, batches):
     return torch.cat(outputs), gflops / images, executed / images
 
 
-def timings(model, methods: dict, x: torch.Tensor, repeats: int) -> dict:
-    """Seconds per batch of each method, timed alternately after one warm-up round, median of ``repeats``."""
+def speed(model, methods: dict, x: torch.Tensor, repeats: int, dense: float) -> dict:
+    """Images/s of each method on the batch x, timed alternately after one warm-up round, median
+    of ``repeats``; the GFLOPs share of that batch, counted and executed (what ran)."""
     seconds = alternate_timings(method_runs(model, methods, x), repeats, warmup=WARMUP)
+    result = {}
+    for mode, method in methods.items():
+        atmerge.patch(model, method)
+        with torch.no_grad():
+            model(x)
+        stats = atmerge.last_stats(model)
+        result[mode] = dict(
+            seconds_per_batch=seconds[mode],
+            images_per_second=x.shape[0] / seconds[mode],
+            gflops_share=stats.gflops / dense,
+            executed_gflops_share=stats.executed_gflops / dense,
+        )
     atmerge.unpatch(model)
-    return seconds
+    result["per_image_slowdown"] = seconds["per-image r"] / seconds["batch-mean r"] - 1
+    result["per_image_layout"] = "packed"  # real tokens packed for the linear layers (atmerge.core.packing)
+    return result
 
 
-def bench_model(name: str, quick: bool) -> dict:
+def load(name: str, quick: bool):
+    """The model, the calibration batches, the report batches and labels, the repeats."""
     setup, n_calib, n_report, repeats = MODELS[name]
     if quick:
         n_calib, n_report, repeats = 64, 128, 2
@@ -92,6 +113,31 @@ def bench_model(name: str, quick: bool) -> dict:
     report = loader_batches(report_set, BATCH)
     images, labels = [x for x, _ in report], torch.cat([y for _, y in report])
     atmerge.unpatch(model)
+    return model, calib, images, labels, repeats
+
+
+def speed_only(name: str, quick: bool, previous: dict | None) -> dict:
+    """Section 2 alone: the 60% methods from the previous JSON's rows (bisected again if absent)."""
+    model, calib, images, _, repeats = load(name, quick)
+    dense = atmerge.gflops(model, tuple(images[0].shape[1:]))
+    rows = [r for r in (previous or {}).get("rows", []) if r["target"] == 0.6]
+    methods = {}
+    for mode, batch_adaptive in MODES.items():
+        beta = next((r["beta"] for r in rows if r["mode"] == mode), None)
+        if beta is None:
+            beta = atmerge.match_gflops(model, factory(batch_adaptive), 0.6 * dense, calib, steps=STEPS).method.beta
+        methods[mode] = atmerge.ATM(alpha=1.0, beta=beta, theta_min=0.5, batch_adaptive=batch_adaptive)
+    x = images[0]
+    return dict(
+        speed=speed(model, methods, x, repeats, dense),
+        speed_batch=x.shape[0],
+        repeats=repeats,
+        timed_methods={mode: str(method) for mode, method in methods.items()},
+    )
+
+
+def bench_model(name: str, quick: bool) -> dict:
+    model, calib, images, labels, repeats = load(name, quick)
     with torch.no_grad():
         reference = torch.cat([model(x) for x in images])
     dense = atmerge.gflops(model, tuple(images[0].shape[1:]))
@@ -126,16 +172,13 @@ def bench_model(name: str, quick: bool) -> dict:
         rows[-1]["agreement_gain"] = float(diff.mean())
         rows[-1]["agreement_gain_se"] = float(diff.std(unbiased=True) / math.sqrt(diff.numel()))
     x = images[0]
-    seconds = timings(model, chosen_methods, x, repeats)
-    speed = {mode: {"seconds_per_batch": s, "images_per_second": x.shape[0] / s} for mode, s in seconds.items()}
-    speed["per_image_slowdown"] = seconds["per-image r"] / seconds["batch-mean r"] - 1
     return dict(
         model=name,
         dense_gflops=dense,
-        calib_images=n_calib,
-        report_images=n_report,
+        calib_images=sum(c.shape[0] for c in calib),
+        report_images=len(labels),
         rows=rows,
-        speed=speed,
+        speed=speed(model, chosen_methods, x, repeats, dense),
         speed_batch=x.shape[0],
         repeats=repeats,
         timed_methods={mode: str(method) for mode, method in chosen_methods.items()},
@@ -148,11 +191,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/per_image.json")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run (numbers meaningless)")
+    ap.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the wall-clock section; replaces the speed entries of --out (written elsewhere with --speed-out)",
+    )
+    ap.add_argument("--speed-out", default=None, help="with --speed-only: write the JSON here instead of --out")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text())))
         return 0
     torch.manual_seed(0)
+    if args.speed_only:
+        return main_speed_only(args)
     start = time.time()
     results = [bench_model(name, args.quick) for name in args.models]
     header = run_header(
@@ -187,6 +238,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def main_speed_only(args) -> int:
+    """``--speed-only``: time both modes of every model; the JSON keeps its fidelity rows, its speed
+    entries are replaced and stamped with this run's header (``models[].speed_run``)."""
+    path = Path(args.out)
+    report = json.loads(path.read_text()) if path.exists() else dict(models=[])
+    previous = {m["model"]: m for m in report["models"]}
+    header = run_header(args, batch_size=BATCH, warmup=WARMUP, dtype="float32", section="wall-clock only")
+    for name in args.models:
+        result = speed_only(name, args.quick, previous.get(name))
+        print(name, json.dumps(result["speed"], indent=1), flush=True)
+        entry = previous.setdefault(name, dict(model=name, rows=[]))
+        entry.update(result, speed_run=header)
+    report["models"] = list(previous.values())
+    write_json(report, args.speed_out or args.out)
+    return 0
+
+
 def markdown(report: dict) -> str:
     lines = [
         "| model | target | mode | GFLOPs (executed) | agreement (95% CI) | per-image − batch-mean agreement ± SE "
@@ -207,14 +275,23 @@ def markdown(report: dict) -> str:
             )
     lines += [
         "",
-        "| model | batch | batch-mean r: images/s | per-image r: images/s | per-image slowdown |",
-        "|---|---|---|---|---|",
+        "| model | batch | batch-mean r: images/s | per-image r: images/s | per-image slowdown "
+        "| GFLOPs batch-mean | GFLOPs per-image (executed) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in report["models"]:
-        s = m["speed"]
+        s = m.get("speed")
+        if not s:
+            continue
+        mean, own = s["batch-mean r"], s["per-image r"]
+        flops = (
+            f"| {mean['gflops_share']:.1%} | {own['gflops_share']:.1%} ({own['executed_gflops_share']:.1%}) |"
+            if "gflops_share" in own
+            else "| | |"
+        )
         lines.append(
-            f"| {m['model']} | {m['speed_batch']} | {s['batch-mean r']['images_per_second']:.0f} | "
-            f"{s['per-image r']['images_per_second']:.0f} | {100 * s['per_image_slowdown']:+.1f}% |"
+            f"| {m['model']} | {m['speed_batch']} | {mean['images_per_second']:.0f} | "
+            f"{own['images_per_second']:.0f} | {100 * s['per_image_slowdown']:+.1f}% {flops}"
         )
     return "\n".join(lines)
 

@@ -9,7 +9,9 @@ attention is −inf, so padding is never attended to; size-weighted pooling give
 
 Each image is laid out exactly as :class:`atmerge.core.merging.Merge` lays out a batch of one
 (``[protected, unmerged A in A's order, B]``, unchanged when it merges nothing), so a padded
-batch merges exactly as its images would one at a time.
+batch merges exactly as its images would one at a time.  The per-token work of a block (norms,
+linear layers, MLP) runs on the real tokens only, packed (:mod:`atmerge.core.packing`); one merge
+reads back one pair of numbers (the longest image and the real tokens left), nothing else here does.
 
 Pure tensor functions.  Shapes: B = batch, N = tokens (padded), Na / Nb = sets A / B (padded
 per image: ``a_real`` / ``b_real`` [B, Na] / [B, Nb] mark the entries that exist).
@@ -17,11 +19,36 @@ per image: ``a_real`` / ``b_real`` [B, Na] / [B, Nb] mark the entries that exist
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from atmerge.core.matching import alternate_split, take_tokens
-from atmerge.core.merging import Assignment, _expand_index
+from atmerge.core.merging import Assignment, Reduce, _expand_index
+
+
+@dataclass(frozen=True)
+class PaddedAssignment(Assignment):
+    """The :class:`Assignment` of a per-image merge in a padded batch.
+
+    real_tokens: T, the real tokens of the batch after the reduction (known on the host, so that
+    packing them, :mod:`atmerge.core.packing`, reads nothing back).  Sums run as one ``index_add``
+    over the flattened batch instead of a scatter with a per-channel index."""
+
+    real_tokens: int | None = None
+
+    def __call__(self, x: torch.Tensor, reduce: Reduce = "sum") -> torch.Tensor:
+        """x [B, N, ...] → [B, num_out, ...]; the empty slots (padding) are zeros."""
+        if reduce != "sum":
+            return super().__call__(x, reduce)
+        batch, num_tokens = self.assign.shape
+        slots = self.num_out + 1  # the last slot of each image collects what is dropped
+        index = torch.where(self.assign < 0, self.num_out, self.assign)
+        index = (index + slots * torch.arange(batch, device=index.device)[:, None]).flatten()
+        out = x.new_zeros(batch * slots, *x.shape[2:])
+        out.index_add_(0, index, x.reshape(batch * num_tokens, *x.shape[2:]))
+        return out.view(batch, slots, *x.shape[2:])[:, : self.num_out]
 
 
 def padded_alternate_split(
@@ -42,7 +69,8 @@ def padded_size_distinctive_split(
     valid unprotected tokens form A and the others B, ties in token order (stable sort), as
     :func:`atmerge.core.matching.size_distinctive_split` does for a batch of one.
 
-    size [B, N] → (a_idx [B, Na], b_idx [B, Nb], a_real [B, Na], b_real [B, Nb])."""
+    size [B, N] → (a_idx [B, Na], b_idx [B, Nb], a_real [B, Na], b_real [B, Nb]) with Na = ⌊(N − p)/2⌋,
+    Nb = ⌈(N − p)/2⌉ (the widths of the longest image; nothing is read back from the device)."""
     p = num_protected
     sizes = size[:, p:]
     valid = sizes > 0
@@ -50,8 +78,10 @@ def padded_size_distinctive_split(
     order = torch.sort(key, dim=1, stable=True).indices + p  # valid tokens first, by size
     count = valid.sum(1)
     num_a = count // 2
-    width_a = int(num_a.max()) if num_a.numel() else 0
-    width_b = int((count - num_a).max()) if num_a.numel() else 0
+    # widths from the padded shape, not read back from the device: the longest image has at most
+    # N − p valid unprotected tokens (exactly, after a merge), so no image needs more columns
+    width_a = sizes.shape[1] // 2
+    width_b = sizes.shape[1] - width_a
     steps_a = torch.arange(width_a, device=size.device)
     steps_b = num_a[:, None] + torch.arange(width_b, device=size.device)
     a_idx = order[:, :width_a]
@@ -90,8 +120,9 @@ def padded_bipartite_merge(
     earlier A token), as :func:`atmerge.core.merging.bipartite_merge` does image by image.
 
     scores, match [B, Na]; r [B] merges per image (at most its A tokens with a finite score);
-    num_tokens: N, the padded token count.  Returns an :class:`Assignment` onto the longest
-    image's token count; the slots past an image's own count stay empty (padding)."""
+    num_tokens: N, the padded token count.  Returns a :class:`PaddedAssignment` onto the longest
+    image's token count; the slots past an image's own count stay empty (padding).  The output
+    width and the real tokens left are read back from the device together (one synchronisation)."""
     batch, num_a = scores.shape
     p = num_protected
     a_idx, b_idx = _expand_index(a_idx, batch), _expand_index(b_idx, batch)
@@ -112,5 +143,6 @@ def padded_bipartite_merge(
     dummy = torch.full_like(b_idx, num_tokens)
     assign.scatter_(1, torch.where(b_real, b_idx, dummy), b_slot)
     assign.scatter_(1, torch.where(a_real, a_idx, torch.full_like(a_idx, num_tokens)), a_slot)
-    num_out = int((valid - r).max()) if batch else num_tokens
-    return Assignment(assign[:, :num_tokens], num_out, padded=True)
+    lengths = valid - r  # real tokens per image after the merge
+    num_out, total = torch.stack([lengths.max(), lengths.sum()]).tolist() if batch else (num_tokens, 0)
+    return PaddedAssignment(assign[:, :num_tokens], num_out, padded=True, real_tokens=total)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from atmerge.core.packing import Packing
 from atmerge.models.patching import INDEX, STATE, refuse_fx
 from atmerge.runtime import MergeState
 
@@ -54,6 +55,18 @@ class BlockParts(ABC):
         """The rest of attention given its probabilities [B, H, N, N]: values of h, AV, output
         projection → [B, N, C]."""
 
+    def packed_attention(
+        self, block: nn.Module, h: torch.Tensor, packing: Packing, bias: torch.Tensor | None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of a padded per-image batch given its real tokens only: h [T, C] the normed
+        real tokens (:mod:`atmerge.core.packing`), ``bias`` [B, 1, 1, N] (−inf for padding).
+        Returns (output of the real tokens [T, C], keys' head-mean [B, N, C_h] in the padded
+        layout).  A family whose attention can project packed tokens overrides this, so that its
+        linear layers skip the padding; by default h is spread over the padded layout again
+        (:meth:`~atmerge.core.packing.Packing.spread`) and attention runs padded."""
+        out, metric, _ = self.attention(block, packing.spread(h), bias, None, False, False, **kwargs)
+        return packing.pack(out), metric
+
     @abstractmethod
     def attn_branch(self, block: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """What the attention output adds to the residual stream (layer scale, dropout / drop path)."""
@@ -81,7 +94,12 @@ def merging_step(
     method whose stage is 'before_attention'), the MLP on the remaining real tokens.  ``mask``
     (the caller's attention mask) is honoured until the first merge; ``key_padding`` [B, N]
     (True for real tokens; first block only) makes the other tokens padding, followed through
-    every merge by the state; ``kwargs`` go to attention."""
+    every merge by the state; ``kwargs`` go to attention.
+
+    A batch whose images merge their own counts (padded, :mod:`atmerge.core.padding`) runs its
+    per-token work packed (:mod:`atmerge.core.packing`): the norms, the attention's projections
+    (:meth:`BlockParts.packed_attention`) and the MLP see only the real tokens [T, C]; attention
+    itself and the merge run on the padded layout, padding masked by its size 0."""
     refuse_fx(x)
     state: MergeState = getattr(block, STATE)
     index: int = getattr(block, INDEX)
@@ -91,8 +109,8 @@ def merging_step(
         raise ValueError("an attention mask is defined on the original tokens and cannot follow merged tokens")
     method = state.method
     bias = state.attention_bias(x.dtype)
-    h = parts.norm1(block, x)
     if method.stage == "before_attention":
+        h = parts.norm1(block, x)
         if mask is not None or is_causal:
             raise ValueError(f"{type(method).__name__} reduces tokens before attention and takes no attention mask")
         probs, metric = parts.attention_map(block, h, bias)
@@ -102,16 +120,28 @@ def merging_step(
         out, metric, probs = parts.attend(block, h, probs), None, None
     else:
         need_probs = method.attention == "current"
-        out, metric, probs = parts.attention(block, h, bias, mask, is_causal, need_probs, **kwargs)
-        probs = probs if need_probs else None
-    x = x + parts.attn_branch(block, out)
+        packing = None if need_probs or mask is not None or is_causal else state.attention_packing(index)
+        if packing is not None:  # a padded batch: the projections run on the real tokens only
+            out, metric = parts.packed_attention(block, parts.norm1(block, packing.pack(x)), packing, bias, **kwargs)
+            probs = None
+            if block.training:  # drop path drops whole images: on the padded layout
+                out = packing.unpack(out)
+            else:  # layer scale and (inactive) dropout act per token: on the real tokens
+                x, out = packing.add(x, parts.attn_branch(block, out)), None
+        else:
+            h = parts.norm1(block, x)
+            out, metric, probs = parts.attention(block, h, bias, mask, is_causal, need_probs, **kwargs)
+            probs = probs if need_probs else None
+    if out is not None:
+        x = x + parts.attn_branch(block, out)
     x = state.reduce(index, x, metric, probs)
-    valid = state.padding_mask()
-    if valid is None:
+    packing = state.packing()
+    if packing is None:
         return x + parts.mlp_drop(block, parts.mlp(block, x))
-    real = parts.mlp(block, x[valid])  # a padded batch: the MLP runs on real tokens only
-    update = real.new_zeros(x.shape).index_put_((valid,), real)  # (dtype: autocast's)
-    return x + parts.mlp_drop(block, update)
+    update = parts.mlp(block, packing.pack(x))  # the MLP on real tokens only (dtype: autocast's)
+    if not block.training:  # mlp_drop is the identity
+        return packing.add(x, update)
+    return x + parts.mlp_drop(block, packing.unpack(update))
 
 
 def checkpointed_step(

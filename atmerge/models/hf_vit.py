@@ -28,6 +28,7 @@ from transformers.models.vit import modeling_vit as vit
 from transformers.utils.generic import can_return_tuple
 
 from atmerge.core.merging import size_weighted_mean
+from atmerge.core.packing import Packing
 from atmerge.flops import BlockCost, ModelCost
 from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, check_image_tensor, register_adapter
 from atmerge.models.block import AttentionOutput, BlockParts, checkpointed_step, merging_step
@@ -248,30 +249,39 @@ def _merging_attention_forward(
     *,
     atmerge_probs: torch.Tensor | None = None,
     atmerge_need_probs: bool = False,
+    atmerge_packing: Packing | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The family's attention on hidden_states [B, N, C] with ``attention_mask`` an additive mask
     (the log-size bias) → (output [B, N, C], probabilities [B, H, N, N] or None (sdpa), keys'
     head-mean [B, N, C_h]).  ``atmerge_need_probs`` runs it eagerly so that the probabilities
     exist; given ``atmerge_probs`` (a method that reduced tokens before attention) only the
-    values are projected and the keys' mean is None."""
+    values are projected and the keys' mean is None.  Given ``atmerge_packing`` (a padded
+    per-image batch, :mod:`atmerge.core.packing`), hidden_states are its real tokens [T, C]: the
+    projections run on them only, attention on the padded layout, and the output is [T, C]."""
     names: AttentionNames = self._atmerge_names
-    batch, tokens, _ = hidden_states.shape
+    packing = atmerge_packing
+    batch, tokens = (packing.batch, packing.width) if packing is not None else hidden_states.shape[:2]
     shape = (batch, tokens, -1, self.head_dim)
+
+    def heads(projected: torch.Tensor) -> torch.Tensor:  # [B, N, C] or packed [T, C] → [B, H, N, d]
+        return (projected if packing is None else packing.spread(projected)).view(shape).transpose(1, 2)
+
     dropout = getattr(self, names.dropout) if self.training else 0.0
-    value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    value = heads(self.v_proj(hidden_states))
     if atmerge_probs is not None:
         out = (F.dropout(atmerge_probs, dropout, self.training) @ value).transpose(1, 2)
         probs, metric = atmerge_probs, None
     else:
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        query = heads(self.q_proj(hidden_states))
+        key = heads(self.k_proj(hidden_states))
         name = attention_implementation(self.config)
         function = names.eager if atmerge_need_probs or name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
         scale = getattr(self, names.scale)
         out, probs = function(self, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs)
         metric = key.mean(1)
-    out = getattr(self, names.out_proj)(out.reshape(batch, tokens, -1).contiguous())
+    out = out.reshape(batch, tokens, -1)
+    out = getattr(self, names.out_proj)(out.contiguous() if packing is None else packing.pack(out))
     return out, probs, metric
 
 
@@ -305,6 +315,10 @@ class HFParts(BlockParts):
         attn = getattr(block, self.layout.attention)
         out, probs, metric = attn(h, bias if bias is not None else mask, atmerge_need_probs=need_probs, **kwargs)
         return out, metric, probs
+
+    def packed_attention(self, block, h, packing, bias, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        out, _, metric = getattr(block, self.layout.attention)(h, bias, atmerge_packing=packing, **kwargs)
+        return out, metric
 
     def attention_map(self, block, h, bias) -> tuple[torch.Tensor, torch.Tensor]:
         return _attention_map(getattr(block, self.layout.attention), h, bias)

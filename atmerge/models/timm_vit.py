@@ -30,6 +30,7 @@ from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from atmerge.core.merging import size_weighted_mean, spread_by_source
+from atmerge.core.packing import Packing
 from atmerge.flops import BlockCost, ModelCost
 from atmerge.models.adapter import ModelAdapter, UnsupportedModelError, check_image_tensor, register_adapter
 from atmerge.models.block import AttentionOutput, BlockParts, checkpointed_step, merging_step
@@ -231,23 +232,26 @@ def dense_gflops(model: VisionTransformer, input_size: tuple[int, int, int]) -> 
 # ----------------------------------------------------------------------------- patched forward
 
 
-def attention_with_keys(
+def _heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (after their norms), v [B, H, N, d] of the projected tokens qkv [B, N, 3·C_a]."""
+    B, N, _ = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _attend_heads(
     attn: Attention,
-    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     bias: torch.Tensor | None,
-    attn_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-    return_attention: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """timm's Attention forward plus an additive bias, returning (output [B, N, C], head-mean of
-    the keys [B, N, C_h], attention probabilities [B, H, N, N] or None).  With bias None it
-    computes exactly what timm's forward computes.  return_attention forces the unfused path."""
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    metric = k.mean(1)
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    return_attention: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of q, k, v [B, H, N, d] with an additive bias (or None) → (heads concatenated
+    [B, N, H·d] before the output norm and projection, probabilities [B, H, N, N] or None)."""
+    B, _, N, _ = q.shape
     if bias is not None:
         mask = resolve_self_attn_mask(N, q, attn_mask, is_causal)
         attn_mask, is_causal = (bias if mask is None else bias + mask), False
@@ -260,11 +264,44 @@ def attention_with_keys(
         scores = maybe_add_mask(scores, resolve_self_attn_mask(N, scores, attn_mask, is_causal))
         probs = scores.softmax(dim=-1)
         x = attn.attn_drop(probs) @ v
-    x = x.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
-    x = getattr(attn, "norm", nn.Identity())(x)
-    if gate is not None:
-        x = x * gate
-    return attn.proj_drop(attn.proj(x)), metric, (probs if return_attention else None)
+    return x.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim), probs
+
+
+def _output(attn: Attention, heads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Output norm, gate (of the block's input x) and projection of the heads [..., H·d] → [..., C]."""
+    heads = getattr(attn, "norm", nn.Identity())(heads)
+    if getattr(attn, "gate", None) is not None:
+        heads = heads * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(heads))
+
+
+def attention_with_keys(
+    attn: Attention,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    return_attention: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """timm's Attention forward plus an additive bias, returning (output [B, N, C], head-mean of
+    the keys [B, N, C_h], attention probabilities [B, H, N, N] or None).  With bias None it
+    computes exactly what timm's forward computes.  return_attention forces the unfused path."""
+    q, k, v = _heads(attn, attn.qkv(x))
+    heads, probs = _attend_heads(attn, q, k, v, bias, attn_mask, is_causal, return_attention)
+    return _output(attn, heads, x), k.mean(1), (probs if return_attention else None)
+
+
+def packed_attention_with_keys(
+    attn: Attention, h: torch.Tensor, packing: Packing, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_with_keys` of a padded per-image batch given its real tokens h [T, C]
+    (:mod:`atmerge.core.packing`): the projections run on the T real tokens, attention on the
+    padded layout with ``bias`` [B, 1, 1, N] (−inf for padding; q, k, v spread there with
+    :meth:`~atmerge.core.packing.Packing.spread`).  Returns (output [T, C], keys' head-mean
+    [B, N, C_h]; at the padding a copy of a real token's, which no padded split reads)."""
+    q, k, v = _heads(attn, packing.spread(attn.qkv(h)))
+    heads, _ = _attend_heads(attn, q, k, v, bias, None, False, False)
+    return _output(attn, packing.pack(heads), h), k.mean(1)
 
 
 def attention_map(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +339,9 @@ class TimmParts(BlockParts):
 
     def attention(self, block: Block, h, bias, mask, is_causal, need_probs, **kwargs) -> AttentionOutput:
         return attention_with_keys(block.attn, h, bias, mask, is_causal, need_probs)
+
+    def packed_attention(self, block: Block, h, packing, bias, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_attention_with_keys(block.attn, h, packing, bias)
 
     def attention_map(self, block: Block, h, bias) -> tuple[torch.Tensor, torch.Tensor]:
         return attention_map(block.attn, h, bias)
