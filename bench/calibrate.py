@@ -88,6 +88,23 @@ def main(argv=None) -> int:
                     setting=describe(c.method),
                     landing=c.landing,
                     compared=c.compared,
+                    per_method=[
+                        dict(
+                            method=row["method"],
+                            note=row["note"],
+                            **(
+                                {}
+                                if isinstance(a, str)
+                                else dict(
+                                    trials=len(a.trials),
+                                    finished=sum(not t["pruned"] for t in a.trials),
+                                    images_evaluated=sum(t["images"] for t in a.trials),
+                                    landing=a.landing and {k: a.landing[k] for k in ("steps", "kept")},
+                                )
+                            ),
+                        )
+                        for row, a in zip(c.compared, c.alternatives)
+                    ],
                     calib_gflops_share=c.gflops_share,
                     calib_agreement=c.agreement,
                     calib_agreement_low=c.fidelity_low,
