@@ -407,7 +407,7 @@ def _winner(goal: Goal, found: list, bases: list[Method], pooled=None) -> Calibr
     only if its held-out fidelity is below the best one's by at most one standard error of their
     paired difference (the same images; 500 images cannot separate methods closer than that);
     of those, the most faithful over every calibration image (searched and held-out pooled,
-    ``pooled(c)``) wins, the dearer one on a tie.  floor: the cheapest method whose held-out lower
+    ``pooled(c)``, measured only when more than one is left) wins, the dearer one on a tie.  floor: the cheapest method whose held-out lower
     bound clears the floor at the one-sided FAMILY_RISK shared by the k methods compared
     (z of 1 − 0.05/k), so that a floor marked met holds although the cheapest of k passing
     methods is taken.  If none meets the goal: the closest (the cheapest for a budget, the
@@ -423,8 +423,8 @@ def _winner(goal: Goal, found: list, bases: list[Method], pooled=None) -> Calibr
         if met:
             leader = max(met, key=lambda c: (c.fidelity, c.gflops))
             contenders = [c for c in met if _within_noise(leader, c)]
-            scores = {id(c): pooled(c) for c in contenders}
-            best = max(contenders, key=lambda c: (scores[id(c)], c.gflops))
+            scores = {id(c): pooled(c) for c in contenders} if len(contenders) > 1 else {id(leader): None}
+            best = max(contenders, key=lambda c: (scores[id(c)] or 0.0, c.gflops))
             for row, c in zip(table, found):
                 row["contender"] = id(c) in scores
                 row["pooled_fidelity"] = scores.get(id(c))
