@@ -207,7 +207,8 @@ class MergeState:
         merge = decision.merge
         padded = getattr(merge, "padded", False)  # the longest image may merge nothing, others do
         if merge.r > 0 or getattr(merge, "value_weight", None) is not None or padded:
-            x, self.size = merge_weighted_average(merge, x, self.size)
+            average = getattr(merge, "weighted_average", None)  # a padded merge's own (core/padding.py)
+            x, self.size = average(x, self.size) if average is not None else merge_weighted_average(merge, x, self.size)
             real_tokens = getattr(merge, "real_tokens", None)
             self._real_tokens = None if real_tokens is None else (self.size, real_tokens)
             if self.source is not None:

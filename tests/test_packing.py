@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import atmerge
-from atmerge.core.merging import Assignment
+from atmerge.core.merging import Assignment, merge_weighted_average
 from atmerge.core.packing import packing, real_lengths
 from atmerge.core.padding import PaddedAssignment
 from atmerge.models.patching import merge_state
@@ -57,6 +57,8 @@ def test_pack_and_unpack_by_hand():
     assert torch.equal(spread[0, 3], x[0, 2])
     y = torch.randn(8, 2, dtype=torch.float32)
     assert torch.equal(packed.add(x, y), x + packed.unpack(y))  # (y promoted to x's dtype)
+    inplace = x.clone()
+    assert packed.add_(inplace, y) is inplace and torch.equal(inplace, x + packed.unpack(y))
     assert torch.equal(packing(lengths, 4, total=8).index, packed.index)  # the total given: nothing read
     assert real_lengths(torch.tensor([[1.0, 2, 0, 0], [3.0, 1, 1, 0]])).tolist() == [2, 3]
 
@@ -79,6 +81,10 @@ def test_padded_assignment_sums_as_the_general_assignment():
     torch.testing.assert_close(padded(x), general(x, "sum"), rtol=0, atol=1e-14)
     assert padded(x)[2, 2:].abs().sum() == 0
     assert torch.equal(padded(x, "amax"), general(x, "amax"))
+    size = torch.rand(3, 6, dtype=torch.float32) + 0.5
+    ours, theirs = padded.weighted_average(x, size), merge_weighted_average(general, x, size)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-12)
+    assert torch.equal(ours[1], theirs[1]) and ours[1].dtype == size.dtype
 
 
 # ----------------------------------------------------------------------------- timm models

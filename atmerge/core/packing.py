@@ -63,6 +63,11 @@ class Packing:
         flat = x.reshape(self.batch * self.width, *x.shape[2:])
         return flat.index_add(0, self.index, y.to(x.dtype)).view(x.shape)
 
+    def add_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`add` in place (x contiguous, owned by the caller, no autograd through it)."""
+        x.view(self.batch * self.width, *x.shape[2:]).index_add_(0, self.index, y.to(x.dtype))
+        return x
+
 
 def real_lengths(size: torch.Tensor) -> torch.Tensor:
     """Real tokens per image of a padded batch: size [B, N] (0 = padding) → [B] int64."""

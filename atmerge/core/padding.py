@@ -50,6 +50,14 @@ class PaddedAssignment(Assignment):
         out.index_add_(0, index, x.reshape(batch * num_tokens, *x.shape[2:]))
         return out.view(batch, slots, *x.shape[2:])[:, : self.num_out]
 
+    def weighted_average(self, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        """:func:`atmerge.core.merging.merge_weighted_average` of this merge (no ``value_weight``):
+        x [B, N, C], size [B, N] → (x [B, num_out, C], size [B, num_out]); the weighted tokens and
+        the sizes are summed separately (no concatenated copy), an empty slot stays 0."""
+        total = self(size.unsqueeze(-1).to(x.dtype))  # [B, num_out, 1]
+        merged = self(x * size.unsqueeze(-1).to(x.dtype))
+        return merged / total.clamp_min(torch.finfo(total.dtype).tiny), total.squeeze(-1).to(size.dtype)
+
 
 def padded_alternate_split(
     size: torch.Tensor, num_protected: int

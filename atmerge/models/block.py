@@ -140,7 +140,9 @@ def merging_step(
         return x + parts.mlp_drop(block, parts.mlp(block, x))
     update = parts.mlp(block, packing.pack(x))  # the MLP on real tokens only (dtype: autocast's)
     if not block.training:  # mlp_drop is the identity
-        return packing.add(x, update)
+        # in place when nothing differentiates: x is this block's own (attention's residual sum or the merge's output)
+        inplace = not torch.is_grad_enabled() and x.is_contiguous()
+        return packing.add_(x, update) if inplace else packing.add(x, update)
     return x + parts.mlp_drop(block, packing.unpack(update))
 
 
