@@ -1,4 +1,4 @@
-"""Old module paths kept for one release after a rename (issue 21, "names that say the job").
+"""Old module paths kept for one release after a rename (so that each module's name says its job).
 
 Each old path is a small module that calls :func:`renamed` with the module(s) that now hold its
 names: importing it warns ``DeprecationWarning`` once, naming the new path, and every name —

@@ -9,7 +9,7 @@
 methods: with several goals it calibrates each method exactly as alone (same trials, seed, split;
 no trial is stopped against another method), lands each chosen setting on its goal, and picks per
 goal on the held-out images.  Each method's own calibration (``Calibration.alternatives``) and
-auto's pick are run on the report images, and the issue's goals are checked: auto's agreement at
+auto's pick are run on the report images, and auto's goals are checked: its agreement at
 least the best single method's minus one standard error, its report cost within 1 point below each
 budget, and every floor auto marks met holding on the report images.
 

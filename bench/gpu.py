@@ -27,7 +27,7 @@ model compiled the same way, never against an eager one.  Autocast to ``--dtypes
 Timing: CUDA-synchronised, after warm-up, all variants timed alternately (dense, ToMe, ..., dense
 compiled, ...), median of ``--repeats`` each; speed-up = dense time / merged time of the same mode.
 
-Goals (issue "Fast where users run it"), printed met or not for every row: ToMe and frozen ATM,
+Goals (the speed goals for GPU users), printed met or not for every row: ToMe and frozen ATM,
 compiled, speed-up ≥ 0.8 × their FLOPs ratio on DeiT-S and DeiT-B and ≥ 1.3× on DeiT-T; per-image
 ATM's time within 15% of batch-mean ATM's.  The JSON (``--out``; ``--append`` adds this run to
 it) holds one record per run with its header (device, driver, CUDA, torch: ``run_header``), the
@@ -273,7 +273,7 @@ def run_config(name, eager, methods, gflops, x, dtype_name, args, compiled_label
 
 
 def goals(rows: list[dict]) -> list[dict]:
-    """Every goal of the issue against the rows: ToMe and frozen ATM speed-up (compiled rows
+    """Every speed goal against the rows: ToMe and frozen ATM speed-up (compiled rows
     count for the goal, eager ones are shown beside), per-image ATM within 15% of ATM."""
     out = []
     for r in rows:

@@ -58,7 +58,7 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in cycles)
 
 
-# Old module paths renamed in issue 21 ("names that say the job"), each kept for one release as an
+# Old module paths renamed so that each name says the module's job, each kept for one release as an
 # alias that warns on import: old path -> the module(s) that now hold its names.
 RENAMED = {
     "atmerge.profile": ("atmerge.score_profile",),

@@ -7,6 +7,7 @@ import torch
 import atmerge
 from atmerge.core.importance import attention_received, cls_attention, weighted_pagerank
 from atmerge.core.merging import merge_weighted_average
+from atmerge.methods.base import BlockContext
 from atmerge.methods.evit import attentive_fusion
 from atmerge.methods.mctf import bidirectional_assignment, multi_criteria_weights
 from atmerge.methods.zerotp import importance_then_similarity_pruning
@@ -94,6 +95,48 @@ def test_mctf_keeps_unmerged_b_tokens_in_the_releases_order():
     assert red.num_out == 5
     #                      token: 0  1  2  3  4  5  6  7  8
     assert red.assign.tolist() == [[0, 4, 1, 2, 4, 3, 2, 1, 2]]
+
+
+def test_mctf_decides_a_block_in_the_releases_layout_by_hand():
+    """The whole block decision (``MCTF.decide``: the release's alternate split of positions, its
+    clipping, the weights and the bidirectional matching) on tokens whose cosines are written by
+    hand, worked out from the release's algorithm (mlvlab/MCTF ``utils/mctf.py``) alone.
+
+    17 tokens: CLS 0; the release splits by position, ``x[:, ::2]`` / ``x[:, 1::2]``, so A = the
+    even positions 2..16 (CLS masked) and B = the odd positions 1..15.  B tokens are orthonormal;
+    an A token's cosine to each B token is written below (the rest of its norm in a spare
+    dimension).  τ_info = τ_size = 0 leave the similarity (cos + 1)/2 alone, which ranks as cos.
+    r = 4 (17 − 4 ≥ 10 and 4 ≤ 16 // 2: not clipped): r1 = 2 A→B, r2 = 2 B→A.
+    Step 1, best B per A: 2→7 (.4), 4→1 (.9), 6→3 (.3), 8→3 (.5), 10→9 (.04), 12, 14, 16 → 0;
+    the two best fuse: 4→1, 8→3.  Unmerged A, re-sorted into token order: 2, 6, 10, 12, 14, 16.
+    Step 2, best unmerged A per B: 1→6 (.2), 3→6 (.3), 5→2 (.25), 7→2 (.4), 9, 11, 13, 15 → 10
+    (.04, .03, .02, .01); the two best fuse: 7→2, 3→6 (with 8).  The unmerged B tokens stay in
+    the order of their best score: 5, 1, 9, 11, 13, 15 — not token order (1 before 5).
+    Output: [CLS, 2+7, 6+3+8, 10, 12, 14, 16, 5, 1+4, 9, 11, 13, 15]."""
+    cos = {  # A token -> its cosine to B tokens 1, 3, 5, 7, 9, 11, 13, 15
+        2: [0.1, 0.2, 0.25, 0.4, 0, 0, 0, 0],
+        4: [0.9, 0.1, 0.1, 0.1, 0, 0, 0, 0],
+        6: [0.2, 0.3, 0.2, 0.1, 0, 0, 0, 0],
+        8: [0.1, 0.5, 0.1, 0.2, 0, 0, 0, 0],
+        10: [0, 0, 0, 0, 0.04, 0.03, 0.02, 0.01],
+        12: [0.0] * 8,
+        14: [0.0] * 8,
+        16: [0.0] * 8,
+    }
+    tokens = torch.zeros(1, 17, 10, dtype=torch.float64)
+    tokens[0, 0, 9] = 1.0  # CLS
+    for j, b in enumerate(range(1, 17, 2)):
+        tokens[0, b, j] = 1.0
+    for a, row in cos.items():
+        tokens[0, a, :8] = torch.tensor(row, dtype=torch.float64)
+        tokens[0, a, 8] = (1 - sum(c * c for c in row)) ** 0.5
+    attention = torch.full((1, 2, 17, 17), 1 / 17, dtype=torch.float64)
+    ctx = BlockContext(1, 4, None, torch.ones(1, 17, dtype=torch.float64), 1, tokens, attention)
+    decision = atmerge.MCTF(r=4, tau_info=0.0, tau_size=0.0).decide(ctx)
+    assert decision.merge.num_out == 13 and decision.requested == 4
+    slots = [[0], [2, 7], [6, 3, 8], [10], [12], [14], [16], [5], [1, 4], [9], [11], [13], [15]]
+    expected = [next(s for s, group in enumerate(slots) if token in group) for token in range(17)]
+    assert decision.merge.assign.tolist() == [expected]
 
 
 def test_zerotp_pruning_by_hand():

@@ -173,7 +173,8 @@ PUBLISHED = {
 def test_dense_gflops_equal_the_published_numbers(name):
     with torch.device("meta"):
         model = timm.create_model(name)
-    assert atmerge.gflops(model) == pytest.approx(PUBLISHED[name], rel=0.02)
+    # docs/results.md says "all within 1% of the published numbers" (largest gap: lvvit_t, -0.7%)
+    assert atmerge.gflops(model) == pytest.approx(PUBLISHED[name], rel=0.01)
 
 
 @pytest.mark.parametrize(

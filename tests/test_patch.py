@@ -12,7 +12,7 @@ from atmerge.methods.base import BlockContext
 from atmerge.models.timm_vit import attention_with_keys
 from conftest import blocky_images, small_vit
 
-# name, kwargs, input size: every model family the issue names, random init
+# name, kwargs, input size: timm VisionTransformer variants (DeiT, distilled DeiT, DINOv2, MAE-style avg pooling), random init
 MODELS = [
     ("deit_tiny_patch16_224", {}, 224),
     ("deit_small_distilled_patch16_224", {}, 224),
