@@ -65,6 +65,45 @@ def test_tome_equals_reference(cifar_model, cifar_images):
     assert atmerge.last_stats(model).tokens_mlp_per_block[-1] == 1
 
 
+def _tome_block_by_hand(num_protected: int):
+    """ToMe(r=1) deciding one block of 8 unprotected tokens (after ``num_protected`` CLS-like
+    tokens) whose key cosines are written by hand; returns the merged token values, each token
+    valued by its position (merge by sum)."""
+    p = num_protected
+    keys = torch.zeros(1, p + 8, 12, dtype=torch.float64)
+    for i in range(p):
+        keys[0, i, 8 + i] = 1.0
+    a_pos, b_pos = [p + 1, p + 3, p + 5, p + 7], [p, p + 2, p + 4, p + 6]
+    if p % 2 == 0:  # the release's split: A = even positions of the whole sequence, B = odd
+        a_pos, b_pos = b_pos, a_pos
+    for j, b in enumerate(b_pos):
+        keys[0, b, j] = 1.0
+    for k, (a, c) in enumerate(zip(a_pos, (0.1, 0.5, 0.3, 0.9))):  # A token k's cosine to B token k
+        keys[0, a, k] = c
+        keys[0, a, 4 + k] = (1 - c * c) ** 0.5  # the rest of its norm in a dimension of its own
+    ctx = BlockContext(0, 2, keys, torch.ones(1, p + 8, dtype=torch.float64), p)
+    merge = atmerge.ToMe(r=1).decide(ctx).merge
+    return merge(torch.arange(p + 8.0, dtype=torch.float64)[None, :, None])[0, :, 0].tolist(), a_pos, b_pos
+
+
+def test_tome_keeps_the_releases_token_order_with_and_without_a_class_token():
+    """Worked out by hand from facebookresearch/ToMe ``tome/merge.py`` (bipartite_soft_matching):
+    A = even positions, B = odd positions; the r best A tokens merge into their best B tokens; the
+    output is [unmerged A, B], and the unmerged A tokens are re-sorted into token order only when
+    there is a class token (``if class_token: unm_idx = unm_idx.sort(dim=1)[0]``).  Here A's best
+    cosines are 0.1, 0.5, 0.3, 0.9 in token order, r = 1: the last A token merges."""
+    # no class token: A = 0, 2, 4, 6 (best scores .1, .5, .3, .9), B = 1, 3, 5, 7; 6 merges into 7;
+    # the unmerged A stay by descending score: 2 (.5), 4 (.3), 0 (.1)
+    out, a_pos, b_pos = _tome_block_by_hand(0)
+    assert (a_pos, b_pos) == ([0, 2, 4, 6], [1, 3, 5, 7])
+    assert out == [2, 4, 0, 1, 3, 5, 7 + 6]
+    # with a class token (position 0): A = 2, 4, 6, 8, B = 1, 3, 5, 7; 8 merges into 7; the
+    # unmerged A are re-sorted into token order after CLS
+    out, a_pos, b_pos = _tome_block_by_hand(1)
+    assert (a_pos, b_pos) == ([2, 4, 6, 8], [1, 3, 5, 7])
+    assert out == [0, 2, 4, 6, 1, 3, 5, 7 + 8]
+
+
 def test_tome_r_above_half_is_clipped_to_set_a():
     model = atmerge.patch(small_vit(), atmerge.ToMe(r=100))
     with torch.no_grad():

@@ -32,7 +32,8 @@ class Merge:
 
     a_idx / b_idx: positions of sets A and B ([Na] shared or [B, Na] per image).
     src [B, r]: positions within A of the merged A tokens; dst [B, r]: their B partners (within B).
-    keep [B, Na − r]: positions within A of the A tokens that stay, ascending.
+    keep [B, Na − r]: positions within A of the A tokens that stay, in their output order (ascending;
+        ToMe without a class token keeps them by descending score, as its release does).
     """
 
     num_protected: int

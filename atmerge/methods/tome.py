@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from atmerge.core.schedules import scaled_schedule, tome_r_schedule
 from atmerge.methods.base import BlockContext, Decision, Method, knob_r, register_method
 from atmerge.methods.bipartite import match_tokens
@@ -26,6 +28,12 @@ class ToMe(Method):
     is clipped to |A|.  The release keeps every token to the end; atmerge's common last-block rule
     (``patch(..., prune_last_block=None)``: CLS only in the last MLP of CLS-pooled models) applies
     to it as to every method and changes no output.
+
+    Token order as released (facebookresearch/ToMe ``tome/merge.py``): the merged tokens come out
+    as [protected, unmerged A, B].  The release re-sorts the unmerged A tokens into token order
+    only when the model has a class token; without one (no protected token here) they stay by
+    descending best score.  The order matters because the next block's alternate split works on
+    positions, so atmerge keeps it too.
     """
 
     r: int | list[int] | tuple[int, float] = 8
@@ -65,4 +73,10 @@ class ToMe(Method):
 
     def decide(self, ctx: BlockContext) -> Decision:
         r = self.schedule(ctx.depth)[ctx.block]
-        return match_tokens(ctx).decision(r, ctx.num_protected, requested=r)
+        matching = match_tokens(ctx)
+        decision = matching.decision(r, ctx.num_protected, requested=r)
+        merge = decision.merge
+        if ctx.num_protected == 0 and merge.r > 0:  # no class token: the release's order (above)
+            order = torch.sort(matching.scores, dim=-1, descending=True, stable=True).indices
+            decision = replace(decision, merge=replace(merge, keep=order[:, merge.r :]))
+        return decision
