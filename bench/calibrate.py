@@ -176,14 +176,14 @@ def main(argv=None) -> int:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| goal | minutes | trials complete / run | calibration: GFLOPs, agreement (one-sided 95% low) | "
+        "| method | goal | minutes | trials complete / run | calibration: GFLOPs, agreement (one-sided 95% low) | "
         "report: GFLOPs, agreement (95% CI) | report top-1 change ± SE | setting |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         goal = f"budget {r['target']:.0%}" if r["goal"] == "budget" else f"floor {r['target']}"
         lines.append(
-            f"| {goal}{'' if r['met'] else ' (not met)'} | {r['minutes']:.1f} | {r['finished']} / {r['trials']} | "
+            f"| {r.get('method', 'atm')} | {goal}{'' if r['met'] else ' (not met)'} | {r['minutes']:.1f} | {r['finished']} / {r['trials']} | "
             f"{r['calib_gflops_share']:.1%}, {100 * r['calib_agreement']:.2f}% ({100 * r['calib_agreement_low']:.2f}%) | "
             f"{r['report_gflops_share']:.1%}, {100 * r['report_agreement']:.2f}% "
             f"({100 * r['report_agreement_low']:.1f}–{100 * r['report_agreement_high']:.1f}) | "
