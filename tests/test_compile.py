@@ -3,7 +3,11 @@ and once through the default inductor backend on a tiny model): the same outputs
 fixed-count methods trace into one graph; threshold methods break the graph only where the
 data-dependent count is read, and stop recompiling once shapes are dynamic."""
 
+import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +24,18 @@ def images():
 
 
 def compiled_run(method, images, **options):
+    """Frames compiled after each call.  Hermetic: dynamo's profile-guided dynamic shapes
+    (``automatic_dynamic_local_pgo``, on by default) would otherwise carry decisions from earlier
+    runs and tests through a disk cache and change which call recompiles."""
     torch.manual_seed(0)
     model = small_vit()
     atmerge.patch(model, method, **options)
     dynamo.reset()
+    torch._dynamo.pgo.reset_code_state()
     counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter)
     frames = []
-    with torch.no_grad():
+    with dynamo.config.patch(automatic_dynamic_local_pgo=False), torch.no_grad():
+        compiled = torch.compile(model, backend=counter)
         for x in images:
             assert (compiled(x) - model(x)).abs().max() == 0  # the same ops as eager
             frames.append(counter.frame_count)
@@ -41,11 +49,27 @@ def test_fixed_count_methods_compile_into_one_graph(images):
 
 
 @pytest.mark.parametrize("batch_adaptive", [True, False])
-def test_threshold_methods_stop_recompiling_once_shapes_are_dynamic(images, batch_adaptive):
+def test_threshold_methods_stop_recompiling_once_shapes_are_dynamic(batch_adaptive):
     """The count above θ is read once per block (a graph break: the token count after it depends
-    on the data); new images with new counts compile nothing new after the second call."""
-    frames = compiled_run(atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, batch_adaptive=batch_adaptive), images)
-    assert frames[1] == frames[2] == frames[3]
+    on the data); new images with new counts compile nothing new after the second call.  Run in a
+    fresh process: dynamo keeps state across ``dynamo.reset()`` that earlier tests of the suite
+    leave behind (the count of frames then depends on the test order)."""
+    code = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]); import atmerge; "
+        "from test_compile import compiled_run; from conftest import blocky_images; "
+        "images = [blocky_images(4, cells=4, noise=n, seed=s) for n, s in [(0.1, 1), (0.3, 2), (0.05, 3), (0.2, 4)]]; "
+        "print(json.dumps(compiled_run(atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, "
+        "batch_adaptive=sys.argv[2] == 'True'), images)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(batch_adaptive)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    frames = json.loads(done.stdout.strip().splitlines()[-1])
+    assert frames[1] == frames[2] == frames[3], frames
 
 
 @pytest.mark.skipif(
