@@ -86,6 +86,11 @@ def source_groups(source):
     return [sorted(tuple(sorted(torch.nonzero(row).flatten().tolist())) for row in img) for img in source]
 
 
+def real_source_groups(source):
+    """:func:`source_groups` without the empty rows of padding (a padded per-image batch)."""
+    return [[g for g in image if g] for image in source_groups(source)]
+
+
 def _cos(u, v):
     return float(torch.dot(u, v) / (u.norm() * v.norm()))
 

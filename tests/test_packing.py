@@ -15,7 +15,7 @@ from atmerge.core.padding import PaddedAssignment
 from atmerge.models.patching import merge_state
 from atmerge.models.timm_vit import TimmParts
 from conftest import SMALL_MODEL_VARIANTS, blocky_images, small_vit
-from reference import source_groups
+from reference import real_source_groups as groups_of
 
 ATM = atmerge.ATM(alpha=0.9, beta=0.1, theta_min=0.3, split_layer=2)
 CONSTANT = atmerge.ConstantThreshold(theta=0.5)
@@ -24,10 +24,6 @@ TIGHT = 1e-10  # float64
 
 def per_image(method):
     return type(method)(**{**method.__dict__, "batch_adaptive": False})
-
-
-def groups_of(source):
-    return [[g for g in image if g] for image in source_groups(source)]
 
 
 def forward(model, images, method, **options):

@@ -11,14 +11,10 @@ from atmerge.core.merging import bipartite_merge
 from atmerge.core.matching import best_match, size_distinctive_split
 from atmerge.core.padding import padded_best_match, padded_bipartite_merge, padded_size_distinctive_split
 from conftest import SMALL_MODEL_VARIANTS, blocky_images, small_vit
-from reference import reference_forward, source_groups
+from reference import real_source_groups as groups_of
+from reference import reference_forward
 
 SETTING = dict(alpha=0.95, beta=0.04, theta_min=0.85)
-
-
-def groups_of(source):
-    """source_groups without the empty rows of padding."""
-    return [[g for g in image if g] for image in source_groups(source)]
 
 
 def run_padded(model, images, method, **options):
