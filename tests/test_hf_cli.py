@@ -225,8 +225,9 @@ def test_calibrate_then_eval_with_the_config(vit_dir, image_folder, tmp_path):
         "--out",
         str(tmp_path / "cal"),
     ]
-    main(args)  # 1 where the goal was not met on these few images: the config is written either way
+    code = main(args)  # 1 where the goal was not met on these few images: the config is written either way
     config = tmp_path / "cal" / "calibration.json"
+    assert code == (0 if _json(config)["calibration"]["met"] else 1)
     assert _json(config)["model"]["architecture"] == "ViTForImageClassification"
     with warnings.catch_warnings():
         warnings.simplefilter("error", FingerprintWarning)
