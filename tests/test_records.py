@@ -22,7 +22,6 @@ RESULTS = ROOT / "bench" / "results"
 # version or every setting the bench chose.  They stay until their bench is run again; a file
 # that has the header again should then leave this list (every file not in it must have it).
 LEGACY = {
-    "backbones.json",
     "calibrate.json",
     "calibrated_cifar10-vit.json",  # the MCTF re-run was merged into a run from before the header
     "compiled.json",
