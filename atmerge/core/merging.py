@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from atmerge.core.matching import take_tokens
+from atmerge.core.matching import take_tokens, token_rows
 
 Reduce = Literal["sum", "mean", "amax"]
 
@@ -132,23 +132,44 @@ def merge_weighted_average(
 
 
 def _merge_bipartite_average(merge: Merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`merge_weighted_average` for a bipartite :class:`Merge` (r > 0), in fewer passes over
-    x [B, N, C]: the unmerged A tokens are copied as they are, only set B is weighted, receives the
-    moved A tokens' weighted values and is divided by its new sizes → (x [B, N − r, C], size [B, N − r])."""
-    p, batch = merge.num_protected, x.shape[0]
+    """:func:`merge_weighted_average` for a bipartite :class:`Merge` (r > 0), in few passes over
+    x [B, N, C]: one row copy lays out every output token [protected, unmerged A, B] from the
+    flattened tokens, set B is weighted in place, receives the moved A tokens' weighted values
+    (one ``index_add``) and is divided by its new sizes → (x [B, N − r, C], size [B, N − r]).
+
+    Every value is computed as the definition writes it (Σ size · x / Σ size, the B token first,
+    then its partners in A order), so the result does not depend on this layout."""
+    p, (batch, num_tokens, channels) = merge.num_protected, x.shape
     a_idx = _expand_index(merge.a_idx, batch)
-    keep_pos, src_pos = a_idx.gather(1, merge.keep), a_idx.gather(1, merge.src)
-    weight = size.unsqueeze(-1).to(x.dtype)  # [B, N, 1]
-    b_weight = take_tokens(weight, merge.b_idx)
-    moved_weight = take_tokens(weight, src_pos)
-    dst = merge.dst.unsqueeze(-1)
-    total = b_weight.scatter_add(1, dst, moved_weight)  # [B, Nb, 1]
-    summed = (take_tokens(x, merge.b_idx) * b_weight).scatter_add_(
-        1, dst.expand(-1, -1, x.shape[-1]), take_tokens(x, src_pos) * moved_weight
-    )
-    tokens = torch.cat([x[:, :p], take_tokens(x, keep_pos), summed / total], dim=1)
-    sizes = torch.cat([size[:, :p], size.gather(1, keep_pos), total.squeeze(-1).to(size.dtype)], dim=1)
-    return tokens, sizes
+    num_kept = p + merge.keep.shape[1]  # output slots before set B
+    slots = torch.cat(
+        [
+            torch.arange(p, device=x.device).expand(batch, p),
+            a_idx.gather(1, merge.keep),
+            _expand_index(merge.b_idx, batch),
+        ],
+        dim=1,
+    )  # [B, N − r]: the position each output token starts from
+    width = slots.shape[1]
+    rows = token_rows(slots, num_tokens)
+    src_rows = token_rows(a_idx.gather(1, merge.src), num_tokens)
+    dst_rows = token_rows(merge.dst + num_kept, width)  # rows of the flattened output
+    weight = size.to(x.dtype).reshape(-1)  # [B·N]
+    slot_weight = weight.index_select(0, rows)  # [B·(N − r)]: set B's own sizes before the merge
+    moved_weight = weight.index_select(0, src_rows)  # [B·r]
+    total = slot_weight.index_add(0, dst_rows, moved_weight)
+    flat = x.reshape(batch * num_tokens, channels)
+    tokens = flat.index_select(0, rows)  # [B·(N − r), C]
+    b = tokens.view(batch, width, channels)[:, num_kept:]
+    b.mul_(slot_weight.view(batch, width, 1)[:, num_kept:])
+    tokens.index_add_(0, dst_rows, flat.index_select(0, src_rows).mul_(moved_weight.unsqueeze(-1)))
+    b.div_(total.view(batch, width, 1)[:, num_kept:])
+    if size.dtype == x.dtype:
+        sizes = total.view(batch, width)
+    else:  # sizes keep their own dtype; set B's totals come from the weights' sum, as their average
+        sizes = size.reshape(-1).index_select(0, rows).view(batch, width)
+        sizes[:, num_kept:] = total.view(batch, width)[:, num_kept:].to(size.dtype)
+    return tokens.view(batch, width, channels), sizes
 
 
 def merge_attention(merge: "Merge | Assignment", attention: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
