@@ -1,6 +1,7 @@
 """Per-image counts packed: in a batch whose images merge their own counts, the norms, the
-attention's projections and the MLP run on the real tokens only ([T, C], atmerge.core.packing),
-attention and the merge on the padded layout.  The result still equals running the images one at a
+attention's projections, the merge and the MLP run on the real tokens only ([T, C],
+atmerge.core.packing; in inference the residual stream stays packed through the block), attention
+itself on the padded layout.  The result still equals running the images one at a
 time (float64, tight), for timm and Hugging Face models, in inference and in training."""
 
 import copy
@@ -10,7 +11,7 @@ import torch
 
 import atmerge
 from atmerge.core.merging import Assignment, merge_weighted_average
-from atmerge.core.packing import packing, real_lengths
+from atmerge.core.packing import PackedTokens, packed_tokens, packing, real_lengths
 from atmerge.core.padding import PaddedAssignment
 from atmerge.models.patching import merge_state
 from atmerge.models.timm_vit import TimmParts
@@ -81,6 +82,25 @@ def test_padded_assignment_sums_as_the_general_assignment():
     ours, theirs = padded.weighted_average(x, size), merge_weighted_average(general, x, size)
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-12)
     assert torch.equal(ours[1], theirs[1]) and ours[1].dtype == size.dtype
+
+
+def test_packed_merge_sums_as_the_padded_merge():
+    """A merge of tokens held packed gives, bit for bit, the packed rows of the padded merge, laid
+    out for the new sizes; the stand-in keeps the padded shape [B, N, 0]."""
+    torch.manual_seed(0)
+    assign = torch.tensor([[0, 3, 1, 2, 3, -1], [0, 2, 1, 1, -1, -1], [0, 1, -1, -1, -1, -1]])
+    merge = PaddedAssignment(assign, 4, padded=True, real_tokens=9)
+    size = torch.tensor([[1.0, 2, 1, 3, 1, 0], [1, 1, 2, 1, 0, 0], [1, 2, 0, 0, 0, 0]])
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    before = packing(real_lengths(size), 6)
+    merged, new_size = merge.weighted_average(packed_tokens(before.pack(x), before), size)
+    padded, padded_size = merge.weighted_average(x, size)
+    assert isinstance(merged, PackedTokens) and merged.shape == (3, 4, 0)
+    assert torch.equal(new_size, padded_size) and new_size.dtype == size.dtype
+    after = packing(real_lengths(padded_size), 4)
+    assert torch.equal(merged.packing.index, after.index) and merged.packing.total == 9
+    assert torch.equal(merged.rows, after.pack(padded))
+    assert torch.equal(after.unpack(merged.rows), padded)  # padding: zeros
 
 
 # ----------------------------------------------------------------------------- timm models
@@ -157,6 +177,26 @@ def test_packed_training_gives_the_gradients_of_images_one_at_a_time():
     x = images.clone().requires_grad_(True)
     model(x).square().sum().backward()
     assert merge_state(model).packed_blocks
+    atmerge.patch(model, ATM)
+    for i in range(images.shape[0]):
+        one = images[i : i + 1].clone().requires_grad_(True)
+        model(one).square().sum().backward()
+        assert (x.grad[i] - one.grad[0]).abs().max() < 1e-9
+
+
+def test_packed_inference_gives_the_input_gradients_of_images_one_at_a_time(monkeypatch):
+    """Backward through the packed residual stream and the packed merge (eval mode, gradients on):
+    the input gradients of a per-image batch equal those of the images one at a time (float64)."""
+    torch.manual_seed(0)
+    model = small_vit(reg_tokens=1, init_values=0.1).double().eval()
+    images = blocky_images(4, cells=4, noise=0.3, seed=2).double()
+    merges = []
+    packed_average = PaddedAssignment.packed_average
+    monkeypatch.setattr(PaddedAssignment, "packed_average", lambda *a: merges.append(1) or packed_average(*a))
+    atmerge.patch(model, per_image(ATM))
+    x = images.clone().requires_grad_(True)
+    model(x).square().sum().backward()
+    assert merges  # the merges ran on the packed rows
     atmerge.patch(model, ATM)
     for i in range(images.shape[0]):
         one = images[i : i + 1].clone().requires_grad_(True)

@@ -69,6 +69,31 @@ class Packing:
         return x
 
 
+class PackedTokens(torch.Tensor):
+    """A stand-in [B, N, 0] for the tokens of a padded batch held packed: ``rows`` [T, C], laid out
+    by ``packing``.  It has the padded batch's shape, so that code reading only the shape (the merge
+    state's records) sees the padded layout, and holds no values: a merge that knows the layout
+    (:meth:`atmerge.core.padding.PaddedAssignment.weighted_average`) reduces its rows directly, and
+    any other operation on it gives an ordinary empty tensor."""
+
+    rows: torch.Tensor
+    packing: Packing
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+def packed_tokens(rows: torch.Tensor, layout: Packing) -> PackedTokens:
+    """rows [T, C] laid out by ``layout`` as a :class:`PackedTokens` stand-in [B, N, 0]."""
+    stub = torch.Tensor._make_subclass(PackedTokens, rows.new_empty(layout.batch, layout.width, 0))
+    stub.rows, stub.packing = rows, layout
+    return stub
+
+
+def first_rows(lengths: torch.Tensor) -> torch.Tensor:
+    """Each image's first packed row: lengths [B] → [B]."""
+    return lengths.cumsum(0) - lengths
+
+
 def real_lengths(size: torch.Tensor) -> torch.Tensor:
     """Real tokens per image of a padded batch: size [B, N] (0 = padding) → [B] int64."""
     return (size > 0).sum(1)
@@ -82,6 +107,6 @@ def packing(lengths: torch.Tensor, width: int, total: int | None = None) -> Pack
         total = int(lengths.sum())
     steps = torch.arange(width, device=lengths.device)
     index = torch.nonzero_static((steps < lengths[:, None]).flatten(), size=total).squeeze(1)
-    first = lengths.cumsum(0) - lengths  # each image's first packed row
+    first = first_rows(lengths)
     sources = first[:, None] + torch.minimum(steps, (lengths - 1).clamp_min(0)[:, None])
     return Packing(index, lengths, width, sources.flatten().clamp(max=max(total - 1, 0)))

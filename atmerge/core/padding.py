@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment, Reduce, _expand_index
+from atmerge.core.packing import PackedTokens, first_rows, packed_tokens, packing
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,38 @@ class PaddedAssignment(Assignment):
     def weighted_average(self, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
         """:func:`atmerge.core.merging.merge_weighted_average` of this merge (no ``value_weight``):
         x [B, N, C], size [B, N] → (x [B, num_out, C], size [B, num_out]); the weighted tokens and
-        the sizes are summed separately (no concatenated copy), an empty slot stays 0."""
+        the sizes are summed separately (no concatenated copy), an empty slot stays 0.  Tokens held
+        packed (:class:`~atmerge.core.packing.PackedTokens`) are merged packed: :meth:`packed_average`."""
+        if isinstance(x, PackedTokens):
+            return self.packed_average(x, size)
         total = self(size.unsqueeze(-1).to(x.dtype))  # [B, num_out, 1]
         merged = self(x * size.unsqueeze(-1).to(x.dtype))
         return merged / total.clamp_min(torch.finfo(total.dtype).tiny), total.squeeze(-1).to(size.dtype)
+
+    def packed_average(self, x: PackedTokens, size: torch.Tensor) -> tuple[PackedTokens, torch.Tensor]:
+        """:meth:`weighted_average` of tokens held packed: x [B, N, 0] with rows [T, C], size [B, N]
+        → (x [B, num_out, 0] with rows [T', C] packed for the new sizes, size [B, num_out]).
+
+        Each output row starts as its first contributor (one gather of the T' rows); the K = T − T'
+        tokens merged into an earlier one are then added (a gather and an index_add of K rows) and
+        the sums divided by their sizes: the same sums, in the same order, as the padded merge,
+        without a padded or zero-filled copy of the tokens."""
+        rows, old = x.rows, x.packing
+        total = self(size.unsqueeze(-1).to(rows.dtype)).squeeze(-1)  # [B, num_out]
+        lengths = (total > 0).sum(1)
+        layout = packing(lengths, self.num_out, self.real_tokens)
+        image = torch.div(old.index, old.width, rounding_mode="floor")
+        dest = first_rows(lengths).index_select(0, image) + self.assign.flatten().index_select(0, old.index)  # [T]
+        weight = size.flatten().index_select(0, old.index).to(rows.dtype)  # [T]
+        steps = torch.arange(old.total, device=rows.device)
+        first = torch.full((layout.total,), old.total, device=rows.device).scatter_reduce_(0, dest, steps, "amin")
+        later = torch.nonzero_static(steps != first.index_select(0, dest), size=old.total - layout.total).squeeze(1)
+        into, later_weight = dest.index_select(0, later), weight.index_select(0, later)
+        mass = weight.index_select(0, first).index_add_(0, into, later_weight)  # [T']
+        summed = rows.index_select(0, first) * weight.index_select(0, first)[:, None]
+        summed.index_add_(0, into, rows.index_select(0, later) * later_weight[:, None])
+        merged = summed.div_(mass.clamp_min(torch.finfo(mass.dtype).tiny)[:, None])
+        return packed_tokens(merged, layout), total.to(size.dtype)
 
 
 def padded_alternate_split(

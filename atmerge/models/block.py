@@ -8,6 +8,7 @@ method's decision between attention and MLP, and runs the MLP only on what is le
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from atmerge.core.packing import Packing
+from atmerge.core.packing import Packing, PackedTokens, first_rows, packed_tokens
 from atmerge.models.patching import INDEX, STATE, refuse_fx
 from atmerge.runtime import MergeState
 
@@ -121,6 +122,8 @@ def merging_step(
     else:
         need_probs = method.attention == "current"
         packing = None if need_probs or mask is not None or is_causal else state.attention_packing(index)
+        if packing is not None and not block.training and not _decides_by_length(state):
+            return _packed_step(parts, block, state, index, x, packing, bias, **kwargs)
         if packing is not None:  # a padded batch: the projections run on the real tokens only
             out, metric = parts.packed_attention(block, parts.norm1(block, packing.pack(x)), packing, bias, **kwargs)
             probs = None
@@ -144,6 +147,64 @@ def merging_step(
         inplace = not torch.is_grad_enabled() and x.is_contiguous()
         return packing.add_(x, update) if inplace else packing.add(x, update)
     return x + parts.mlp_drop(block, packing.unpack(update))
+
+
+# per merge state: (the padded tokens a packed block returned, their version, the same tokens packed)
+_CARRIED: weakref.WeakKeyDictionary[MergeState, tuple[torch.Tensor, int, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _decides_by_length(state: MergeState) -> bool:
+    """A padded input given to a method that decides one count per batch: the state reduces the
+    images of each length on their own (padded tokens needed), not by one padded merge."""
+    return state.padded and state.deciding.batch_adaptive
+
+
+def _packed_rows(state: MergeState, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """The real tokens of x [B, N, C] packed [T, C]: those the previous block packed when x is the
+    very tensor it returned, unchanged since; else one gather."""
+    carried = _CARRIED.pop(state, None)
+    if carried is not None and carried[0] is x and carried[1] == x._version and carried[2].shape[0] == packing.total:
+        return carried[2]
+    return packing.pack(x)
+
+
+def _packed_step(
+    parts: BlockParts,
+    block: nn.Module,
+    state: MergeState,
+    index: int,
+    x: torch.Tensor,
+    packing: Packing,
+    bias: torch.Tensor | None,
+    **kwargs,
+) -> torch.Tensor:
+    """:func:`merging_step` of a padded per-image batch in inference, x [B, N, C] → [B, N', C]:
+    the residual stream stays packed [T, C] through the whole block, attention's q, k, v alone
+    are spread over the padded layout, the merge sums the packed rows straight into their packed
+    output rows (:class:`~atmerge.core.packing.PackedTokens`); the output is padded once (zeros at
+    the padding), and the next block takes its packed rows without gathering them again."""
+    rows = _packed_rows(state, x, packing)
+    out, metric = parts.packed_attention(block, parts.norm1(block, rows), packing, bias, **kwargs)
+    rows = rows + parts.attn_branch(block, out)
+    entry = state.snapshot()
+    merged = state.reduce(index, packed_tokens(rows, packing), metric, None)
+    if state.pruned_last:  # the protected tokens alone, real in every image
+        p = merged.shape[1]
+        protected = first_rows(packing.lengths)[:, None] + torch.arange(p, device=rows.device)
+        x = rows.index_select(0, protected.flatten()).view(packing.batch, p, rows.shape[-1])
+        return x + parts.mlp(block, x)
+    if not isinstance(merged, PackedTokens):  # a merge that needs the padded tokens: run it on them
+        state.restore(entry)
+        x = state.reduce(index, packing.unpack(rows), metric, None)
+        layout = state.packing()
+        rows = layout.pack(x)
+    else:
+        rows, layout = merged.rows, state.packing()
+    update = parts.mlp(block, rows)  # mlp_drop is the identity in inference
+    rows = rows.add_(update) if not torch.is_grad_enabled() else rows + update
+    out = layout.unpack(rows)
+    _CARRIED[state] = (out, out._version, rows)
+    return out
 
 
 def checkpointed_step(
