@@ -93,12 +93,12 @@ def test_packed_merge_sums_as_the_padded_merge():
     size = torch.tensor([[1.0, 2, 1, 3, 1, 0], [1, 1, 2, 1, 0, 0], [1, 2, 0, 0, 0, 0]])
     x = torch.randn(3, 6, 5, dtype=torch.float64)
     before = packing(real_lengths(size), 6)
-    merged, new_size = merge.weighted_average(packed_tokens(before.pack(x), before), size)
+    merged, new_size = merge.weighted_average(packed_tokens(before.pack(x), 3, 6, before), size)
     padded, padded_size = merge.weighted_average(x, size)
     assert isinstance(merged, PackedTokens) and merged.shape == (3, 4, 0)
     assert torch.equal(new_size, padded_size) and new_size.dtype == size.dtype
     after = packing(real_lengths(padded_size), 4)
-    assert torch.equal(merged.packing.index, after.index) and merged.packing.total == 9
+    assert merged.packing is None and merged.rows.shape == (after.total, 5) == (9, 5)
     assert torch.equal(merged.rows, after.pack(padded))
     assert torch.equal(after.unpack(merged.rows), padded)  # padding: zeros
 

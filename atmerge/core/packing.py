@@ -71,20 +71,21 @@ class Packing:
 
 class PackedTokens(torch.Tensor):
     """A stand-in [B, N, 0] for the tokens of a padded batch held packed: ``rows`` [T, C], laid out
-    by ``packing``.  It has the padded batch's shape, so that code reading only the shape (the merge
-    state's records) sees the padded layout, and holds no values: a merge that knows the layout
-    (:meth:`atmerge.core.padding.PaddedAssignment.weighted_average`) reduces its rows directly, and
-    any other operation on it gives an ordinary empty tensor."""
+    by ``packing`` (None when the rows follow sizes that the holder lays out itself, as a merge's
+    output: image after image for the merged sizes).  It has the padded batch's shape, so that code
+    reading only the shape (the merge state's records) sees the padded layout, and holds no values:
+    a merge that knows the layout (:meth:`atmerge.core.padding.PaddedAssignment.weighted_average`)
+    reduces its rows directly, and any other operation on it gives an ordinary empty tensor."""
 
     rows: torch.Tensor
-    packing: Packing
+    packing: Packing | None
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
 
-def packed_tokens(rows: torch.Tensor, layout: Packing) -> PackedTokens:
-    """rows [T, C] laid out by ``layout`` as a :class:`PackedTokens` stand-in [B, N, 0]."""
-    stub = torch.Tensor._make_subclass(PackedTokens, rows.new_empty(layout.batch, layout.width, 0))
+def packed_tokens(rows: torch.Tensor, batch: int, width: int, layout: Packing | None = None) -> PackedTokens:
+    """rows [T, C] as a :class:`PackedTokens` stand-in [batch, width, 0], laid out by ``layout``."""
+    stub = torch.Tensor._make_subclass(PackedTokens, rows.new_empty(batch, width, 0))
     stub.rows, stub.packing = rows, layout
     return stub
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from atmerge.core.matching import alternate_split, take_tokens
 from atmerge.core.merging import Assignment, Reduce, _expand_index
-from atmerge.core.packing import PackedTokens, first_rows, packed_tokens, packing
+from atmerge.core.packing import PackedTokens, first_rows, packed_tokens
 
 
 @dataclass(frozen=True)
@@ -63,29 +63,30 @@ class PaddedAssignment(Assignment):
         return merged / total.clamp_min(torch.finfo(total.dtype).tiny), total.squeeze(-1).to(size.dtype)
 
     def packed_average(self, x: PackedTokens, size: torch.Tensor) -> tuple[PackedTokens, torch.Tensor]:
-        """:meth:`weighted_average` of tokens held packed: x [B, N, 0] with rows [T, C], size [B, N]
-        → (x [B, num_out, 0] with rows [T', C] packed for the new sizes, size [B, num_out]).
+        """:meth:`weighted_average` of tokens held packed: x [B, N, 0] with rows [T, C] laid out by
+        ``x.packing``, size [B, N] → (x [B, num_out, 0] with rows [T', C] image after image for the
+        new sizes, size [B, num_out]).
 
         Each output row starts as its first contributor (one gather of the T' rows); the K = T − T'
         tokens merged into an earlier one are then added (a gather and an index_add of K rows) and
         the sums divided by their sizes: the same sums, in the same order, as the padded merge,
         without a padded or zero-filled copy of the tokens."""
         rows, old = x.rows, x.packing
+        if old is None or self.real_tokens is None:
+            raise ValueError("a packed merge needs the tokens' layout and the real tokens it leaves")
         total = self(size.unsqueeze(-1).to(rows.dtype)).squeeze(-1)  # [B, num_out]
-        lengths = (total > 0).sum(1)
-        layout = packing(lengths, self.num_out, self.real_tokens)
         image = torch.div(old.index, old.width, rounding_mode="floor")
-        dest = first_rows(lengths).index_select(0, image) + self.assign.flatten().index_select(0, old.index)  # [T]
+        dest = first_rows((total > 0).sum(1)).index_select(0, image) + self.assign.flatten().index_select(0, old.index)
         weight = size.flatten().index_select(0, old.index).to(rows.dtype)  # [T]
         steps = torch.arange(old.total, device=rows.device)
-        first = torch.full((layout.total,), old.total, device=rows.device).scatter_reduce_(0, dest, steps, "amin")
-        later = torch.nonzero_static(steps != first.index_select(0, dest), size=old.total - layout.total).squeeze(1)
+        first = torch.full((self.real_tokens,), old.total, device=rows.device).scatter_reduce_(0, dest, steps, "amin")
+        later = torch.nonzero_static(steps != first.index_select(0, dest), size=old.total - self.real_tokens).squeeze(1)
         into, later_weight = dest.index_select(0, later), weight.index_select(0, later)
         mass = weight.index_select(0, first).index_add_(0, into, later_weight)  # [T']
         summed = rows.index_select(0, first) * weight.index_select(0, first)[:, None]
         summed.index_add_(0, into, rows.index_select(0, later) * later_weight[:, None])
         merged = summed.div_(mass.clamp_min(torch.finfo(mass.dtype).tiny)[:, None])
-        return packed_tokens(merged, layout), total.to(size.dtype)
+        return packed_tokens(merged, old.batch, self.num_out), total.to(size.dtype)
 
 
 def padded_alternate_split(

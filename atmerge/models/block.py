@@ -187,7 +187,7 @@ def _packed_step(
     out, metric = parts.packed_attention(block, parts.norm1(block, rows), packing, bias, **kwargs)
     rows = rows + parts.attn_branch(block, out)
     entry = state.snapshot()
-    merged = state.reduce(index, packed_tokens(rows, packing), metric, None)
+    merged = state.reduce(index, packed_tokens(rows, packing.batch, packing.width, packing), metric, None)
     if state.pruned_last:  # the protected tokens alone, real in every image
         p = merged.shape[1]
         protected = first_rows(packing.lengths)[:, None] + torch.arange(p, device=rows.device)
