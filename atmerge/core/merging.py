@@ -54,6 +54,12 @@ class Merge:
         """
         if self.r == 0:
             return x
+        if reduce == "sum" and x.dim() == 3:  # rows of the flattened tokens: one copy, one index_add
+            batch, num_tokens, channels = x.shape
+            rows, src_rows, dst_rows, width = self.rows(batch, num_tokens)
+            flat = x.reshape(batch * num_tokens, channels)
+            out = flat.index_select(0, rows).index_add_(0, dst_rows, flat.index_select(0, src_rows))
+            return out.view(batch, width, channels)
         p, batch = self.num_protected, x.shape[0]
         a_idx = _expand_index(self.a_idx, batch)
         b = take_tokens(x, self.b_idx)
@@ -62,6 +68,22 @@ class Merge:
         index = self.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         b = b.scatter_reduce(1, index, moved, reduce=reduce, include_self=True)
         return torch.cat([x[:, :p], unmerged, b], dim=1)
+
+    def rows(self, batch: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Where a merge of ``batch`` images of ``num_tokens`` tokens reads and writes, as rows of
+        the flattened tokens [B·N, ...]: (rows [B·(N − r)] whose copies lay out the output
+        [protected, unmerged A, B], src_rows [B·r] of the moved A tokens, dst_rows [B·r] of their
+        partners in the flattened output, N − r)."""
+        p, num_kept = self.num_protected, self.num_protected + self.keep.shape[1]  # output slots before set B
+        width = num_kept + self.b_idx.shape[-1]
+        image = torch.arange(batch, device=self.src.device).unsqueeze(1)  # [B, 1]
+        first = image * num_tokens  # row of each image's first token
+        a_rows = self.a_idx + first  # [B, Na]
+        protected = first if p == 1 else first + torch.arange(p, device=first.device)
+        rows = torch.cat([protected, a_rows.gather(1, self.keep), self.b_idx + first], dim=1).view(-1)
+        src_rows = a_rows.gather(1, self.src).view(-1)
+        dst_rows = (self.dst + (image * width + num_kept)).view(-1)
+        return rows, src_rows, dst_rows, width
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """Inverse for dense outputs: y [B, N − r, C] → [B, N, C]; every token of a merged group
@@ -139,21 +161,9 @@ def _merge_bipartite_average(merge: Merge, x: torch.Tensor, size: torch.Tensor) 
 
     Every value is computed as the definition writes it (Σ size · x / Σ size, the B token first,
     then its partners in A order), so the result does not depend on this layout."""
-    p, (batch, num_tokens, channels) = merge.num_protected, x.shape
-    a_idx = _expand_index(merge.a_idx, batch)
-    num_kept = p + merge.keep.shape[1]  # output slots before set B
-    slots = torch.cat(
-        [
-            torch.arange(p, device=x.device).expand(batch, p),
-            a_idx.gather(1, merge.keep),
-            _expand_index(merge.b_idx, batch),
-        ],
-        dim=1,
-    )  # [B, N − r]: the position each output token starts from
-    width = slots.shape[1]
-    rows = token_rows(slots, num_tokens)
-    src_rows = token_rows(a_idx.gather(1, merge.src), num_tokens)
-    dst_rows = token_rows(merge.dst + num_kept, width)  # rows of the flattened output
+    batch, num_tokens, channels = x.shape
+    rows, src_rows, dst_rows, width = merge.rows(batch, num_tokens)
+    num_kept = width - merge.b_idx.shape[-1]  # output slots before set B
     weight = size.to(x.dtype).reshape(-1)  # [B·N]
     slot_weight = weight.index_select(0, rows)  # [B·(N − r)]: set B's own sizes before the merge
     moved_weight = weight.index_select(0, src_rows)  # [B·r]
@@ -272,6 +282,11 @@ class Assignment:
         if self.r == 0 and not self.padded and bool((self.assign >= 0).all()):
             return x
         index = torch.where(self.assign < 0, self.num_out, self.assign)
+        if reduce == "sum" and x.dim() == 3 and index.shape[0] == x.shape[0]:  # one index_add of flattened rows
+            batch, num_tokens, channels = x.shape
+            out = x.new_zeros(batch * (self.num_out + 1), channels)
+            out.index_add_(0, token_rows(index, self.num_out + 1), x.reshape(batch * num_tokens, channels))
+            return out.view(batch, self.num_out + 1, channels)[:, : self.num_out]
         out = x.new_zeros(x.shape[0], self.num_out + 1, x.shape[-1])
         out = out.scatter_reduce(
             1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x, reduce=reduce, include_self=False

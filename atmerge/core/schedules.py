@@ -37,10 +37,10 @@ def batch_adaptive_r(scores: torch.Tensor, threshold: float) -> int:
     The mean is rounded half up (``floor(mean + 0.5)``), so a batch of one image merges exactly
     its own count, and the result is clipped to the size of set A.  scores: [B, Na].
     """
-    num_a = scores.shape[-1]
-    if num_a == 0 or scores.shape[0] == 0:
+    num_a, batch = scores.shape[-1], scores.shape[0]
+    if num_a == 0 or batch == 0:
         return 0
-    mean = count_above(scores, threshold).double().mean().item()
+    mean = int((scores > threshold).sum()) / batch  # one read of the batch's total count: the mean of the counts
     return int(min(math.floor(mean + 0.5), num_a))
 
 
