@@ -2,8 +2,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atmerge.core.matching import alternate_split, best_match
+from atmerge.core.matching import alternate_split, best_match, size_distinctive_split
 from atmerge.core.merging import (
+    Assignment,
     bipartite_merge,
     merge_source,
     merge_weighted_average,
@@ -160,3 +161,46 @@ def test_merge_step_equals_its_definition_written_out(batch, tokens, protected, 
     expected = _merge_by_hand(x, size, metric, r, protected)
     assert fused[0].shape == expected[0].shape
     assert torch.allclose(fused[0], expected[0], atol=1e-12) and torch.equal(fused[1], expected[1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(2, 30),
+    protected=st.integers(0, 2),
+    size_distinctive=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_row_merges_equal_scatter_sums_bit_for_bit(batch, tokens, protected, size_distinctive, dtype, seed):
+    """The merges copy and index-add rows of the flattened tokens; each sum must still be the
+    one a scatter over the token dimension gives (the B token first, then its partners in A
+    order; a slot's tokens in token order), bit for bit, for shared and per-image index sets."""
+    g = torch.Generator().manual_seed(seed)
+    n = tokens + protected
+    x = torch.randn(batch, n, 5, generator=g).to(dtype)
+    size = torch.randint(1, 5, (batch, n), generator=g).float()
+    a, b = size_distinctive_split(size, protected) if size_distinctive else alternate_split(n, protected)
+    scores, match = best_match(torch.randn(batch, n, 4, generator=g), a, b)
+    merge = bipartite_merge(
+        scores, match, a, b, r=int(torch.randint(1, a.shape[-1] + 1, (1,), generator=g)), num_protected=protected
+    )
+    a_pos = (a if a.dim() == 2 else a.expand(batch, -1)).gather(1, merge.src)
+    b_idx = b if b.dim() == 2 else b.expand(batch, -1)
+    take = lambda t, i: t.gather(1, i.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+    keep = take(x, (a if a.dim() == 2 else a.expand(batch, -1)).gather(1, merge.keep))
+    dst = merge.dst.unsqueeze(-1)
+    summed = take(x, b_idx).scatter_add(1, dst.expand(-1, -1, 5), take(x, a_pos))
+    assert torch.equal(merge(x, "sum"), torch.cat([x[:, :protected], keep, summed], 1))
+    w = size.to(dtype).unsqueeze(-1)
+    total = take(w, b_idx).scatter_add(1, dst, take(w, a_pos))
+    weighted = (take(x, b_idx) * take(w, b_idx)).scatter_add(1, dst.expand(-1, -1, 5), take(x, a_pos) * take(w, a_pos))
+    fused, sizes = merge_weighted_average(merge, x, size)
+    assert torch.equal(fused, torch.cat([x[:, :protected], keep, weighted / total], 1))
+    assert sizes.dtype == size.dtype and torch.equal(sizes[:, protected + keep.shape[1] :], total.squeeze(-1).float())
+    assign = torch.randint(-1, n - 1, (batch, n), generator=g)
+    assign[:, : n - 1] = torch.arange(n - 1)  # every slot filled, some tokens pruned
+    expected = x.new_zeros(batch, n, 5).scatter_reduce(
+        1, torch.where(assign < 0, n - 1, assign).unsqueeze(-1).expand(-1, -1, 5), x, "sum", include_self=False
+    )[:, : n - 1]
+    assert torch.equal(Assignment(assign, n - 1)(x, "sum"), expected)
