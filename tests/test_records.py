@@ -97,9 +97,7 @@ def test_every_bench_json_carries_the_header_or_is_a_named_older_run(name):
 
 def test_the_probe_record_says_how_the_probe_was_trained():
     record = json.loads((RESULTS / "probe" / "probe.json").read_text())
-    how = record.get("how_trained")
-    if how is None:
-        pytest.xfail("bench/results/probe/probe.json predates how_trained (atmerge probe writes it now)")
+    how = record["how_trained"]
     assert how["argv"] and how["command"] and how["versions"]["torch"] and how["machine"]["cpu"]
     assert how["images"]["train"]["images"] == record["train_images"]
     assert how["backbone"]["weights_sha256"] and how["classifier"]["seed"] == record["seed"]
