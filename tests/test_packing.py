@@ -11,7 +11,7 @@ import torch
 
 import atmerge
 from atmerge.core.merging import Assignment, merge_weighted_average
-from atmerge.core.packing import PackedTokens, packed_tokens, packing, real_lengths
+from atmerge.core.packing import PackedTokens, Packing, packed_tokens, packing, real_lengths
 from atmerge.core.padding import PaddedAssignment
 from atmerge.models.patching import merge_state
 from atmerge.models.timm_vit import TimmParts
@@ -202,6 +202,21 @@ def test_packed_inference_gives_the_input_gradients_of_images_one_at_a_time(monk
         one = images[i : i + 1].clone().requires_grad_(True)
         model(one).square().sum().backward()
         assert (x.grad[i] - one.grad[0]).abs().max() < 1e-9
+
+
+def test_a_batch_without_padding_runs_unpacked(monkeypatch):
+    """Copies of one image merge the same counts: the per-image batch holds no padding, so nothing
+    is packed or spread (the packed and padded layouts are one), and it gives the batch-mean output."""
+    torch.manual_seed(0)
+    model = small_vit().double().eval()
+    images = blocky_images(1, cells=4, noise=0.3, seed=2).double().expand(3, -1, -1, -1)
+    calls = []
+    for name in ("pack", "spread", "unpack"):
+        original = getattr(Packing, name)
+        monkeypatch.setattr(Packing, name, lambda self, y, _f=original, _n=name: calls.append(_n) or _f(self, y))
+    out, stats, _ = forward(model, images, per_image(ATM))
+    assert sum(stats.merged_per_block) > 0 and not calls
+    torch.testing.assert_close(out, forward(model, images, ATM)[0], rtol=0, atol=1e-12)
 
 
 def test_packed_batch_on_the_cifar_model_float64(cifar_model, cifar_images):

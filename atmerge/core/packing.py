@@ -41,6 +41,11 @@ class Packing:
         """T, the real tokens of the batch."""
         return self.index.shape[0]
 
+    @property
+    def padded(self) -> bool:
+        """Whether the batch holds padding (T < B·N); without it packed and padded are one layout."""
+        return self.total < self.batch * self.width
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """The real tokens of x [B, N, ...] → [T, ...]."""
         return x.reshape(self.batch * self.width, *x.shape[2:]).index_select(0, self.index)

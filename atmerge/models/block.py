@@ -122,6 +122,7 @@ def merging_step(
     else:
         need_probs = method.attention == "current"
         packing = None if need_probs or mask is not None or is_causal else state.attention_packing(index)
+        packing = packing if packing is not None and packing.padded else None  # no padding: nothing to skip
         if packing is not None and not block.training and not _decides_by_length(state):
             return _packed_step(parts, block, state, index, x, packing, bias, **kwargs)
         if packing is not None:  # a padded batch: the projections run on the real tokens only
@@ -139,7 +140,7 @@ def merging_step(
         x = x + parts.attn_branch(block, out)
     x = state.reduce(index, x, metric, probs)
     packing = state.packing()
-    if packing is None:
+    if packing is None or not packing.padded:
         return x + parts.mlp_drop(block, parts.mlp(block, x))
     update = parts.mlp(block, packing.pack(x))  # the MLP on real tokens only (dtype: autocast's)
     if not block.training:  # mlp_drop is the identity
@@ -202,7 +203,7 @@ def _packed_step(
         rows, layout = merged.rows, state.packing()
     update = parts.mlp(block, rows)  # mlp_drop is the identity in inference
     rows = rows.add_(update) if not torch.is_grad_enabled() else rows + update
-    out = layout.unpack(rows)
+    out = layout.unpack(rows) if layout.padded else rows.view(layout.batch, layout.width, rows.shape[-1])
     _CARRIED[state] = (out, out._version, rows)
     return out
 
