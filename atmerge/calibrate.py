@@ -49,6 +49,7 @@ from atmerge.tuning import (  # noqa: F401  (the engine's names stay importable 
     hopeless,
     split_holdout,
     staged_trials,
+    staged_trials_together,
 )
 
 
@@ -277,8 +278,8 @@ def calibrate_goals(
     (``Calibration.compared`` holds every method's confirmed numbers).  fidelity: 'agreement' or 'cosine' for budget goals
     (None: agreement for a classifier, cosine for a feature model).
     early_stop: run each trial on growing shares of the images (1/8, 1/4, 1/2, all) and stop it
-    once it cannot win (with ``"auto"``: once it cannot beat the best trial of any method so
-    far); False: every trial sees every image.  Only trials that saw every image
+    once it cannot win (with ``"auto"``: the methods' trials taken in turn, once it cannot beat
+    the best trial of any method so far); False: every trial sees every image.  Only trials that saw every image
     are chosen.  fit_space: fit the search ranges to the model's own similarity scores on (up
     to 256 of) these images (:mod:`atmerge.score_profile`); False: the methods' default ranges (the
     ATM paper's grid).  cache_dir: where the unpatched outputs are kept between runs.
@@ -327,25 +328,39 @@ def calibrate_goals(
     profile = score_profile(model, split[0], limit=256) if fit_space else None
     run = _Run(model, *split, measure, dense, profile, paired)
     one = resolved[0] if len(resolved) == 1 and early_stop else None
-    per_method: list[list[Calibration | str]] = []
-    finished: list[dict] = []
-    for base in bases:
-        rows = staged_trials(
+    if one is not None and len(bases) > 1:  # the methods' trials in turn, each stopped against every method's best
+        searched = staged_trials_together(
             model,
             run.search_set,
-            base,
+            bases,
             run.search_ref,
             measure=measure,
             goal=one,
             trials=trials,
             seed=seed,
-            rungs=RUNGS if early_stop else (1.0,),
             profile=profile,
-            progress=progress,
-            rivals=finished if one is not None else (),
         )
-        per_method.append([run.choose(base, rows, goal, land, trials, len(bases) > 1) for goal in resolved])
-        finished += [r for r in rows if not r["pruned"]]
+    else:
+        searched = [
+            staged_trials(
+                model,
+                run.search_set,
+                base,
+                run.search_ref,
+                measure=measure,
+                goal=one,
+                trials=trials,
+                seed=seed,
+                rungs=RUNGS if early_stop else (1.0,),
+                profile=profile,
+                progress=progress,
+            )
+            for base in bases
+        ]
+    per_method = [
+        [run.choose(base, rows, goal, land, trials, len(bases) > 1) for goal in resolved]
+        for base, rows in zip(bases, searched)
+    ]
     results = []
     for g, goal in enumerate(resolved):
         found = [m[g] for m in per_method]
@@ -546,7 +561,7 @@ class _Run:
                 raise
             if "out of this method's reach" in str(error):
                 return str(error)
-            return "every trial was stopped early: none could beat the best setting of the methods before it"
+            return "every trial was stopped early: none could beat the best setting of the other methods"
         method = trial_method(base, chosen, depth, patches, self.profile)
         numbers = on_holdout(chosen)
         search = {k: chosen[k] for k in ("gflops", "fidelity", "fidelity_low")}
@@ -585,7 +600,8 @@ class _Run:
         over the searched images it was measured on and the held-out ones) meets the budget and
         its held-out fidelity is below the unlanded setting's by at most one standard error of
         their paired difference (a dearer setting on the dial is expected to be more faithful;
-        the searched images, on which the unlanded trial won, are no fair judge).  floor: kept
+        the searched images, on which the unlanded trial won, are no fair judge); a setting that
+        missed the budget (no trial met it) is landed down into it and kept where it meets it.  floor: kept
         where it is cheaper (or the unlanded one missed the floor) on the searched images and
         meets the floor on the held-out ones."""
         from atmerge.landing import _cost_batches, land_on_budget, land_on_floor
@@ -598,13 +614,18 @@ class _Run:
             aim = goal.target - (LANDING_MARGIN * self.dense if adaptive else 0.0)
             window = LANDING_WINDOW * self.dense if adaptive else 0.0
             landing = land_on_budget(self.model, dial, aim, self.search_set, window=window, cost_of=self.cost)
-            if landing is None or landing.gflops <= search["gflops"] or repr(landing.method) == repr(method):
+            over = not goal.met_by(numbers)  # the closest trial cost more than the budget: landed down into it
+            if (
+                landing is None
+                or repr(landing.method) == repr(method)
+                or (landing.gflops <= search["gflops"] and not over)
+            ):
                 return None
             cost_images = sum(x.shape[0] for x in _cost_batches(landing.method, self.search_set))
             on_search = {"gflops": landing.gflops, "fidelity": None, "fidelity_low": None}
             confirmed = self.on_holdout(landing.method, landing.gflops, cost_images)
             gap, se = paired_gap(numbers["values"], confirmed["values"])
-            kept = goal.met_by(confirmed) and gap <= se
+            kept = goal.met_by(confirmed) and (over or gap <= se)
         else:
             landing = land_on_floor(
                 self.model,

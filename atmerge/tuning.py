@@ -126,6 +126,63 @@ def staged_trials(
     ``same_as`` naming the trial that ran it.  Returns
     every trial's row: its settings, GFLOPs and ``fidelity`` — the mean of ``measure`` — with its
     one-sided 95% lower bound, on the images it ran on, ``images`` and ``pruned``."""
+    study, objective, rows = _study(
+        model, batches, base, reference, measure, goal, seed, rungs, profile, labels, also, rivals
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna_experimental())
+            study.optimize(objective, n_trials=trials, show_progress_bar=progress)
+    finally:
+        unpatch(model)
+    return rows
+
+
+def staged_trials_together(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    bases: list[Method],
+    reference: torch.Tensor,
+    *,
+    measure: str,
+    goal: Goal,
+    trials: int,
+    seed: int = 0,
+    rungs: tuple[float, ...] = RUNGS,
+    profile=None,
+) -> list[list[dict]]:
+    """:func:`staged_trials` of several methods for one goal, their trials taken in turn (trial 1
+    of each method, then trial 2 of each, ...), each method's own study seeded alike: every
+    trial is stopped as soon as it cannot beat the best finished trial of *any* method so far, so
+    that no method's search runs long against a bar the others have already raised.  Every
+    method gets ``trials`` trials.  Returns each method's rows, in the order of ``bases``."""
+    shared: list[dict] = []  # the finished trials of every method, the bar each trial must beat
+    studies = [
+        _study(model, batches, base, reference, measure, goal, seed, rungs, profile, None, (), shared) for base in bases
+    ]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna_experimental())
+            for _ in range(trials):
+                for study, objective, rows in studies:
+                    before = len(rows)
+                    study.optimize(objective, n_trials=1)
+                    shared.extend(r for r in rows[before:] if not r["pruned"] and "same_as" not in r)
+    finally:
+        unpatch(model)
+    return [rows for _, _, rows in studies]
+
+
+def optuna_experimental() -> type[Warning]:
+    """Optuna's ExperimentalWarning (multivariate TPE, constraints), silenced around a study."""
+    import optuna
+
+    return optuna.exceptions.ExperimentalWarning
+
+
+def _study(model, batches, base, reference, measure, goal, seed, rungs, profile, labels, also, rivals):
+    """The Optuna study of :func:`staged_trials` and its objective, before any trial: (study,
+    objective, rows — filled as trials run)."""
     import optuna
 
     if measure not in MEASURES or any(m not in MEASURES for m in also):
@@ -229,31 +286,47 @@ def staged_trials(
     first = starting_point(base, space)
     if first:  # the method's own settings (for ATM: the paper's DeiT-S setting) are the first trial
         study.enqueue_trial(first)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=trials, show_progress_bar=progress)
-    finally:
-        unpatch(model)
-    return rows
+    return study, objective, rows
+
+
+def spread_order(count: int) -> list[int]:
+    """The order in which ``count`` batches are staged: every prefix of 1/2, 1/4, 1/8, ... of them is
+    spread evenly over all of them (the bit-reversal order of their indices), so that
+    a trial's first image stages and a landing's cost images sample every part of the images —
+    calibration images often come sorted (a folder by class), and the first 1/8 of them would be
+    one class."""
+    bits = max(count - 1, 0).bit_length()
+
+    def reversed_bits(i: int) -> int:
+        return int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
+
+    return sorted(range(count), key=reversed_bits)
+
+
+def spread(batches: list[torch.Tensor], reference: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``batches`` and their ``reference`` rows in :func:`spread_order` (each batch kept whole: a
+    batch-adaptive method's cost depends on which images share a batch)."""
+    starts = [0, *torch.tensor([x.shape[0] for x in batches]).cumsum(0).tolist()]
+    order = spread_order(len(batches))
+    rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]) if order else torch.arange(0)
+    return [batches[i] for i in order], reference[rows]
 
 
 def split_holdout(
     batches: list[torch.Tensor], reference: torch.Tensor, share: float, batch_size: int
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Every k-th image (k = round(1 / share)) is held out to confirm the chosen setting; the
-    others are searched on.  Returns (search batches, their reference outputs, held-out batches,
-    theirs); with ``share`` 0 (or too few images) both are all the images."""
+    others are searched on, their batches in :func:`spread_order` (the first shares a trial is
+    staged on, and the images a landing measures cost on, sample all of them).  Returns (search
+    batches, their reference outputs, held-out batches, theirs); with ``share`` 0 (or too few
+    images) both are all the images (spread)."""
     images = torch.cat(batches)
     if not share or round(1 / share) > images.shape[0]:
+        batches, reference = spread(batches, reference)
         return batches, reference, batches, reference
     held = torch.arange(images.shape[0]) % round(1 / share) == round(1 / share) - 1
-    return (
-        list(images[~held].split(batch_size)),
-        reference[~held],
-        list(images[held].split(batch_size)),
-        reference[held],
-    )
+    search, search_ref = spread(list(images[~held].split(batch_size)), reference[~held])
+    return search, search_ref, list(images[held].split(batch_size)), reference[held]
 
 
 def ranked_candidates(rows: list[dict], goal: Goal) -> tuple[list[dict], list[dict]]:

@@ -89,3 +89,29 @@ def test_the_command_line_names_the_measure_one_way_and_keeps_the_old_spellings(
         assert parser.parse_args(["search", "--metric", "agreement"]).metric == "agreement"
     with pytest.warns(FutureWarning, match="--fidelity is deprecated; use --measure"):
         assert parser.parse_args(["calibrate", "--fidelity", "cosine", "--budget", "0.5"]).fidelity == "cosine"
+
+
+def test_staged_shares_spread_over_images_given_in_sorted_order():
+    """Calibration images often come sorted (a folder by class): every first 1/2, 1/4, 1/8 of the
+    searched batches is spread evenly over all of them, each batch and its reference rows kept
+    together, and the held-out split is unchanged (every k-th image)."""
+    from atmerge.tuning import split_holdout, spread, spread_order
+
+    order = spread_order(16)
+    assert sorted(order) == list(range(16))
+    assert sorted(order[:2]) == [0, 8] and sorted(order[:4]) == [0, 4, 8, 12]
+    assert sorted(order[:8]) == list(range(0, 16, 2))
+    assert spread_order(1) == [0] and spread_order(0) == []
+    for count in (3, 10, 118):
+        first = sorted(spread_order(count)[: max(2, count // 8)])
+        assert first[-1] - first[0] >= count * 0.6  # not one end of the images
+
+    images = torch.arange(40, dtype=torch.float32).reshape(40, 1, 1, 1)
+    reference = torch.arange(40).reshape(40, 1).float()
+    batches, rows = spread(list(images.split(3)), reference)
+    assert torch.equal(torch.cat(batches).flatten(), rows.flatten())  # each image keeps its reference
+    assert sorted(torch.cat(batches).flatten().tolist()) == list(range(40))
+    search, search_ref, held, held_ref = split_holdout(list(images.split(8)), reference, 0.25, 4)
+    assert torch.cat(held).flatten().tolist() == list(range(3, 40, 4))
+    assert torch.equal(torch.cat(search).flatten(), search_ref.flatten())
+    assert search[0].flatten().tolist() == [0, 1, 2, 4] and search[1].flatten().tolist()[0] >= 16
