@@ -115,3 +115,22 @@ def test_staged_shares_spread_over_images_given_in_sorted_order():
     assert torch.cat(held).flatten().tolist() == list(range(3, 40, 4))
     assert torch.equal(torch.cat(search).flatten(), search_ref.flatten())
     assert search[0].flatten().tolist() == [0, 1, 2, 4] and search[1].flatten().tolist()[0] >= 16
+
+
+def test_methods_searched_together_get_the_same_trials_each_and_share_the_bar(model_and_images):
+    """auto's search: the methods' trials in turn, each method its `trials` trials, and a trial of
+    one method is stopped against the best finished trial of any method."""
+    from atmerge.tuning import hopeless, staged_trials_together
+
+    model, images = model_and_images
+    batches = list(images.split(3))
+    _, reference, _ = unpatched_outputs(model, [(x, None) for x in batches])
+    goal = Goal("budget", 0.7 * atmerge.gflops(model, tuple(images.shape[1:])))
+    bases = [atmerge.ATM(), atmerge.ToMe()]
+    found = staged_trials_together(model, batches, bases, reference, measure="agreement", goal=goal, trials=3)
+    assert [len(rows) for rows in found] == [3, 3]
+    assert all("alpha_level" in r or "alpha" in r for r in found[0]) and all("r" in r for r in found[1])
+    finished = [r for rows in found for r in rows if not r["pruned"]]
+    for r in (r for rows in found for r in rows if r["pruned"] and r["fidelity"] is not None):
+        assert r["images"] < images.shape[0]
+    assert not any(hopeless(goal, 1.0, r["gflops"], finished) for r in finished if goal.met_by(r))
