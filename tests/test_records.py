@@ -24,16 +24,12 @@ RESULTS = ROOT / "bench" / "results"
 LEGACY = {
     "calibrate.json",
     "calibrated_cifar10-vit.json",  # the MCTF re-run was merged into a run from before the header
-    "compiled.json",
     "finetune.json",
     "finetune_gpu.json",  # GPU runs: device name recorded, driver and CUDA version not
-    "frozen_fidelity.json",
     "gpu.json",
     "gpu_1024_h200.json",
     "gpu_256_h200.json",
-    "merge_gap.json",
     "paper.json",
-    "per_image.json",
 }
 
 

@@ -39,11 +39,18 @@ def model_and_images():
 
 def test_search_and_calibration_draw_the_same_trials(model_and_images):
     """`search` is the calibration engine: for one seed, measure and goal it tries the same
-    settings and measures the same numbers as the engine called directly."""
+    settings and measures the same numbers as the engine called directly on the batches in the
+    spread order calibration stages them in (a folder sorted by class is not staged on one class)."""
+    from atmerge.tuning import spread
+
     model, images = model_and_images
     batches = list(images.split(8))
     _, reference, _ = unpatched_outputs(model, [(x, None) for x in batches])
-    direct = staged_trials(model, batches, atmerge.ATM(), reference, measure="agreement", goal=None, trials=4, seed=3)
+    spread_batches, spread_reference = spread(batches, reference)
+    assert [b.data_ptr() for b in spread_batches] != [b.data_ptr() for b in batches]  # the order changed
+    direct = staged_trials(
+        model, spread_batches, atmerge.ATM(), spread_reference, measure="agreement", goal=None, trials=4, seed=3
+    )
     searched = search(model, [(x, None) for x in batches], measure="agreement", trials=4, seed=3)
     keys = ("alpha", "beta", "theta_min", "gflops", "fidelity")
     assert [{k: r[k] for k in keys} for r in searched["trials"]] == [{k: r[k] for k in keys} for r in direct]

@@ -28,7 +28,7 @@ from atmerge.methods.base import Method
 from atmerge.methods.registry import build_method, method_settings
 from atmerge.models.adapter import is_classifier, model_depth, model_patches
 from atmerge.trials import trial_method, unpatched_outputs  # noqa: F401  (re-exported: callers import them from here)
-from atmerge.tuning import MEASURES, RUNGS, Goal, staged_trials
+from atmerge.tuning import MEASURES, RUNGS, Goal, spread, spread_order, staged_trials
 
 GOALS = ("budget", "stress", "pareto")
 METRICS = ("top1", "agreement")  # the old name of the measures a search offered (``metric=``)
@@ -102,7 +102,9 @@ def search(
         raise ValueError("these images have no labels: use measure='agreement' (and goal 'pareto' or 'budget')")
     if goal == "stress":
         measure = "top1"
-    labels = torch.cat([y.cpu() for _, y in batches]) if labelled else None
+    order = spread_order(len(batches))  # staged shares sample every part of a folder sorted by class
+    images, reference_outputs = spread([x for x, _ in batches], reference_outputs)
+    labels = torch.cat([batches[i][1].cpu() for i in order]) if labelled else None
     also = tuple(m for m in ("top1", "agreement") if m != measure and (m != "top1" or labelled))
     if not is_classifier(model):
         also = tuple(m for m in also if m != "agreement")
@@ -113,7 +115,7 @@ def search(
     engine_goal = target[goal]() if goal in target else None
     rows = staged_trials(
         model,
-        [x for x, _ in batches],
+        images,
         base,
         reference_outputs,
         measure=measure,
