@@ -36,6 +36,12 @@ class BlockContext:
     For a method whose ``stage`` is 'before_attention' the context describes the tokens that
     *enter* the block (tokens = the residual stream before norm1) and the attention map computed
     on them; otherwise the tokens after attention.
+
+    In per-image inference (``batch_adaptive=False`` with padding, eval mode) a method that merges
+    after attention and reads no attention map gets ``tokens`` as a
+    :class:`~atmerge.core.packing.PackedTokens` stand-in of shape [B, N, 0]: the values stay packed
+    and only their shape is there to read.  A method that needs the token values there must merge
+    'before_attention' or read the attention map (both run on the padded layout).
     """
 
     block: int
