@@ -224,6 +224,10 @@ def main(argv=None) -> int:
         help="torch (and onnxruntime) threads; 1 is steadier on a CPU shared with other jobs",
     )
     args = ap.parse_args(argv)
+    models = set(args.models.split(","))
+    unknown = models - {"cifar10", "deit-s", "dinov2"}
+    if unknown:
+        ap.error(f"--models {args.models!r}: unknown {', '.join(sorted(unknown))}; choose from cifar10, deit-s, dinov2")
     torch.set_num_threads(args.threads)
     repeats = 5 if args.smoke else args.repeats
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # ATM's graph breaks where it reads a count: expected
@@ -232,9 +236,9 @@ def main(argv=None) -> int:
     for name, model, freeze_batches, report_batches in setups(
         args.smoke,
         64 if args.smoke or args.no_fidelity else args.report_images,
-        deit="deit-s" in args.models and not args.no_speed,
-        cifar="cifar10" in args.models.split(","),
-        dinov2="dinov2" in args.models.split(","),
+        deit="deit-s" in models and not args.no_speed,
+        cifar="cifar10" in models,
+        dinov2="dinov2" in models,
     ):
         depth, patches = len(model.blocks), model.patch_embed.num_patches
         atm = atmerge.ATM(**ATM_SETTINGS.get(name, PAPER_DEIT_S))
