@@ -73,6 +73,9 @@ class MergeState:
         self._before: tuple[int, Outcome, torch.Tensor | None] | None = None  # (tokens in, outcome, real tokens in)
         self._packing: tuple[torch.Tensor, Packing] | None = None  # (the sizes it packs, its packing)
         self._real_tokens: tuple[torch.Tensor, int] | None = None  # (sizes, their real tokens), from a merge
+        # (the padded tokens a packed block returned, their version, the same tokens packed [T, C]),
+        # so that the next block takes the packed rows without gathering them again
+        self.carried: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._padded_method = _per_image_variant(method)
 
     @property
@@ -109,7 +112,7 @@ class MergeState:
         self.merged_any = False
         self.pruned_last = False
         self._before = None
-        self._packing = self._real_tokens = None
+        self._packing = self._real_tokens = self.carried = None
 
     def _check_padding(self, valid: torch.Tensor, batch: int, num_tokens: int) -> None:
         """Raise ValueError unless ``valid`` [B, N] is a padding mask this state can follow."""

@@ -8,7 +8,6 @@ method's decision between attention and MLP, and runs the MLP only on what is le
 
 from __future__ import annotations
 
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -150,10 +149,6 @@ def merging_step(
     return x + parts.mlp_drop(block, packing.unpack(update))
 
 
-# per merge state: (the padded tokens a packed block returned, their version, the same tokens packed)
-_CARRIED: weakref.WeakKeyDictionary[MergeState, tuple[torch.Tensor, int, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
 def _decides_by_length(state: MergeState) -> bool:
     """A padded input given to a method that decides one count per batch: the state reduces the
     images of each length on their own (padded tokens needed), not by one padded merge."""
@@ -163,7 +158,7 @@ def _decides_by_length(state: MergeState) -> bool:
 def _packed_rows(state: MergeState, x: torch.Tensor, packing: Packing) -> torch.Tensor:
     """The real tokens of x [B, N, C] packed [T, C]: those the previous block packed when x is the
     very tensor it returned, unchanged since; else one gather."""
-    carried = _CARRIED.pop(state, None)
+    carried, state.carried = state.carried, None
     if carried is not None and carried[0] is x and carried[1] == x._version and carried[2].shape[0] == packing.total:
         return carried[2]
     return packing.pack(x)
@@ -204,7 +199,7 @@ def _packed_step(
     update = parts.mlp(block, rows)  # mlp_drop is the identity in inference
     rows = rows.add_(update) if not torch.is_grad_enabled() else rows + update
     out = layout.unpack(rows) if layout.padded else rows.view(layout.batch, layout.width, rows.shape[-1])
-    _CARRIED[state] = (out, out._version, rows)
+    state.carried = (out, out._version, rows)
     return out
 
 
