@@ -29,7 +29,6 @@ LEGACY = {
     "gpu.json",
     "gpu_1024_h200.json",
     "gpu_256_h200.json",
-    "paper.json",
 }
 
 
