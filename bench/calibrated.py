@@ -1,9 +1,13 @@
 """Every method calibrated the same way, then judged on images the calibration never saw:
 
-    python bench/calibrated.py --model cifar10-vit      # CIFAR-10 reference ViT, ~15 min on 2 CPU cores
-    python bench/calibrated.py --model dinov2-probe     # DINOv2-S + linear probe, 224 px, ~35 min
+    python bench/calibrated.py --model cifar10-vit      # CIFAR-10 reference ViT, 95 min (the JSON's minutes)
+    python bench/calibrated.py --model dinov2-probe     # DINOv2-S + linear probe, 224 px, 83 min (one thread)
     python bench/calibrated.py --model cifar10-vit --markdown   # the README table from the JSON
     python bench/calibrated.py --model cifar10-vit --method auto   # method="auto" against each method alone
+    python bench/calibrated.py --model dinov2-probe --method auto  # the same on DINOv2-S: > 75 min (see below)
+
+The DINOv2 auto run is the longest: on 2026-12-02 it was stopped after 72 minutes, sharing the 2-core CPU with
+two other runs, with its trials done and its landing begun; start it alone, on both cores.
 
 ``--method auto`` runs ``atmerge.calibrate_goals(..., method="auto")`` once over the merging
 methods: with several goals it calibrates each method exactly as alone (same trials, seed, split;

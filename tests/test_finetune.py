@@ -219,13 +219,15 @@ def test_two_processes_under_torchrun_equal_one_process(tmp_path):
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # identical weights after the steps
     # the same global batch of 8 in one process: equal up to float summation order (the all-reduce
     # of the gradients).  Three SGD steps move weights by up to 0.144; the two runs differ by at
-    # most 5.96e-8 (measured: 2⁻²⁴, one float32 step just below 1), within the README's 1e-7
+    # most one float32 step of the weight (measured: 5.96e-8 = 2⁻²⁴ on a weight just below 1 on an
+    # Intel Xeon, 1.19e-7 = 2⁻²³ on one just above 1 on an AMD EPYC), so the bound is 1e-7 plus
+    # two steps of the weight (2⁻²² relative), as docs/usage.md says
     single = worker.fresh_model()
     result = finetune(single, worker.METHOD, worker.dataset(), worker.dataset(), worker.config(tmp_path / "one"))
     start = worker.fresh_model().state_dict()
     assert max(float((value - start[name]).abs().max()) for name, value in single.state_dict().items()) > 0.1
     for name, value in single.state_dict().items():
-        assert torch.allclose(value, ranks[0][name], rtol=0, atol=1e-7), name
+        assert torch.allclose(value, ranks[0][name], rtol=2**-22, atol=1e-7), name
     ddp_log = json.loads((tmp_path / "ddp" / "finetune.json").read_text())
     assert ddp_log["processes"] == 2 and ddp_log["epochs"][0]["train_images"] == 24
     for key in ("train_loss", "val_top1", "val_gflops"):  # measured: equal
