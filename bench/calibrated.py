@@ -1,7 +1,7 @@
 """Every method calibrated the same way, then judged on images the calibration never saw:
 
-    python bench/calibrated.py --model cifar10-vit      # CIFAR-10 reference ViT, 95 min (the JSON's minutes)
-    python bench/calibrated.py --model dinov2-probe     # DINOv2-S + linear probe, 224 px, 83 min (one thread)
+    python bench/calibrated.py --model cifar10-vit      # CIFAR-10 reference ViT, 95 min (the JSON's minutes.previous)
+    python bench/calibrated.py --model dinov2-probe     # DINOv2-S + linear probe, 224 px, 83 min (minutes.previous, one thread)
     python bench/calibrated.py --model cifar10-vit --markdown   # the README table from the JSON
     python bench/calibrated.py --model cifar10-vit --method auto   # method="auto" against each method alone
     python bench/calibrated.py --model dinov2-probe --method auto  # the same on DINOv2-S: > 75 min (see below)
